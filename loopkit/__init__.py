@@ -1,0 +1,41 @@
+"""loopkit: a functional, compiled training loop for PyTorch.
+
+    state = TrainState.create(model, optim.adamw(lr=3e-4), seed=0)
+    step = train_step(model, loss_fn, optimizer, compile=True)   # pure
+    state, metrics = step(state, batch)
+    state = fit(step, state, loader, epochs=10, hooks=[...])
+"""
+
+__version__ = "0.1.0"
+
+from loopkit import checkpoint, data, hooks, optim, tree
+from loopkit.driver import Hook, Loop, evaluate, fit
+from loopkit.errors import CompileError, LossError, StepError
+from loopkit.rng import rng_for, rng_scope
+from loopkit.state import TrainState
+from loopkit.step import EvalStep, Net, TrainStep, eval_step, train_step
+from loopkit.step import compile_step as compile
+
+__all__ = [
+    "CompileError",
+    "EvalStep",
+    "Hook",
+    "Loop",
+    "LossError",
+    "Net",
+    "StepError",
+    "TrainState",
+    "TrainStep",
+    "checkpoint",
+    "compile",
+    "data",
+    "eval_step",
+    "evaluate",
+    "fit",
+    "hooks",
+    "optim",
+    "rng_for",
+    "rng_scope",
+    "train_step",
+    "tree",
+]

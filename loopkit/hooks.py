@@ -1,0 +1,111 @@
+"""Hooks for :func:`loopkit.fit`: validation, checkpoints and a progress bar.
+
+Hooks run in list order at each event, so list :class:`Validate` before the hooks that
+read its ``val/...`` metrics (checkpointing, printing).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from loopkit import checkpoint
+from loopkit.driver import Hook, Loop, evaluate, to_python
+from loopkit.state import TrainState
+
+
+def _every(every: int, name: str) -> int:
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"{name} must be a positive integer, got {every!r}")
+    return every
+
+
+class Validate(Hook):
+    """Every ``every`` epochs, run ``evaluate_step`` over ``data`` and put the
+    example-weighted means in ``loop.logs`` as ``"{prefix}/{name}"``; then fire
+    ``on_validation_end``."""
+
+    def __init__(
+        self,
+        evaluate_step: Callable[[TrainState, Any], dict],
+        data: Iterable,
+        *,
+        every: int = 1,
+        prefix: str = "val",
+    ):
+        self.evaluate_step, self.data, self.prefix = evaluate_step, data, prefix
+        self.every = _every(every, "every")
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if (loop.epoch + 1) % self.every and loop.epoch + 1 != loop.epochs:
+            return
+        results = evaluate(self.evaluate_step, loop.state, self.data)
+        loop.logs.update({f"{self.prefix}/{k}": v for k, v in results.items()})
+        loop.emit("on_validation_end")
+
+
+class Checkpoint(Hook):
+    """Every ``every`` epochs (and at the end of training), save the state atomically to
+    ``directory/step-<step>.ckpt`` with the epoch's logs as metadata; keep the newest
+    ``keep_last`` (all if None), deleting older ones only after the new one is written."""
+
+    def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep_last: int | None = None):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be a positive integer or None, got {keep_last}")
+        self.directory, self.keep_last = Path(directory), keep_last
+        self.every = _every(every, "every")
+        self.saved: list[Path] = []
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"step-{step:09d}{checkpoint.SUFFIX}"
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if (loop.epoch + 1) % self.every == 0 or loop.epoch + 1 == loop.epochs:
+            self.save(loop)
+
+    def save(self, loop: Loop) -> Path:
+        meta = {"epoch": loop.epoch, "step": loop.step, "logs": dict(loop.logs)}
+        path = checkpoint.save(self.path_for(loop.step), loop.state, meta)
+        self.saved.append(path)
+        if self.keep_last is not None:
+            for old in checkpoint.checkpoints(self.directory)[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+        return path
+
+
+class ProgressBar(Hook):
+    """A tqdm bar per epoch showing the loss (read from the device every ``refresh`` steps,
+    so it costs one sync per ``refresh`` steps), and a summary line of ``loop.logs`` at each
+    epoch's end. The bar is hidden when the output is not a terminal; the lines are not."""
+
+    def __init__(self, *, refresh: int = 10, file: Any = None):
+        self.refresh = _every(refresh, "refresh")
+        self.file = file
+        self.bar: Any = None
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        self.bar = tqdm(
+            total=loop.steps_per_epoch,
+            desc=f"epoch {loop.epoch + 1}/{loop.epochs}",
+            leave=False,
+            disable=None,  # None: off when not a TTY
+            file=self.file or sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def on_step_end(self, loop: Loop) -> None:
+        self.bar.update(1)
+        if loop.step % self.refresh == 0 and "loss" in loop.metrics and not self.bar.disable:
+            self.bar.set_postfix(loss=f"{to_python(loop.metrics['loss']):.4f}", refresh=False)
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        self.bar.close()
+        parts = [f"epoch {loop.epoch + 1}/{loop.epochs}", f"step {loop.step}"]
+        for k, v in loop.logs.items():
+            parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+        tqdm.write("  ".join(parts), file=self.file or sys.stdout)

@@ -1,0 +1,125 @@
+"""torch.optim's optimizers as chains of transforms, with torch's argument names, defaults
+and validation. ``lr`` may be a float or a schedule ``step -> lr``."""
+
+from __future__ import annotations
+
+import torch
+
+from loopkit.optim.base import Transform, chain
+from loopkit.optim.schedules import Schedule
+from loopkit.optim.transforms import (
+    add_decayed_weights,
+    negate,
+    scale_by_adam,
+    scale_by_learning_rate,
+    trace,
+)
+from loopkit.tree import flatten_with_names
+
+
+def _checked(tx: Transform) -> Transform:
+    """``tx`` whose init rejects params that are not real floating-point tensors."""
+
+    def init(params):
+        for path, p in flatten_with_names(params)[0].items():
+            if not (isinstance(p, torch.Tensor) and p.is_floating_point()):
+                raise TypeError(
+                    f"param {path} has dtype {getattr(p, 'dtype', type(p).__name__)}: optimizers "
+                    "update real floating-point tensors only. Convert it, or keep it out of "
+                    "the params (TrainState.create keeps requires_grad=False tensors as buffers)."
+                )
+        return tx.init(params)
+
+    return Transform(init, tx.update)
+
+
+def _check_lr(lr: float | Schedule) -> None:
+    if callable(lr):
+        return
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a float or a schedule (callable step -> lr), got {lr!r}")
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+
+
+def sgd(
+    lr: float | Schedule = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.SGD: ``g += weight_decay * p``; momentum buffer ``b`` (first ``b = g``,
+    then ``b = momentum * b + (1 - dampening) * g``); ``g = g + momentum * b`` (nesterov) or
+    ``g = b``; ``p -= lr * g``. ``maximize`` negates the gradient first."""
+    _check_lr(lr)
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            "Nesterov momentum requires a momentum and zero dampening: "
+            f"got momentum={momentum}, dampening={dampening}"
+        )
+    return _checked(
+        chain(
+            *([negate()] if maximize else []),
+            add_decayed_weights(weight_decay),
+            *([trace(momentum, dampening, nesterov)] if momentum != 0 else []),
+            scale_by_learning_rate(lr),
+        )
+    )
+
+
+def _check_adam(lr, betas, eps, weight_decay) -> None:
+    _check_lr(lr)
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+
+
+def adam(
+    lr: float | Schedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> Transform:
+    """torch.optim.Adam: L2 weight decay ``g += weight_decay * p`` (or AdamW's decoupled
+    decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``."""
+    _check_adam(lr, betas, eps, weight_decay)
+    b1, b2 = (float(b) for b in betas)
+    adaptive = scale_by_adam(b1, b2, float(eps), amsgrad)
+    if decoupled_weight_decay:
+        core = [adaptive, add_decayed_weights(weight_decay)]
+    else:
+        core = [add_decayed_weights(weight_decay), adaptive]
+    return _checked(chain(*([negate()] if maximize else []), *core, scale_by_learning_rate(lr)))
+
+
+def adamw(
+    lr: float | Schedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.AdamW: ``p -= lr * weight_decay * p`` (decoupled from the moments), then
+    the Adam step. Equivalent to ``adam(..., decoupled_weight_decay=True)``."""
+    return adam(
+        lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True
+    )

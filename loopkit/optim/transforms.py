@@ -1,0 +1,180 @@
+"""Building blocks that the optimizers are chains of.
+
+Each block is a :class:`~loopkit.optim.base.Transform` whose update is the equation in
+its docstring, written with the same torch ops, in the same order, as the matching
+``torch.optim`` implementation (``_single_tensor_*``), so results agree to rounding.
+``g`` is the incoming update (the gradient at the head of a chain), ``p`` the params.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from loopkit.optim.base import Transform, zeros_like_tree
+from loopkit.optim.schedules import Schedule, as_schedule
+from loopkit.tree import PyTree, check_same_keys, tree_leaves, tree_map
+
+
+def _count(params: PyTree) -> torch.Tensor:
+    """A step counter on the params' device (int64, so it never loses precision)."""
+    leaves = tree_leaves(params)
+    device = leaves[0].device if leaves else None
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _need_params(params: PyTree | None, name: str) -> PyTree:
+    if params is None:
+        raise ValueError(f"{name} needs the params: call update(grads, opt_state, params)")
+    return params
+
+
+def negate() -> Transform:
+    """``g <- -g``: torch.optim's ``maximize=True``."""
+    return Transform(lambda params: (), lambda g, state, params=None: (tree_map(torch.neg, g), state))
+
+
+def add_decayed_weights(weight_decay: float) -> Transform:
+    """``g <- g + weight_decay * p``: L2 regularisation (coupled weight decay), or decoupled
+    decay when placed after the adaptive scaling and before the learning rate."""
+
+    def update(g, state, params=None):
+        if weight_decay == 0:
+            return g, state
+        params = _need_params(params, "add_decayed_weights")
+        check_same_keys(g, params, "grads", "params")
+        return tree_map(lambda gi, pi: gi.add(pi, alpha=weight_decay), g, params), state
+
+    return Transform(lambda params: (), update)
+
+
+class TraceState(NamedTuple):
+    count: torch.Tensor
+    momentum_buffer: PyTree
+
+
+def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Transform:
+    """SGD momentum, as torch.optim.SGD: the first buffer is the raw update,
+    ``b_1 = g_1``; then ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``;
+    output ``g_t + momentum * b_t`` if nesterov else ``b_t``."""
+
+    def init(params):
+        return TraceState(_count(params), zeros_like_tree(params))
+
+    def update(g, state, params=None):
+        first = state.count == 0
+
+        def buf(gi, bi):
+            return torch.where(first, gi, bi.mul(momentum).add(gi, alpha=1 - dampening))
+
+        new_buf = tree_map(buf, g, state.momentum_buffer)
+        out = tree_map(lambda gi, bi: gi.add(bi, alpha=momentum), g, new_buf) if nesterov else new_buf
+        return out, TraceState(state.count + 1, new_buf)
+
+    return Transform(init, update)
+
+
+class ScaleByAdamState(NamedTuple):
+    count: torch.Tensor
+    exp_avg: PyTree
+    exp_avg_sq: PyTree
+    max_exp_avg_sq: PyTree  # () unless amsgrad (no None: torch's pytree treats it as a leaf)
+
+
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+) -> Transform:
+    """Adam's direction, bias-corrected as torch.optim.Adam (t counts from 1)::
+
+        m_t = lerp(m_{t-1}, g, 1 - b1)            v_t = b2 v_{t-1} + (1 - b2) g^2
+        v_t' = max(v'_{t-1}, v_t) if amsgrad else v_t
+        out = m_t / (sqrt(v_t') / sqrt(1 - b2^t) + eps) / (1 - b1^t)
+
+    A learning rate ``lr`` then gives torch's ``p -= lr / (1 - b1^t) * m_t / denom``.
+    """
+
+    def init(params):
+        return ScaleByAdamState(
+            _count(params),
+            zeros_like_tree(params),
+            zeros_like_tree(params),
+            zeros_like_tree(params) if amsgrad else (),
+        )
+
+    def update(g, state, params=None):
+        count = state.count + 1
+        t = count.to(torch.float64)
+        bias_correction1 = 1 - b1**t
+        bias_correction2_sqrt = (1 - b2**t).sqrt()
+        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        exp_avg_sq = tree_map(
+            lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
+        )
+        if amsgrad:
+            max_sq = tree_map(torch.maximum, state.max_exp_avg_sq, exp_avg_sq)
+            second = max_sq
+        else:
+            max_sq, second = (), exp_avg_sq
+
+        def direction(m, v):
+            denom = (v.sqrt() / bias_correction2_sqrt).add(eps)
+            return m / denom / bias_correction1
+
+        out = tree_map(direction, exp_avg, second)
+        return out, ScaleByAdamState(count, exp_avg, exp_avg_sq, max_sq)
+
+    return Transform(init, update)
+
+
+class ScaleByLearningRateState(NamedTuple):
+    count: torch.Tensor
+    lr: torch.Tensor  # the lr of the most recent update (the first one's before any update)
+
+
+def scale_by_learning_rate(lr: float | Schedule) -> Transform:
+    """``g <- -lr_t * g`` with ``lr_t = schedule(t)``, t the number of updates made so far.
+
+    The current lr is kept in the state (float64) so loggers can read it on device."""
+    schedule = as_schedule(lr)
+
+    def init(params):
+        count = _count(params)
+        return ScaleByLearningRateState(count, schedule(count))
+
+    def update(g, state, params=None):
+        lr_t = schedule(state.count).to(state.lr.device)
+        out = tree_map(lambda gi: gi.mul(-lr_t), g)
+        return out, ScaleByLearningRateState(state.count + 1, lr_t)
+
+    return Transform(init, update)
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """``sqrt(sum_i ||g_i||^2)`` computed as torch.nn.utils.get_total_norm: the 2-norm of the
+    stacked per-tensor 2-norms, on the first leaf's device."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return torch.tensor(0.0)
+    device = leaves[0].device
+    norms = [torch.linalg.vector_norm(x, 2.0).to(device) for x in leaves]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
+def clip_by_global_norm_with_norm(tree: PyTree, max_norm: float) -> tuple[PyTree, torch.Tensor]:
+    """``g <- g * min(1, max_norm / (||g|| + 1e-6))``, exactly torch.nn.utils.clip_grad_norm_;
+    returns the clipped tree and the norm before clipping."""
+    total = global_norm(tree)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return tree_map(lambda x: x.mul(coef.to(x.device)), tree), total
+
+
+def clip_by_global_norm(max_norm: float) -> Transform:
+    """The transform form of :func:`clip_by_global_norm_with_norm`."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+
+    def update(g, state, params=None):
+        return clip_by_global_norm_with_norm(g, float(max_norm))[0], state
+
+    return Transform(lambda params: (), update)

@@ -1,0 +1,71 @@
+"""Randomness as data: the generator states a step needs live in the TrainState.
+
+Dropout and other random ops in torch draw from the global per-device generators. A step
+makes that pure by *scoping*: it saves the caller's generator states, sets them from the
+state's ``rng``, runs, reads the advanced states back into the new state, and restores the
+caller's. The same ``rng`` therefore always produces the same masks, and a checkpoint that
+holds ``rng`` resumes them exactly.
+
+``rng_for(seed, devices)`` matches ``torch.manual_seed(seed)``: an imperative loop seeded
+that way draws exactly the masks an eager loopkit step draws. A compiled step draws from the
+same generators through inductor's own random kernels: reproducible from the state, but
+not bitwise the eager masks unless ``torch._inductor.config.fallback_random = True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+RngState = dict[str, torch.Tensor]
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    index = device.index if device.index is not None else torch.get_device_module(device).current_device()
+    return f"{device.type}:{index}"
+
+
+def _get(key: str) -> torch.Tensor:
+    if key == "cpu":
+        return torch.get_rng_state()
+    kind, index = key.split(":")
+    return torch.get_device_module(kind).get_rng_state(int(index))
+
+
+def _set(key: str, value: torch.Tensor) -> None:
+    if key == "cpu":
+        torch.set_rng_state(value)
+    else:
+        kind, index = key.split(":")
+        torch.get_device_module(kind).set_rng_state(value, int(index))
+
+
+def rng_for(seed: int, devices: Iterable[torch.device] = ()) -> RngState:
+    """Generator states for the CPU and each of ``devices``, as ``torch.manual_seed(seed)``
+    would leave them. The caller's own generators are not touched."""
+    out: RngState = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+    for device in devices:
+        device = torch.device(device)
+        if device.type != "cpu":
+            out[_device_key(device)] = torch.Generator(device=device).manual_seed(seed).get_state()
+    return out
+
+
+@contextlib.contextmanager
+def rng_scope(rng: RngState) -> Iterator[RngState]:
+    """Run the body with the global generators set from ``rng``; afterwards the yielded dict
+    holds their advanced states and the caller's generators are as they were."""
+    saved = {key: _get(key) for key in rng}
+    advanced: RngState = {}
+    try:
+        for key, value in rng.items():
+            _set(key, value)
+        yield advanced
+        advanced.update({key: _get(key) for key in rng})
+    finally:
+        for key, value in saved.items():
+            _set(key, value)

@@ -1,0 +1,251 @@
+"""Pure train and eval steps: ``grad_and_value`` over ``functional_call``.
+
+``train_step(model, loss_fn, optimizer)`` returns ``step(state, batch) -> (state, metrics)``;
+``eval_step(model, loss_fn)`` returns ``evaluate(state, batch) -> metrics``. The module only
+supplies the computation: its own tensors are never read or written, and its ``training``
+flags are set for the call and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+from loopkit.errors import CompileError, LossError, StepError
+from loopkit.optim.base import Transform, apply_updates
+from loopkit.optim.transforms import clip_by_global_norm_with_norm
+from loopkit.rng import rng_scope
+from loopkit.state import TrainState
+from loopkit.tree import describe
+
+Metrics = dict[str, torch.Tensor]
+LossFn = Callable[[Callable[..., Any], Any], "torch.Tensor | tuple[torch.Tensor, dict]"]
+
+
+class Net:
+    """A callable view of ``module`` bound to given params and buffers:
+    ``net(*args, **kwargs)`` is ``functional_call(module, (params, buffers), args, kwargs)``.
+    """
+
+    __slots__ = ("module", "params", "buffers")
+
+    def __init__(self, module: nn.Module, params: dict, buffers: dict):
+        self.module, self.params, self.buffers = module, params, buffers
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
+    """``loss`` or ``(loss, aux)`` -> ``(loss, aux)``, checking that the loss is a scalar."""
+    loss, aux = out if isinstance(out, tuple) else (out, {})
+    if isinstance(out, tuple) and len(out) != 2:
+        raise LossError(f"loss_fn must return loss or (loss, metrics), got a {len(out)}-tuple")
+    if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
+        raise LossError(
+            f"loss_fn must return a floating-point tensor loss, got {describe(loss)}"
+        )
+    if loss.ndim != 0:
+        raise LossError(
+            f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}: reduce it, "
+            "e.g. F.cross_entropy(logits, y) (mean by default) or loss.mean()"
+        )
+    if not isinstance(aux, dict):
+        raise LossError(f"loss_fn's second output must be a dict of metrics, got {type(aux)}")
+    if "loss" in aux:
+        raise LossError("loss_fn's metrics dict must not use the key 'loss' (it holds the loss)")
+    return loss, aux
+
+
+def _detach(metrics: dict) -> Metrics:
+    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+
+
+@contextlib.contextmanager
+def _training(modules: list[nn.Module], mode: bool) -> Iterator[None]:
+    saved = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = mode
+        yield
+    finally:
+        for m, flag in zip(modules, saved):
+            m.training = flag
+
+
+def _is_compiler_error(e: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(e, TorchDynamoException)
+
+
+class _Step:
+    """Shared machinery of train and eval steps: training flags, errors, compilation."""
+
+    kind = "step"
+
+    def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None):
+        self.model = model
+        self.pure = pure  # the uncompiled function; also used to explain compile failures
+        self.fn = compiled or pure
+        self.compiled = compiled is not None
+        self._modules = list(model.modules())
+
+    def compiled_with(self, fn: Callable) -> _Step:
+        return type(self)(self.model, self.pure, fn)
+
+    def _call(self, state: TrainState, args: tuple) -> Any:
+        try:
+            return self.fn(*args)
+        except (LossError, StepError, CompileError):
+            raise
+        except Exception as e:
+            if not (self.compiled and _is_compiler_error(e)):
+                raise self._step_error(state, args[-1], e) from e
+            cause = e
+        # The compiler failed: run eagerly to tell a bug in the user's code (reported as
+        # eager would report it) from something only the compiler rejects (a graph break).
+        try:
+            self.pure(*args)
+        except (LossError, StepError):
+            raise
+        except Exception as e:
+            raise self._step_error(state, args[-1], e) from e
+        raise CompileError(
+            f"torch.compile could not compile the {self.kind} as one graph "
+            f"(fullgraph=True):\n{str(cause).strip()[:2000]}\n"
+            "Fix: remove what breaks the graph from loss_fn / the model's forward (.item(), "
+            "print, Python branches or loops on tensor values, unsupported libraries), or "
+            "compile with fullgraph=False to allow graph breaks (slower)."
+        ) from cause
+
+    def _step_error(self, state: TrainState, batch: Any, e: Exception) -> StepError:
+        return StepError(
+            f"{self.kind} {int(state.step)} failed on a batch of {describe(batch)}: "
+            f"{type(e).__name__}: {e}\n"
+            "Check that the batch has the shapes and dtypes the model and loss_fn expect."
+        )
+
+
+class TrainStep(_Step):
+    """``step(state, batch) -> (new_state, metrics)``: one pure training step."""
+
+    kind = "train step"
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        args = (state.params, state.buffers, state.opt_state, state.step, batch)
+        with _training(self._modules, True), rng_scope(state.rng) as rng:
+            params, buffers, opt_state, step, metrics = self._call(state, args)
+        return TrainState(params, buffers, opt_state, step, rng), metrics
+
+
+class EvalStep(_Step):
+    """``evaluate(state, batch) -> metrics``: eval mode, no gradients, state unchanged."""
+
+    kind = "eval step"
+
+    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        args = (state.params, state.buffers, batch)
+        with _training(self._modules, False), torch.no_grad(), rng_scope(state.rng):
+            return self._call(state, args)
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: Transform,
+    *,
+    clip_norm: float | None = None,
+    compile: bool = False,
+    **compile_kwargs: Any,
+) -> TrainStep:
+    """Build the pure training step for ``model``.
+
+    ``loss_fn(net, batch)`` gets ``net``, the model bound to the state's params and buffers
+    (:class:`Net`), and returns ``loss`` or ``(loss, metrics)``. The step computes
+    ``grads, loss = grad_and_value(loss)(params)``, clips the gradient's global norm to
+    ``clip_norm`` (as ``torch.nn.utils.clip_grad_norm_``; the norm before clipping is
+    returned as the metric ``grad_norm``), applies ``optimizer`` and increments the step.
+    BatchNorm statistics come back in the new state's buffers; Dropout draws from the
+    state's ``rng``. ``compile=True`` compiles it with :func:`loopkit.compile`
+    (``compile_kwargs`` go there).
+    """
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm}")
+    buffer_names = {name for name, _ in model.named_buffers()}
+
+    def train(params, buffers, opt_state, step, batch):
+        # functional_call updates BatchNorm statistics in place: give it copies, and pass
+        # them as an input of the differentiated function, as torch.func requires.
+        buffers = {k: v.clone() if k in buffer_names else v for k, v in buffers.items()}
+
+        def objective(p, b):
+            return _split_loss(loss_fn(Net(model, p, b), batch))
+
+        grads, (loss, aux) = grad_and_value(objective, has_aux=True)(params, buffers)
+        metrics = {"loss": loss.detach(), **_detach(aux)}
+        if clip_norm is not None:
+            grads, metrics["grad_norm"] = clip_by_global_norm_with_norm(grads, float(clip_norm))
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return apply_updates(params, updates), buffers, opt_state, step + 1, metrics
+
+    step = TrainStep(model, train)
+    return compile_step(step, **compile_kwargs) if compile else step
+
+
+def eval_step(
+    model: nn.Module, loss_fn: LossFn, *, compile: bool = False, **compile_kwargs: Any
+) -> EvalStep:
+    """Build ``evaluate(state, batch) -> metrics`` with eval-mode semantics: BatchNorm uses
+    its running statistics, Dropout is off, no gradients are computed. Metrics are
+    ``{"loss": ..., **aux}`` as returned by ``loss_fn``."""
+
+    def evaluate(params, buffers, batch):
+        loss, aux = _split_loss(loss_fn(Net(model, params, buffers), batch))
+        return {"loss": loss.detach(), **_detach(aux)}
+
+    step = EvalStep(model, evaluate)
+    return compile_step(step, **compile_kwargs) if compile else step
+
+
+def compile_step(
+    step: _Step,
+    *,
+    fullgraph: bool = True,
+    dynamic: bool | None = False,
+    mode: str | None = None,
+    backend: Any = "inductor",
+    options: dict | None = None,
+) -> _Step:
+    """Compile the whole step -- forward, backward and optimizer update -- with
+    ``torch.compile`` (one graph with ``fullgraph=True``). The step counter and learning
+    rate are tensors, so steps after the first reuse the compiled graph; a batch of a new
+    shape compiles once more (``dynamic=False`` keeps shapes static, the fastest code).
+    """
+    fn = torch.compile(
+        _fresh_code(step.pure),
+        fullgraph=fullgraph,
+        dynamic=dynamic,
+        mode=mode,
+        backend=backend,
+        options=options,
+    )
+    return step.compiled_with(fn)
+
+
+def _fresh_code(fn: Callable) -> Callable:
+    """A copy of ``fn`` with its own code object. Dynamo caches compiled graphs per code
+    object, so without this every step built by ``train_step`` would share one cache (and
+    its recompile limit) across models."""
+    import types
+
+    copy = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy

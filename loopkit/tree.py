@@ -1,0 +1,64 @@
+"""Pytree helpers: thin wrappers over ``torch.utils._pytree``.
+
+loopkit's state, params, grads and optimizer states are pytrees of tensors (dicts, tuples,
+NamedTuples, registered dataclasses). These helpers are the few operations the library needs
+on them; everything else is torch's own pytree machinery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+PyTree = Any
+
+tree_map = pytree.tree_map
+tree_leaves = pytree.tree_leaves
+tree_flatten = pytree.tree_flatten
+tree_unflatten = pytree.tree_unflatten
+tree_structure = pytree.tree_structure
+
+
+def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: PyTree) -> PyTree:
+    """Apply ``fn`` to every tensor leaf, leaving other leaves (ints, None, strings) alone."""
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def flatten_with_names(tree: PyTree) -> tuple[dict[str, Any], pytree.TreeSpec]:
+    """``{path: leaf}`` with readable paths such as ``.opt_state[0].mu['fc.weight']``."""
+    leaves_with_path, spec = pytree.tree_flatten_with_path(tree)
+    return {pytree.keystr(path): leaf for path, leaf in leaves_with_path}, spec
+
+
+def check_same_keys(tree: PyTree, like: PyTree, what: str, like_what: str) -> None:
+    """Raise a ValueError naming the differing paths if ``tree`` and ``like`` differ in structure.
+
+    Used where a user hands us two pytrees that must line up (grads and params, updates and
+    params); it runs in Python at trace time, so it costs nothing inside a compiled step.
+    """
+    if pytree.tree_structure(tree) == pytree.tree_structure(like):
+        return
+    got, _ = flatten_with_names(tree)
+    want, _ = flatten_with_names(like)
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    if not missing and not extra:
+        return  # same paths in another dict order: tree_map lines standard dicts up by key
+    raise ValueError(
+        f"{what} does not match {like_what}: missing {missing[:10]}, unexpected {extra[:10]}. "
+        f"Build {what} from the same {like_what} (e.g. grads of state.params)."
+    )
+
+
+def describe(tree: PyTree) -> str:
+    """One-line summary of a pytree's tensors, e.g. ``(float32[32, 64], int64[32])``."""
+
+    def fmt(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+        return type(x).__name__
+
+    return str(pytree.tree_map(fmt, tree)).replace("'", "")

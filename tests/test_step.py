@@ -1,0 +1,218 @@
+"""The pure train step against the ordinary imperative loop (the oracle)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import loopkit as lk
+from loopkit import optim
+from tests.helpers import (
+    KWARGS,
+    assert_state_matches,
+    build_mlp,
+    imperative_run,
+    loss_fn,
+    make_batches,
+    mlp_specs,
+)
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+FP64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def run_loopkit(model, batches, opt, seed, **step_kwargs):
+    state = lk.TrainState.create(model, opt, seed=seed)
+    step = lk.train_step(model, loss_fn, opt, **step_kwargs)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    return state, torch.stack(losses)
+
+
+@given(
+    spec=mlp_specs(),
+    opt_name_kwargs=st.sampled_from(sorted(KWARGS)).flatmap(
+        lambda name: KWARGS[name].map(lambda kw: (name, kw))
+    ),
+    sizes=st.lists(st.integers(3, 17), min_size=1, max_size=4),
+    clip_norm=st.sampled_from([None, 0.1, 1.0, 100.0]),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_train_step_matches_imperative_loop(spec, opt_name_kwargs, sizes, clip_norm, seed, dtype):
+    name, kwargs = opt_name_kwargs
+    model = build_mlp(spec, seed, dtype)
+    batches = make_batches(spec, sizes, seed, dtype)
+    opt = getattr(optim, name)(**kwargs)
+    state, losses = run_loopkit(model, batches, opt, seed, clip_norm=clip_norm)
+    ref, ref_losses = imperative_run(model, batches, name, kwargs, seed=seed, clip_norm=clip_norm)
+    tol = FP32 if dtype == torch.float32 else FP64
+    torch.testing.assert_close(losses, ref_losses, **tol)
+    assert_state_matches(state, ref, **tol)
+    assert int(state.step) == len(batches)
+
+
+@given(
+    spec=mlp_specs(),
+    warmup=st.integers(1, 6),
+    start_factor=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_lr_schedule_matches_torch_scheduler(spec, warmup, start_factor, seed):
+    model = build_mlp(spec, seed, torch.float64)
+    batches = make_batches(spec, [8] * 5, seed, torch.float64)
+    opt = optim.sgd(lr=optim.schedules.linear_warmup(0.1, warmup, start_factor), momentum=0.9)
+    state, losses = run_loopkit(model, batches, opt, seed)
+
+    def sched(o):
+        return torch.optim.lr_scheduler.LinearLR(o, start_factor, 1.0, total_iters=warmup)
+
+    ref, ref_losses = imperative_run(
+        model, batches, "sgd", dict(lr=0.1, momentum=0.9), seed=seed, scheduler=sched
+    )
+    torch.testing.assert_close(losses, ref_losses, **FP64)
+    assert_state_matches(state, ref, **FP64)
+
+
+def test_dropout_masks_come_from_the_state():
+    spec_model = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 2))
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(spec_model, loss_fn, opt)
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    a = lk.TrainState.create(spec_model, opt, seed=1)
+    b = lk.TrainState.create(spec_model, opt, seed=2)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    sa1, _ = step(a, batch)
+    sa2, _ = step(a, batch)
+    sb, _ = step(b, batch)
+    # Same state, same masks; another seed, other masks; the caller's RNG is untouched.
+    assert all(torch.equal(sa1.params[k], sa2.params[k]) for k in sa1.params)
+    assert not all(torch.equal(sa1.params[k], sb.params[k]) for k in sa1.params)
+    assert torch.equal(torch.get_rng_state(), before)
+    # The rng advances, so the next step draws new masks.
+    assert not torch.equal(sa1.rng["cpu"], a.rng["cpu"])
+
+
+def test_step_is_pure():
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    model.train(False)  # the step sets training mode for the call and restores this
+    before = copy.deepcopy(model.state_dict())
+    opt = optim.adamw(lr=0.1)
+    state = lk.TrainState.create(model, opt, seed=0)
+    snapshot = lk.tree.tree_map(torch.clone, state)
+    step = lk.train_step(model, loss_fn, opt, clip_norm=1.0)
+    new, _ = step(state, (torch.randn(5, 3), torch.randint(0, 2, (5,))))
+    for got, want in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(snapshot)):
+        assert torch.equal(got, want)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not model.training and not any(m.training for m in model.modules())
+    assert not torch.equal(new.buffers["1.running_mean"], state.buffers["1.running_mean"])
+    assert int(new.buffers["1.num_batches_tracked"]) == 1
+
+
+def test_state_does_not_alias_the_module():
+    model = nn.Linear(3, 2)
+    state = lk.TrainState.create(model, optim.sgd(lr=0.1), seed=0)
+    for name, p in model.named_parameters():
+        assert state.params[name].data_ptr() != p.data_ptr()
+        assert not state.params[name].requires_grad
+
+
+def test_frozen_parameters_are_not_trained():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    opt = optim.sgd(lr=0.1, weight_decay=0.1)
+    state = lk.TrainState.create(model, opt, seed=0)
+    assert "0.weight" not in state.params and "0.weight" in state.buffers
+    batches = [(torch.randn(6, 3), torch.randint(0, 2, (6,))) for _ in range(3)]
+    step = lk.train_step(model, loss_fn, opt)
+    for b in batches:
+        state, _ = step(state, b)
+    ref, _ = imperative_run(model, batches, "sgd", dict(lr=0.1, weight_decay=0.1), seed=0)
+    assert_state_matches(state, ref, **FP32)
+
+
+def test_eval_step_uses_eval_semantics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    opt = optim.sgd(lr=0.1)
+    state = lk.TrainState.create(model, opt, seed=0)
+    step = lk.train_step(model, loss_fn, opt)
+    for _ in range(3):
+        state, _ = step(state, (torch.randn(8, 3), torch.randint(0, 2, (8,))))
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    metrics = lk.eval_step(model, loss_fn)(state, (x, y))
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(state.params | state.buffers)
+    reference.eval()
+    with torch.no_grad():
+        want = F.cross_entropy(reference(x), y)
+    torch.testing.assert_close(metrics["loss"], want, rtol=0, atol=0)
+    assert model.training  # restored
+    assert not metrics["loss"].requires_grad
+
+
+def test_loss_fn_may_return_only_a_loss():
+    model = nn.Linear(3, 1)
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, lambda net, b: F.mse_loss(net(b[0]), b[1]), opt)
+    _, metrics = step(lk.TrainState.create(model, opt), (torch.randn(4, 3), torch.randn(4, 1)))
+    assert set(metrics) == {"loss"}
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def _linear_setup():
+    model = nn.Linear(3, 2)
+    opt = optim.sgd(lr=0.1)
+    return model, opt, lk.TrainState.create(model, opt)
+
+
+def test_non_scalar_loss_is_rejected():
+    model, opt, state = _linear_setup()
+    step = lk.train_step(model, lambda net, b: F.cross_entropy(net(b[0]), b[1], reduction="none"), opt)
+    with pytest.raises(lk.LossError, match=r"scalar loss, got shape \(4,\).*mean"):
+        step(state, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+
+
+def test_non_tensor_loss_is_rejected():
+    model, opt, state = _linear_setup()
+    step = lk.train_step(model, lambda net, b: 1.0, opt)
+    with pytest.raises(lk.LossError, match="floating-point tensor loss"):
+        step(state, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+
+
+def test_bad_batch_names_the_step_and_shapes():
+    model, opt, state = _linear_setup()
+    step = lk.train_step(model, loss_fn, opt)
+    state, _ = step(state, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+    with pytest.raises(lk.StepError, match=r"train step 1 .*float32\[4, 5\], int64\[4\]") as info:
+        step(state, (torch.randn(4, 5), torch.randint(0, 2, (4,))))
+    assert "mat1 and mat2" in str(info.value)
+
+
+def test_non_floating_parameters_are_rejected():
+    frozen_int = nn.Linear(2, 2)
+    frozen_int.weight = nn.Parameter(torch.ones(2, 2, dtype=torch.int64), requires_grad=False)
+    state = lk.TrainState.create(frozen_int, optim.sgd())  # not trained: kept as a constant
+    assert "weight" in state.buffers and "weight" not in state.params
+    complex_model = nn.Linear(2, 2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="'weight' has dtype torch.complex64.*real floating"):
+        lk.TrainState.create(complex_model, optim.sgd())
+    with pytest.raises(TypeError, match=r"param \['w'\] has dtype torch.int64"):
+        optim.adam().init({"w": torch.ones(2, dtype=torch.int64)})
+
+
+def test_invalid_clip_norm():
+    model, opt, _ = _linear_setup()
+    with pytest.raises(ValueError, match="clip_norm"):
+        lk.train_step(model, loss_fn, opt, clip_norm=0.0)
