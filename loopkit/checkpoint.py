@@ -1,7 +1,8 @@
 """Atomic checkpoints of a TrainState: write to a temporary file, fsync, rename.
 
 A checkpoint is a ``torch.save`` of ``{"format", "state": {path: tensor}, "metadata"}``,
-where ``path`` names each leaf of the state (``.params['fc.weight']``, ``.opt_state[1]...``).
+where ``path`` names each leaf of the state (``.params['fc.weight']``, ``.opt_state[1]...``)
+and ``metadata`` is a JSON string (versions, time, the caller's metrics).
 Loading uses ``torch.load(weights_only=True)`` (a checkpoint never runs code) and checks
 every leaf against the state it is loaded into, so a checkpoint of another model or
 optimizer fails with the mismatched names and shapes instead of loading wrongly.
@@ -9,6 +10,7 @@ optimizer fails with the mismatched names and shapes instead of loading wrongly.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -44,16 +46,12 @@ def save(path: str | os.PathLike, state: TrainState, metadata: dict | None = Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     leaves, _ = flatten_with_names(state)
-    payload = {
-        "format": FORMAT,
-        "state": leaves,
-        "metadata": {
-            "loopkit": __version__,
-            "torch": torch.__version__,
-            "time": time.time(),
-            **(metadata or {}),
-        },
-    }
+    meta = {"loopkit": __version__, "torch": str(torch.__version__), "time": time.time()}
+    try:
+        meta_json = json.dumps({**meta, **(metadata or {})})
+    except TypeError as e:
+        raise TypeError(f"checkpoint metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
+    payload = {"format": FORMAT, "state": leaves, "metadata": meta_json}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -68,7 +66,8 @@ def save(path: str | os.PathLike, state: TrainState, metadata: dict | None = Non
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw payload of a checkpoint file, loaded with ``weights_only=True``."""
+    """A checkpoint's contents, ``{"format", "state", "metadata"}``, loaded with
+    ``weights_only=True``."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -77,7 +76,7 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a loopkit checkpoint (expected format {FORMAT})")
-    return payload
+    return {**payload, "metadata": json.loads(payload["metadata"])}
 
 
 def load(path: str | os.PathLike, like: TrainState) -> TrainState:

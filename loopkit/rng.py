@@ -7,9 +7,10 @@ caller's. The same ``rng`` therefore always produces the same masks, and a check
 holds ``rng`` resumes them exactly.
 
 ``rng_for(seed, devices)`` matches ``torch.manual_seed(seed)``: an imperative loop seeded
-that way draws exactly the masks an eager loopkit step draws. A compiled step draws from the
-same generators through inductor's own random kernels: reproducible from the state, but
-not bitwise the eager masks unless ``torch._inductor.config.fallback_random = True``.
+that way draws exactly the masks an eager loopkit step draws. A compiled step seeds its
+random kernels from the same generators, so its masks are reproducible from the state too,
+but they are not eager's masks: inductor generates them with its own kernels (and may
+reorder them), so compiled and eager runs with Dropout agree in distribution, not bitwise.
 """
 
 from __future__ import annotations

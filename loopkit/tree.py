@@ -47,8 +47,12 @@ def check_same_keys(tree: PyTree, like: PyTree, what: str, like_what: str) -> No
     extra = [k for k in got if k not in want]
     if not missing and not extra:
         return  # same paths in another dict order: tree_map lines standard dicts up by key
+    def listing(paths: list[str]) -> str:
+        return ", ".join(paths[:10]) + (f" (+{len(paths) - 10} more)" if len(paths) > 10 else "")
+
     raise ValueError(
-        f"{what} does not match {like_what}: missing {missing[:10]}, unexpected {extra[:10]}. "
+        f"{what} does not match {like_what}: missing {listing(missing) or 'nothing'}; "
+        f"unexpected {listing(extra) or 'nothing'}. "
         f"Build {what} from the same {like_what} (e.g. grads of state.params)."
     )
 

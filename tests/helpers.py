@@ -30,7 +30,10 @@ def build_mlp(spec: MLPSpec, seed: int, dtype=torch.float32) -> nn.Module:
     rounding noise there into O(lr) steps (noise / sqrt(noise^2)): with BatchNorm, the Linear
     before it has no bias, and every layer feeding a BatchNorm has at least 2 inputs
     (BatchNorm is invariant to the scale of a 1-input unit's weight). Batches with BatchNorm
-    need at least 3 examples for the same reason (2 examples normalise to exactly +-1)."""
+    need at least 3 examples for the same reason (2 examples normalise to exactly +-1), and
+    the tests use at least 8: BatchNorm over 3-5 examples is so ill-conditioned (a unit whose
+    few values nearly coincide has a tiny variance) that 1-ulp differences in the params
+    grow past 1e-5 in a single step, in torch's own loop as much as in ours."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     d = spec.in_dim
@@ -58,6 +61,11 @@ def mlp_specs(draw, batchnorm=None, dropout=None) -> MLPSpec:
         batchnorm=batchnorm,
         dropout=draw(st.sampled_from([0.0, 0.2, 0.5])) if dropout is None else dropout,
     )
+
+
+def batch_sizes(min_size=1, max_size=4):
+    """Batch sizes for a model: at least 8 examples with BatchNorm (see build_mlp)."""
+    return st.lists(st.integers(8, 17), min_size=min_size, max_size=max_size)
 
 
 def make_batches(spec: MLPSpec, sizes: list[int], seed: int, dtype=torch.float32):

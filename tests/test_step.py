@@ -14,6 +14,7 @@ from loopkit import optim
 from tests.helpers import (
     KWARGS,
     assert_state_matches,
+    batch_sizes,
     build_mlp,
     imperative_run,
     loss_fn,
@@ -40,7 +41,7 @@ def run_loopkit(model, batches, opt, seed, **step_kwargs):
     opt_name_kwargs=st.sampled_from(sorted(KWARGS)).flatmap(
         lambda name: KWARGS[name].map(lambda kw: (name, kw))
     ),
-    sizes=st.lists(st.integers(3, 17), min_size=1, max_size=4),
+    sizes=batch_sizes(),
     clip_norm=st.sampled_from([None, 0.1, 1.0, 100.0]),
     seed=st.integers(0, 2**16),
     dtype=st.sampled_from([torch.float32, torch.float64]),

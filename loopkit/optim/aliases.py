@@ -14,11 +14,12 @@ from loopkit.optim.transforms import (
     scale_by_learning_rate,
     trace,
 )
-from loopkit.tree import flatten_with_names
+from loopkit.tree import check_same_keys, flatten_with_names
 
 
 def _checked(tx: Transform) -> Transform:
-    """``tx`` whose init rejects params that are not real floating-point tensors."""
+    """``tx`` whose init rejects params that are not real floating-point tensors and whose
+    update checks that the grads line up with the params."""
 
     def init(params):
         for path, p in flatten_with_names(params)[0].items():
@@ -30,7 +31,12 @@ def _checked(tx: Transform) -> Transform:
                 )
         return tx.init(params)
 
-    return Transform(init, tx.update)
+    def update(grads, state, params=None):
+        if params is not None:
+            check_same_keys(grads, params, "grads", "params")
+        return tx.update(grads, state, params)
+
+    return Transform(init, update)
 
 
 def _check_lr(lr: float | Schedule) -> None:

@@ -4,6 +4,10 @@ Each block is a :class:`~loopkit.optim.base.Transform` whose update is the equat
 its docstring, written with the same torch ops, in the same order, as the matching
 ``torch.optim`` implementation (``_single_tensor_*``), so results agree to rounding.
 ``g`` is the incoming update (the gradient at the head of a chain), ``p`` the params.
+
+No block uses ``Tensor.add(other, alpha=a)``: torch 2.13's inductor on CPU miscompiles
+``mm(...).add(x, alpha=a)`` (it fuses it into an addmm and drops ``a``), and a gradient is
+often an mm. ``g + a * x`` computes the same value to one rounding and compiles correctly.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def add_decayed_weights(weight_decay: float) -> Transform:
             return g, state
         params = _need_params(params, "add_decayed_weights")
         check_same_keys(g, params, "grads", "params")
-        return tree_map(lambda gi, pi: gi.add(pi, alpha=weight_decay), g, params), state
+        return tree_map(lambda gi, pi: gi + weight_decay * pi, g, params), state
 
     return Transform(lambda params: (), update)
 
@@ -66,10 +70,10 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Tr
         first = state.count == 0
 
         def buf(gi, bi):
-            return torch.where(first, gi, bi.mul(momentum).add(gi, alpha=1 - dampening))
+            return torch.where(first, gi, bi * momentum + (1 - dampening) * gi)
 
         new_buf = tree_map(buf, g, state.momentum_buffer)
-        out = tree_map(lambda gi, bi: gi.add(bi, alpha=momentum), g, new_buf) if nesterov else new_buf
+        out = tree_map(lambda gi, bi: gi + momentum * bi, g, new_buf) if nesterov else new_buf
         return out, TraceState(state.count + 1, new_buf)
 
     return Transform(init, update)

@@ -1,0 +1,120 @@
+"""The compiled step: same numbers as the eager step, one compilation, clear errors."""
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import loopkit as lk
+from loopkit import optim
+from tests.helpers import KWARGS, assert_state_matches, build_mlp, loss_fn, make_batches, mlp_specs
+
+pytestmark = pytest.mark.compile
+COMPILED = dict(rtol=1e-4, atol=1e-5)
+
+
+# Each example is a cold compile (5-25 s here): few examples, and no shrinking.
+@settings(max_examples=3, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    spec=mlp_specs(dropout=0.0),
+    opt_name_kwargs=st.sampled_from(sorted(KWARGS)).flatmap(
+        lambda name: KWARGS[name].map(lambda kw: (name, kw))
+    ),
+    clip_norm=st.sampled_from([None, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_step_matches_eager(spec, opt_name_kwargs, clip_norm, seed):
+    name, kwargs = opt_name_kwargs
+    model = build_mlp(spec, seed)
+    batches = make_batches(spec, [8, 8, 8, 8], seed)
+    opt = getattr(optim, name)(**kwargs)
+    eager = lk.train_step(model, loss_fn, opt, clip_norm=clip_norm)
+    compiled = lk.train_step(model, loss_fn, opt, clip_norm=clip_norm, compile=True)
+    a = b = lk.TrainState.create(model, opt, seed=seed)
+    # No Dropout here: compiled code draws its masks with inductor's kernels, which it may
+    # reorder, so they differ from eager's (reproducibility from the state is tested below).
+    for batch in batches:
+        a, ma = eager(a, batch)
+        b, mb = compiled(b, batch)
+        torch.testing.assert_close(mb["loss"], ma["loss"], **COMPILED)
+    for got, want in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a)):
+        torch.testing.assert_close(got, want, **COMPILED)
+
+
+def test_compiles_once_while_the_schedule_changes_the_lr():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3))
+    opt = optim.adamw(lr=optim.schedules.linear_warmup(1e-2, warmup_steps=5), weight_decay=0.1)
+    counter = CompileCounterWithBackend("inductor")
+    step = lk.train_step(model, loss_fn, opt, clip_norm=1.0, compile=True, backend=counter)
+    state = lk.TrainState.create(model, opt, seed=0)
+    batches = [(torch.randn(12, 5), torch.randint(0, 3, (12,))) for _ in range(8)]
+    state, _ = step(state, batches[0])
+    compiled = counter.frame_count
+    assert compiled >= 1
+    lrs = []
+    for batch in batches[1:]:
+        state, _ = step(state, batch)
+        lrs.append(float(state.opt_state[-1].lr))
+    assert counter.frame_count == compiled, "the step recompiled"
+    assert len(set(lrs)) > 3  # the lr really changed between calls
+    # A compiled step is reproducible from its state (Dropout masks included).
+    s1, _ = step(state, batches[0])
+    s2, _ = step(state, batches[0])
+    assert all(torch.equal(x, y) for x, y in zip(lk.tree.tree_leaves(s1), lk.tree.tree_leaves(s2)))
+    assert counter.frame_count == compiled
+
+
+def test_compiled_eval_step_matches_eager():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    state = lk.TrainState.create(model, optim.sgd(), seed=0)
+    batch = (torch.randn(6, 4), torch.randint(0, 2, (6,)))
+    want = lk.eval_step(model, loss_fn)(state, batch)
+    got = lk.compile(lk.eval_step(model, loss_fn), backend="aot_eager")(state, batch)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **COMPILED)
+
+
+def test_graph_break_is_reported_with_a_fix():
+    model = nn.Linear(3, 2)
+    opt = optim.sgd(lr=0.1)
+
+    def chatty_loss(net, batch):
+        loss, aux = loss_fn(net, batch)
+        print("loss is", loss.item())  # a host sync: breaks the graph
+        return loss, aux
+
+    step = lk.train_step(model, chatty_loss, opt, compile=True, backend="eager")
+    with pytest.raises(lk.CompileError, match=r"(?s)one graph.*item.*fullgraph=False"):
+        step(lk.TrainState.create(model, opt), (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+
+
+def test_user_errors_under_compile_are_reported_as_in_eager():
+    model = nn.Linear(3, 2)
+    opt = optim.sgd(lr=0.1)
+    state = lk.TrainState.create(model, opt)
+    step = lk.train_step(model, loss_fn, opt, compile=True, backend="eager")
+    with pytest.raises(lk.StepError, match=r"train step 0 .*float32\[4, 7\]"):
+        step(state, (torch.randn(4, 7), torch.randint(0, 2, (4,))))
+    bad_loss = lk.train_step(model, lambda net, b: net(b[0]), opt, compile=True, backend="eager")
+    with pytest.raises(lk.LossError, match="scalar loss"):
+        bad_loss(state, (torch.randn(4, 3), None))
+
+
+def test_weight_decay_and_momentum_of_matrix_weights_compile_correctly():
+    """Regression: torch 2.13's inductor drops ``alpha`` in ``mm(...).add(x, alpha=a)``,
+    which once made compiled weight decay wrong on every Linear weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = optim.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    eager = lk.train_step(model, loss_fn, opt)
+    compiled = lk.train_step(model, loss_fn, opt, compile=True)
+    a = b = lk.TrainState.create(model, opt)
+    for _ in range(3):
+        batch = (torch.randn(8, 5), torch.randint(0, 3, (8,)))
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+    for k in a.params:
+        torch.testing.assert_close(b.params[k], a.params[k], **COMPILED)

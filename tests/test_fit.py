@@ -1,0 +1,157 @@
+"""The thin driver, its hooks and checkpoints."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import loopkit as lk
+from loopkit import optim
+from tests.helpers import loss_fn
+
+
+def problem(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 2))
+    return model, x, y
+
+
+def assert_states_equal(a, b):
+    la, lb = lk.tree.tree_leaves(a), lk.tree.tree_leaves(b)
+    assert lk.tree.tree_structure(a) == lk.tree.tree_structure(b)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_fit_equals_calling_the_step_by_hand(tmp_path):
+    model, x, y = problem()
+    opt = optim.adam(lr=1e-2)
+    step = lk.train_step(model, loss_fn, opt)
+    data = lk.data.Batches(x, y, batch_size=8, shuffle=True, seed=3)
+    state0 = lk.TrainState.create(model, opt, seed=0)
+
+    fitted = lk.fit(step, state0, data, epochs=3)
+
+    by_hand = state0
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        for batch in data:
+            by_hand, _ = step(by_hand, batch)
+    assert_states_equal(fitted, by_hand)
+    assert int(fitted.step) == 15
+
+
+def test_fit_with_validation_checkpoint_and_progress(tmp_path, capsys):
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1, momentum=0.9)
+    step = lk.train_step(model, loss_fn, opt, clip_norm=1.0)
+    evaluate = lk.eval_step(model, loss_fn)
+    train = lk.data.Batches(x[:30], y[:30], batch_size=8, shuffle=True)
+    val = lk.data.Batches(x[30:], y[30:], batch_size=4)
+    seen = []
+
+    class Record(lk.Hook):
+        def on_validation_end(self, loop):
+            seen.append(dict(loop.logs))
+
+    ckpt = lk.hooks.Checkpoint(tmp_path / "ckpts", keep_last=2)
+    state = lk.fit(step, lk.TrainState.create(model, opt), train, epochs=4, hooks=[
+        lk.hooks.Validate(evaluate, val), ckpt, Record(), lk.hooks.ProgressBar(),
+    ])  # fmt: skip
+    assert len(seen) == 4 and {"train/loss", "val/loss", "val/acc"} <= set(seen[-1])
+    out = capsys.readouterr().out
+    assert out.count("val/acc") == 4
+    # keep_last=2: the two newest, committed and complete; no temporary files left.
+    files = sorted(os.listdir(tmp_path / "ckpts"))
+    assert files == ["step-000000012.ckpt", "step-000000016.ckpt"]
+    restored = lk.checkpoint.load(lk.checkpoint.latest(tmp_path / "ckpts"), like=state)
+    assert_states_equal(restored, state)
+    meta = lk.checkpoint.read(tmp_path / "ckpts" / files[-1])["metadata"]
+    assert meta["step"] == 16 and meta["logs"]["val/acc"] == seen[-1]["val/acc"]
+    assert meta["torch"] == torch.__version__
+
+
+def test_resumed_from_a_checkpoint_continues_identically(tmp_path):
+    model, x, y = problem()
+    opt = optim.adamw(lr=optim.schedules.linear_warmup(1e-2, 5))
+    step = lk.train_step(model, loss_fn, opt)
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+    state = lk.fit(step, lk.TrainState.create(model, opt, seed=5), batches, epochs=1)
+    lk.checkpoint.save(tmp_path / "a.ckpt", state)
+    straight = lk.fit(step, state, batches, epochs=2)
+    resumed = lk.checkpoint.load(tmp_path / "a.ckpt", like=lk.TrainState.create(model, opt, seed=0))
+    resumed = lk.fit(step, resumed, batches, epochs=2)
+    assert_states_equal(resumed, straight)  # Dropout masks included: the rng is in the state
+
+
+def test_validation_averages_over_examples():
+    model, x, y = problem(n=10)
+    state = lk.TrainState.create(model, optim.sgd())
+    evaluate = lk.eval_step(model, loss_fn)
+    uneven = lk.evaluate(evaluate, state, lk.data.Batches(x, y, batch_size=4))  # 4 + 4 + 2
+    whole = evaluate(state, (x, y))
+    assert uneven["loss"] == pytest.approx(float(whole["loss"]), rel=1e-6)
+    assert uneven["acc"] == pytest.approx(float(whole["acc"]), rel=1e-6)
+
+
+def test_a_hook_can_stop_training():
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+
+    class StopAt(lk.Hook):
+        def on_step_end(self, loop):
+            loop.should_stop = loop.step >= 7
+
+    state = lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+                   lk.data.Batches(x, y, batch_size=4), epochs=10, hooks=[StopAt()])
+    assert int(state.step) == 7
+
+
+def test_one_shot_iterators_are_rejected_for_several_epochs():
+    model, x, y = problem()
+    opt = optim.sgd()
+    step = lk.train_step(model, loss_fn, opt)
+    gen = ((x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8))
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        lk.fit(step, lk.TrainState.create(model, opt), gen, epochs=2)
+
+
+def test_checkpoint_of_another_model_is_rejected(tmp_path):
+    model, _, _ = problem()
+    opt = optim.adam()
+    lk.checkpoint.save(tmp_path / "a.ckpt", lk.TrainState.create(model, opt))
+    other = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 2))
+    with pytest.raises(lk.checkpoint.CheckpointError, match=r"params\['0.weight'\]: checkpoint has torch.float32\[8, 4\], state has torch.float32\[16, 4\]"):
+        lk.checkpoint.load(tmp_path / "a.ckpt", like=lk.TrainState.create(other, opt))
+    with pytest.raises(lk.checkpoint.CheckpointError, match=r"missing .*max_exp_avg_sq"):
+        lk.checkpoint.load(tmp_path / "a.ckpt", like=lk.TrainState.create(model, optim.adam(amsgrad=True)))
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    model, _, _ = problem()
+    state = lk.TrainState.create(model, optim.sgd())
+    path = lk.checkpoint.save(tmp_path / "a.ckpt", state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(lk.checkpoint.CheckpointError, match="unreadable"):
+        lk.checkpoint.load(path, like=state)
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    model, _, _ = problem()
+    state = lk.TrainState.create(model, optim.sgd())
+    path = lk.checkpoint.save(tmp_path / "a.ckpt", state)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lk.checkpoint.save(path, state)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["a.ckpt"]

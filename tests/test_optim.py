@@ -1,0 +1,180 @@
+"""Functional optimizers against torch.optim on random params and gradients."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loopkit import optim
+from tests.helpers import KWARGS, TORCH_OPTIMIZERS
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-13)}
+
+
+@st.composite
+def params_and_grads(draw, dtype):
+    """A dict of random tensors (names and shapes like a model's) and `steps` gradients."""
+    seed = draw(st.integers(0, 2**16))
+    shapes = draw(st.lists(st.lists(st.integers(1, 5), max_size=3), min_size=1, max_size=4))
+    steps = draw(st.integers(1, 6))
+    g = torch.Generator().manual_seed(seed)
+    params = {f"layer{i}.w": torch.randn(tuple(s), generator=g, dtype=dtype) for i, s in enumerate(shapes)}
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()} for _ in range(steps)]
+    return params, grads
+
+
+def torch_reference(params, grads, name, kwargs):
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = TORCH_OPTIMIZERS[name](ps.values(), **kwargs)
+    for gs in grads:
+        for k, p in ps.items():
+            p.grad = gs[k].clone()
+        opt.step()
+    return {k: v.detach() for k, v in ps.items()}
+
+
+def loopkit_run(params, grads, tx):
+    state = tx.init(params)
+    for gs in grads:
+        updates, state = tx.update(gs, state, params)
+        params = optim.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(KWARGS))
+@given(data=st.data())
+def test_optimizer_matches_torch_optim(name, dtype, data):
+    kwargs = data.draw(KWARGS[name])
+    params, grads = data.draw(params_and_grads(dtype))
+    got, _ = loopkit_run(params, grads, getattr(optim, name)(**kwargs))
+    want = torch_reference(params, grads, name, kwargs)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **TOL[dtype])
+
+
+def test_defaults_match_torch():
+    import inspect
+
+    for name, cls in TORCH_OPTIMIZERS.items():
+        ours = inspect.signature(getattr(optim, name)).parameters
+        theirs = inspect.signature(cls).parameters
+        for arg, p in ours.items():
+            assert arg in theirs, f"{name}: {arg} is not a torch.optim.{cls.__name__} argument"
+            assert p.default == theirs[arg].default, f"{name}({arg}) default differs"
+
+
+def test_adam_decoupled_weight_decay_is_adamw():
+    params = {"w": torch.randn(3, 4, dtype=torch.float64)}
+    grads = [{"w": torch.randn(3, 4, dtype=torch.float64)} for _ in range(3)]
+    a, _ = loopkit_run(params, grads, optim.adam(lr=0.1, weight_decay=0.1, decoupled_weight_decay=True))
+    b, _ = loopkit_run(params, grads, optim.adamw(lr=0.1, weight_decay=0.1))
+    torch.testing.assert_close(a["w"], b["w"], rtol=0, atol=0)
+
+
+def test_lr_is_kept_in_the_state():
+    params = {"w": torch.zeros(2)}
+    tx = optim.sgd(lr=optim.schedules.linear(1.0, start_factor=0.5, total_iters=2))
+    _, state = loopkit_run(params, [{"w": torch.ones(2)}] * 3, tx)
+    lr_state = state[-1]
+    assert lr_state.lr.dtype == torch.float64 and float(lr_state.lr) == 1.0
+    assert int(lr_state.count) == 3
+
+
+@given(
+    lr=st.floats(1e-4, 10.0),
+    start=st.floats(0.01, 1.0),
+    end=st.floats(0.0, 1.0),
+    total=st.integers(1, 20),
+    steps=st.integers(1, 40),
+)
+def test_linear_schedule_matches_linear_lr(lr, start, end, total, steps):
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start, end, total_iters=total)
+    ours = optim.schedules.linear(lr, start, end, total)
+    for t in range(steps):
+        got = float(ours(torch.tensor(t)))
+        want = sched.get_last_lr()[0]
+        # torch updates the lr recursively, so where the exact lr is 0 (end_factor=0) it
+        # holds rounding noise of order 1e-17 * lr: compare relative to the base lr there.
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12 * lr)
+        opt.step()
+        sched.step()
+
+
+def test_constant_schedule_and_warmup():
+    assert float(optim.schedules.constant(0.3)(torch.tensor(7))) == 0.3
+    warm = optim.schedules.linear_warmup(1.0, warmup_steps=4, start_factor=0.2)
+    values = [float(warm(torch.tensor(t))) for t in range(6)]
+    assert values == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+
+
+@given(
+    max_norm=st.floats(1e-3, 10.0),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_clip_by_global_norm_matches_clip_grad_norm(max_norm, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    grads = {f"g{i}": torch.randn(i + 1, 3, generator=g, dtype=dtype) for i in range(4)}
+    ps = [torch.zeros_like(v, requires_grad=True) for v in grads.values()]
+    for p, v in zip(ps, grads.values()):
+        p.grad = v.clone()
+    norm = torch.nn.utils.clip_grad_norm_(ps, max_norm)
+    clipped, _ = optim.clip_by_global_norm(max_norm).update(grads, (), None)
+    torch.testing.assert_close(optim.global_norm(grads), norm, rtol=0, atol=0)
+    for p, k in zip(ps, grads):
+        torch.testing.assert_close(clipped[k], p.grad, rtol=0, atol=0)
+
+
+# --- validation: the conditions torch.optim rejects --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs, match",
+    [
+        (optim.sgd, dict(lr=-0.1), "Invalid learning rate"),
+        (optim.sgd, dict(momentum=-0.5), "Invalid momentum"),
+        (optim.sgd, dict(weight_decay=-1.0), "Invalid weight_decay"),
+        (optim.sgd, dict(nesterov=True), "Nesterov momentum requires a momentum"),
+        (optim.sgd, dict(nesterov=True, momentum=0.9, dampening=0.1), "zero dampening"),
+        (optim.adam, dict(lr=-1e-3), "Invalid learning rate"),
+        (optim.adam, dict(eps=-1e-8), "Invalid epsilon"),
+        (optim.adam, dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+        (optim.adam, dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+        (optim.adam, dict(weight_decay=-0.1), "Invalid weight_decay"),
+        (optim.adamw, dict(betas=(0.9, 1.0)), "beta parameter at index 1"),
+        (optim.adamw, dict(lr=float("nan")), "Invalid learning rate"),
+    ],
+)
+def test_invalid_hyperparameters(factory, kwargs, match):
+    torch_cls = TORCH_OPTIMIZERS[factory.__name__]
+    with pytest.raises(ValueError):
+        torch_cls([torch.zeros(1, requires_grad=True)], **kwargs)
+    with pytest.raises(ValueError, match=match):
+        factory(**kwargs)
+
+
+def test_lr_of_wrong_type():
+    with pytest.raises(TypeError, match="lr must be a float or a schedule"):
+        optim.sgd(lr="0.1")
+
+
+def test_grads_params_mismatch_is_named():
+    tx = optim.adamw()
+    params = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"grads does not match params: missing \['b'\]; unexpected \['c'\]"):
+        tx.update({"a": torch.ones(2), "c": torch.ones(3)}, state, params)
+    with pytest.raises(ValueError, match="updates does not match params"):
+        optim.apply_updates(params, {"a": torch.ones(2)})
+
+
+def test_chain_composes_in_order():
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.scale_by_learning_rate(0.5))
+    params = {"w": torch.zeros(2)}
+    updates, _ = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+    torch.testing.assert_close(updates["w"], torch.tensor([-0.3, -0.4]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chain of 2 transforms got a state of length 1"):
+        tx.update({"w": torch.ones(2)}, ((),), params)
