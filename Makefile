@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHON VENV
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint clean
 
 $(VENV)/.installed: pyproject.toml tools/venv.sh
 	bash tools/venv.sh
@@ -18,9 +18,6 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check loopkit tests examples benchmarks
 	$(PY) -m ruff format --check loopkit tests examples benchmarks
-
-bench: $(VENV)/.installed
-	$(PY) benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks
