@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHON VENV
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml tools/venv.sh
 	bash tools/venv.sh
@@ -18,6 +18,9 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check loopkit tests examples benchmarks
 	$(PY) -m ruff format --check loopkit tests examples benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,ops
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -89,7 +89,9 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
     (x_train, y_train), (x_val, y_val) = digits()
     model = make_model()
     lr, weight_decay = 3e-3, 1e-4
-    opt = optim.adamw(lr=optim.schedules.linear_warmup(lr, warmup_steps=40), weight_decay=weight_decay)
+    opt = optim.adamw(
+        lr=optim.schedules.linear_warmup(lr, warmup_steps=40), weight_decay=weight_decay
+    )
     state = lk.TrainState.create(model, opt, seed=0)
     step = lk.train_step(model, loss_fn, opt, clip_norm=1.0, compile=True)
     evaluate = lk.eval_step(model, loss_fn)
@@ -104,14 +106,20 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
     ])  # fmt: skip
     seconds = time.perf_counter() - start
     final = lk.evaluate(evaluate, state, val)
-    print(f"trained {int(state.step)} steps in {seconds:.1f} s (including the compile); "
-          f"validation accuracy {final['acc']:.4f}; checkpoint {lk.checkpoint.latest(out)}")
+    print(
+        f"trained {int(state.step)} steps in {seconds:.1f} s (including the compile); "
+        f"validation accuracy {final['acc']:.4f}; checkpoint {lk.checkpoint.latest(out)}"
+    )
 
     batches = list(train)
     rounds, per_round = (3, 20) if fast else (7, 50)
-    ours, theirs = compare_with_imperative(step, state, model, batches, lr, weight_decay, rounds, per_round)
-    print(f"speed: compiled loopkit step {ours:.0f} steps/s vs imperative eager loop "
-          f"{theirs:.0f} steps/s (median of {rounds} alternating rounds): {ours / theirs:.2f}x")
+    ours, theirs = compare_with_imperative(
+        step, state, model, batches, lr, weight_decay, rounds, per_round
+    )
+    print(
+        f"speed: compiled loopkit step {ours:.0f} steps/s vs imperative eager loop "
+        f"{theirs:.0f} steps/s (median of {rounds} alternating rounds): {ours / theirs:.2f}x"
+    )
     return {"accuracy": final["acc"], "ratio": ours / theirs, "state": state}
 
 

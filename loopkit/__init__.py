@@ -1,9 +1,9 @@
 """loopkit: a functional, compiled training loop for PyTorch.
 
-    state = TrainState.create(model, optim.adamw(lr=3e-4), seed=0)
-    step = train_step(model, loss_fn, optimizer, compile=True)   # pure
-    state, metrics = step(state, batch)
-    state = fit(step, state, loader, epochs=10, hooks=[...])
+state = TrainState.create(model, optim.adamw(lr=3e-4), seed=0)
+step = train_step(model, loss_fn, optimizer, compile=True)   # pure
+state, metrics = step(state, batch)
+state = fit(step, state, loader, epochs=10, hooks=[...])
 """
 
 __version__ = "0.1.0"

@@ -50,7 +50,9 @@ def save(path: str | os.PathLike, state: TrainState, metadata: dict | None = Non
     try:
         meta_json = json.dumps({**meta, **(metadata or {})})
     except TypeError as e:
-        raise TypeError(f"checkpoint metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
+        raise TypeError(
+            f"checkpoint metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}"
+        ) from e
     payload = {"format": FORMAT, "state": leaves, "metadata": meta_json}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -73,7 +75,9 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {e}") from e
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt?): {e}"
+        ) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a loopkit checkpoint (expected format {FORMAT})")
     return {**payload, "metadata": json.loads(payload["metadata"])}

@@ -35,7 +35,9 @@ class Batches:
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if drop_last and n < batch_size:
-            raise ValueError(f"drop_last=True with {n} examples < batch_size={batch_size}: no batch")
+            raise ValueError(
+                f"drop_last=True with {n} examples < batch_size={batch_size}: no batch"
+            )
         self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
 

@@ -54,7 +54,9 @@ class Checkpoint(Hook):
     ``directory/step-<step>.ckpt`` with the epoch's logs as metadata; keep the newest
     ``keep_last`` (all if None), deleting older ones only after the new one is written."""
 
-    def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep_last: int | None = None):
+    def __init__(
+        self, directory: str | os.PathLike, *, every: int = 1, keep_last: int | None = None
+    ):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be a positive integer or None, got {keep_last}")
         self.directory, self.keep_last = Path(directory), keep_last

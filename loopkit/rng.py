@@ -26,7 +26,11 @@ RngState = dict[str, torch.Tensor]
 def _device_key(device: torch.device) -> str:
     if device.type == "cpu":
         return "cpu"
-    index = device.index if device.index is not None else torch.get_device_module(device).current_device()
+    index = (
+        device.index
+        if device.index is not None
+        else torch.get_device_module(device).current_device()
+    )
     return f"{device.type}:{index}"
 
 

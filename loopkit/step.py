@@ -47,9 +47,7 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
     if isinstance(out, tuple) and len(out) != 2:
         raise LossError(f"loss_fn must return loss or (loss, metrics), got a {len(out)}-tuple")
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
-        raise LossError(
-            f"loss_fn must return a floating-point tensor loss, got {describe(loss)}"
-        )
+        raise LossError(f"loss_fn must return a floating-point tensor loss, got {describe(loss)}")
     if loss.ndim != 0:
         raise LossError(
             f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}: reduce it, "
@@ -74,7 +72,7 @@ def _training(modules: list[nn.Module], mode: bool) -> Iterator[None]:
             m.training = mode
         yield
     finally:
-        for m, flag in zip(modules, saved):
+        for m, flag in zip(modules, saved, strict=True):
             m.training = flag
 
 

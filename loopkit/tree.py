@@ -47,6 +47,7 @@ def check_same_keys(tree: PyTree, like: PyTree, what: str, like_what: str) -> No
     extra = [k for k in got if k not in want]
     if not missing and not extra:
         return  # same paths in another dict order: tree_map lines standard dicts up by key
+
     def listing(paths: list[str]) -> str:
         return ", ".join(paths[:10]) + (f" (+{len(paths) - 10} more)" if len(paths) > 10 else "")
 

@@ -5,9 +5,11 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # Property tests build models and (for the compile tests) compile them: no deadlines, and
-# fewer examples by default so the suite fits CI; LOOPKIT_HYPOTHESIS=thorough for more.
-common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("default", max_examples=25, **common)
+# a moderate number of examples by default so the suite fits CI; LOOPKIT_HYPOTHESIS=thorough for more.
+common = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile("default", max_examples=50, **common)
 settings.register_profile("thorough", max_examples=200, **common)
 settings.load_profile(os.environ.get("LOOPKIT_HYPOTHESIS", "default"))
 

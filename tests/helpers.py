@@ -106,7 +106,9 @@ def adam_kwargs(draw, weight_decay=None) -> dict:
         lr=draw(st.floats(1e-4, 0.05)),
         betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))),
         eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
-        weight_decay=draw(st.sampled_from([0.0, 1e-2, 0.1])) if weight_decay is None else weight_decay,
+        weight_decay=draw(st.sampled_from([0.0, 1e-2, 0.1]))
+        if weight_decay is None
+        else weight_decay,
         amsgrad=draw(st.booleans()),
         maximize=draw(st.booleans()),
     )
@@ -145,4 +147,6 @@ def assert_state_matches(state, model, rtol, atol):
     assert set(named) == set(state.params) | set(state.buffers)
     for name, want in named.items():
         got = state.params[name] if name in state.params else state.buffers[name]
-        torch.testing.assert_close(got, want.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got, want.detach(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )

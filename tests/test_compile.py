@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import loopkit as lk
 from loopkit import optim
-from tests.helpers import KWARGS, assert_state_matches, build_mlp, loss_fn, make_batches, mlp_specs
+from tests.helpers import KWARGS, build_mlp, loss_fn, make_batches, mlp_specs
 
 pytestmark = pytest.mark.compile
 COMPILED = dict(rtol=1e-4, atol=1e-5)
@@ -39,13 +39,15 @@ def test_compiled_step_matches_eager(spec, opt_name_kwargs, clip_norm, seed):
         a, ma = eager(a, batch)
         b, mb = compiled(b, batch)
         torch.testing.assert_close(mb["loss"], ma["loss"], **COMPILED)
-    for got, want in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a)):
+    for got, want in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
         torch.testing.assert_close(got, want, **COMPILED)
 
 
 def test_compiles_once_while_the_schedule_changes_the_lr():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3))
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3)
+    )
     opt = optim.adamw(lr=optim.schedules.linear_warmup(1e-2, warmup_steps=5), weight_decay=0.1)
     counter = CompileCounterWithBackend("inductor")
     step = lk.train_step(model, loss_fn, opt, clip_norm=1.0, compile=True, backend=counter)
@@ -63,7 +65,10 @@ def test_compiles_once_while_the_schedule_changes_the_lr():
     # A compiled step is reproducible from its state (Dropout masks included).
     s1, _ = step(state, batches[0])
     s2, _ = step(state, batches[0])
-    assert all(torch.equal(x, y) for x, y in zip(lk.tree.tree_leaves(s1), lk.tree.tree_leaves(s2)))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(lk.tree.tree_leaves(s1), lk.tree.tree_leaves(s2), strict=True)
+    )
     assert counter.frame_count == compiled
 
 

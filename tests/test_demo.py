@@ -25,5 +25,7 @@ def test_demo_trains_digits_to_high_accuracy(tmp_path, capsys, monkeypatch):
     ckpt = lk.checkpoint.latest(tmp_path / "run")
     assert ckpt is not None
     restored = lk.checkpoint.load(ckpt, like=result["state"])
-    for a, b in zip(lk.tree.tree_leaves(restored), lk.tree.tree_leaves(result["state"])):
+    for a, b in zip(
+        lk.tree.tree_leaves(restored), lk.tree.tree_leaves(result["state"]), strict=True
+    ):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -16,14 +16,16 @@ def problem(n=40, seed=0):
     x = torch.randn(n, 4, generator=g)
     y = (x[:, 0] > 0).long()
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 2)
+    )
     return model, x, y
 
 
 def assert_states_equal(a, b):
     la, lb = lk.tree.tree_leaves(a), lk.tree.tree_leaves(b)
     assert lk.tree.tree_structure(a) == lk.tree.tree_structure(b)
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 
@@ -106,8 +108,13 @@ def test_a_hook_can_stop_training():
         def on_step_end(self, loop):
             loop.should_stop = loop.step >= 7
 
-    state = lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
-                   lk.data.Batches(x, y, batch_size=4), epochs=10, hooks=[StopAt()])
+    state = lk.fit(
+        lk.train_step(model, loss_fn, opt),
+        lk.TrainState.create(model, opt),
+        lk.data.Batches(x, y, batch_size=4),
+        epochs=10,
+        hooks=[StopAt()],
+    )
     assert int(state.step) == 7
 
 
@@ -124,11 +131,19 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
     model, _, _ = problem()
     opt = optim.adam()
     lk.checkpoint.save(tmp_path / "a.ckpt", lk.TrainState.create(model, opt))
-    other = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 2))
-    with pytest.raises(lk.checkpoint.CheckpointError, match=r"params\['0.weight'\]: checkpoint has torch.float32\[8, 4\], state has torch.float32\[16, 4\]"):
+    other = nn.Sequential(
+        nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 2)
+    )
+    with pytest.raises(
+        lk.checkpoint.CheckpointError,
+        match=r"params\['0.weight'\]: checkpoint has torch.float32\[8, 4\], "
+        r"state has torch.float32\[16, 4\]",
+    ):
         lk.checkpoint.load(tmp_path / "a.ckpt", like=lk.TrainState.create(other, opt))
     with pytest.raises(lk.checkpoint.CheckpointError, match=r"missing .*max_exp_avg_sq"):
-        lk.checkpoint.load(tmp_path / "a.ckpt", like=lk.TrainState.create(model, optim.adam(amsgrad=True)))
+        lk.checkpoint.load(
+            tmp_path / "a.ckpt", like=lk.TrainState.create(model, optim.adam(amsgrad=True))
+        )
 
 
 def test_truncated_checkpoint_is_reported(tmp_path):

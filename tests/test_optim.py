@@ -18,8 +18,13 @@ def params_and_grads(draw, dtype):
     shapes = draw(st.lists(st.lists(st.integers(1, 5), max_size=3), min_size=1, max_size=4))
     steps = draw(st.integers(1, 6))
     g = torch.Generator().manual_seed(seed)
-    params = {f"layer{i}.w": torch.randn(tuple(s), generator=g, dtype=dtype) for i, s in enumerate(shapes)}
-    grads = [{k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()} for _ in range(steps)]
+    params = {
+        f"layer{i}.w": torch.randn(tuple(s), generator=g, dtype=dtype) for i, s in enumerate(shapes)
+    }
+    grads = [
+        {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()}
+        for _ in range(steps)
+    ]
     return params, grads
 
 
@@ -67,7 +72,9 @@ def test_defaults_match_torch():
 def test_adam_decoupled_weight_decay_is_adamw():
     params = {"w": torch.randn(3, 4, dtype=torch.float64)}
     grads = [{"w": torch.randn(3, 4, dtype=torch.float64)} for _ in range(3)]
-    a, _ = loopkit_run(params, grads, optim.adam(lr=0.1, weight_decay=0.1, decoupled_weight_decay=True))
+    a, _ = loopkit_run(
+        params, grads, optim.adam(lr=0.1, weight_decay=0.1, decoupled_weight_decay=True)
+    )
     b, _ = loopkit_run(params, grads, optim.adamw(lr=0.1, weight_decay=0.1))
     torch.testing.assert_close(a["w"], b["w"], rtol=0, atol=0)
 
@@ -119,12 +126,12 @@ def test_clip_by_global_norm_matches_clip_grad_norm(max_norm, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     grads = {f"g{i}": torch.randn(i + 1, 3, generator=g, dtype=dtype) for i in range(4)}
     ps = [torch.zeros_like(v, requires_grad=True) for v in grads.values()]
-    for p, v in zip(ps, grads.values()):
+    for p, v in zip(ps, grads.values(), strict=True):
         p.grad = v.clone()
     norm = torch.nn.utils.clip_grad_norm_(ps, max_norm)
     clipped, _ = optim.clip_by_global_norm(max_norm).update(grads, (), None)
     torch.testing.assert_close(optim.global_norm(grads), norm, rtol=0, atol=0)
-    for p, k in zip(ps, grads):
+    for p, k in zip(ps, grads, strict=True):
         torch.testing.assert_close(clipped[k], p.grad, rtol=0, atol=0)
 
 
@@ -165,7 +172,9 @@ def test_grads_params_mismatch_is_named():
     tx = optim.adamw()
     params = {"a": torch.zeros(2), "b": torch.zeros(3)}
     state = tx.init(params)
-    with pytest.raises(ValueError, match=r"grads does not match params: missing \['b'\]; unexpected \['c'\]"):
+    with pytest.raises(
+        ValueError, match=r"grads does not match params: missing \['b'\]; unexpected \['c'\]"
+    ):
         tx.update({"a": torch.ones(2), "c": torch.ones(3)}, state, params)
     with pytest.raises(ValueError, match="updates does not match params"):
         optim.apply_updates(params, {"a": torch.ones(2)})

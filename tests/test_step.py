@@ -102,7 +102,9 @@ def test_dropout_masks_come_from_the_state():
 
 
 def test_step_is_pure():
-    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2)
+    )
     model.train(False)  # the step sets training mode for the call and restores this
     before = copy.deepcopy(model.state_dict())
     opt = optim.adamw(lr=0.1)
@@ -110,7 +112,7 @@ def test_step_is_pure():
     snapshot = lk.tree.tree_map(torch.clone, state)
     step = lk.train_step(model, loss_fn, opt, clip_norm=1.0)
     new, _ = step(state, (torch.randn(5, 3), torch.randint(0, 2, (5,))))
-    for got, want in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(snapshot)):
+    for got, want in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(snapshot), strict=True):
         assert torch.equal(got, want)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -143,7 +145,9 @@ def test_frozen_parameters_are_not_trained():
 
 def test_eval_step_uses_eval_semantics():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)
+    )
     opt = optim.sgd(lr=0.1)
     state = lk.TrainState.create(model, opt, seed=0)
     step = lk.train_step(model, loss_fn, opt)
@@ -180,7 +184,9 @@ def _linear_setup():
 
 def test_non_scalar_loss_is_rejected():
     model, opt, state = _linear_setup()
-    step = lk.train_step(model, lambda net, b: F.cross_entropy(net(b[0]), b[1], reduction="none"), opt)
+    step = lk.train_step(
+        model, lambda net, b: F.cross_entropy(net(b[0]), b[1], reduction="none"), opt
+    )
     with pytest.raises(lk.LossError, match=r"scalar loss, got shape \(4,\).*mean"):
         step(state, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
 

@@ -50,7 +50,7 @@ def chain(*transforms: Transform) -> Transform:
                 "pass the state returned by this chain's init()"
             )
         new_state = []
-        for t, s in zip(transforms, state):
+        for t, s in zip(transforms, state, strict=True):
             updates, s = t.update(updates, s, params)
             new_state.append(s)
         return updates, tuple(new_state)

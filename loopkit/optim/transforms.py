@@ -36,7 +36,9 @@ def _need_params(params: PyTree | None, name: str) -> PyTree:
 
 def negate() -> Transform:
     """``g <- -g``: torch.optim's ``maximize=True``."""
-    return Transform(lambda params: (), lambda g, state, params=None: (tree_map(torch.neg, g), state))
+    return Transform(
+        lambda params: (), lambda g, state, params=None: (tree_map(torch.neg, g), state)
+    )
 
 
 def add_decayed_weights(weight_decay: float) -> Transform:
