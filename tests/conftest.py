@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # Property tests build models and (for the compile tests) compile them: no deadlines, and
-# a moderate number of examples by default so the suite fits CI; LOOPKIT_HYPOTHESIS=thorough for more.
+# a moderate number of examples so the suite fits CI (LOOPKIT_HYPOTHESIS=thorough: more).
 common = dict(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
