@@ -192,8 +192,7 @@ def train_step(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return apply_updates(params, updates), buffers, opt_state, step + 1, metrics
 
-    step = TrainStep(model, train)
-    return compile_step(step, **compile_kwargs) if compile else step
+    return _maybe_compile(TrainStep(model, train), compile, compile_kwargs)
 
 
 def eval_step(
@@ -207,8 +206,17 @@ def eval_step(
         loss, aux = _split_loss(loss_fn(Net(model, params, buffers), batch))
         return {"loss": loss.detach(), **_detach(aux)}
 
-    step = EvalStep(model, evaluate)
-    return compile_step(step, **compile_kwargs) if compile else step
+    return _maybe_compile(EvalStep(model, evaluate), compile, compile_kwargs)
+
+
+def _maybe_compile(step: _Step, compile: bool, compile_kwargs: dict) -> _Step:
+    if compile:
+        return compile_step(step, **compile_kwargs)
+    if compile_kwargs:
+        raise TypeError(
+            f"{sorted(compile_kwargs)} are torch.compile options: pass compile=True to use them"
+        )
+    return step
 
 
 def compile_step(

@@ -223,3 +223,9 @@ def test_invalid_clip_norm():
     model, opt, _ = _linear_setup()
     with pytest.raises(ValueError, match="clip_norm"):
         lk.train_step(model, loss_fn, opt, clip_norm=0.0)
+
+
+def test_compile_options_without_compile_are_rejected():
+    model, opt, _ = _linear_setup()
+    with pytest.raises(TypeError, match="torch.compile options: pass compile=True"):
+        lk.train_step(model, loss_fn, opt, mode="max-autotune")
