@@ -48,7 +48,7 @@ def save(path: str | os.PathLike, state: TrainState, metadata: dict | None = Non
     leaves, _ = flatten_with_names(state)
     meta = {"loopkit": __version__, "torch": str(torch.__version__), "time": time.time()}
     try:
-        meta_json = json.dumps({**meta, **(metadata or {})})
+        meta_json = json.dumps({**(metadata or {}), **meta})
     except TypeError as e:
         raise TypeError(
             f"checkpoint metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}"
@@ -83,13 +83,21 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     return {**payload, "metadata": json.loads(payload["metadata"])}
 
 
+def _is_rng(name: str) -> bool:
+    return name.startswith(".rng[")
+
+
 def load(path: str | os.PathLike, like: TrainState) -> TrainState:
     """Load the checkpoint at ``path`` into a state shaped like ``like`` (same model and
-    optimizer); each tensor goes to the device of its counterpart in ``like``."""
+    optimizer); each tensor goes to the device of its counterpart in ``like``.
+
+    Generator states are per device (``rng['cpu']``, ``rng['cuda:0']``): a device's state
+    that the checkpoint lacks keeps ``like``'s (e.g. a CPU checkpoint resumed on a GPU),
+    and one that ``like`` has no device for is dropped. Everything else must match."""
     saved = read(path)["state"]
     want, spec = flatten_with_names(like)
-    problems = [f"missing {k}" for k in want if k not in saved]
-    problems += [f"unexpected {k}" for k in saved if k not in want]
+    problems = [f"missing {k}" for k in want if k not in saved and not _is_rng(k)]
+    problems += [f"unexpected {k}" for k in saved if k not in want and not _is_rng(k)]
     for k, ref in want.items():
         got = saved.get(k)
         if isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor):
@@ -106,11 +114,14 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
             f"  {shown}{more}\nBuild the state with the same model and optimizer as the run "
             "that wrote the checkpoint."
         )
-    leaves = [
-        saved[k].to(ref.device) if isinstance(ref, torch.Tensor) else saved[k]
-        for k, ref in want.items()
-    ]
-    return tree_unflatten(leaves, spec)
+
+    def restored(name: str, ref: Any) -> Any:
+        if name not in saved:  # only generator states of devices the checkpoint lacks
+            return ref
+        value = saved[name]
+        return value.to(ref.device) if isinstance(ref, torch.Tensor) else value
+
+    return tree_unflatten([restored(k, ref) for k, ref in want.items()], spec)
 
 
 def checkpoints(directory: str | os.PathLike) -> list[Path]:

@@ -55,6 +55,11 @@ class Loop:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     should_stop: bool = False
 
+    @property
+    def final_epoch(self) -> bool:
+        """True in the last epoch: the last of ``epochs``, or one a hook asked to stop."""
+        return self.epoch + 1 >= self.epochs or self.should_stop
+
     def emit(self, event: str) -> None:
         """Call ``event`` on every hook, in list order."""
         for hook in self.hooks:

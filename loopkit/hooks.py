@@ -42,7 +42,7 @@ class Validate(Hook):
         self.every = _every(every, "every")
 
     def on_epoch_end(self, loop: Loop) -> None:
-        if (loop.epoch + 1) % self.every and loop.epoch + 1 != loop.epochs:
+        if (loop.epoch + 1) % self.every and not loop.final_epoch:
             return
         results = evaluate(self.evaluate_step, loop.state, self.data)
         loop.logs.update({f"{self.prefix}/{k}": v for k, v in results.items()})
@@ -50,9 +50,11 @@ class Validate(Hook):
 
 
 class Checkpoint(Hook):
-    """Every ``every`` epochs (and at the end of training), save the state atomically to
-    ``directory/step-<step>.ckpt`` with the epoch's logs as metadata; keep the newest
-    ``keep_last`` (all if None), deleting older ones only after the new one is written."""
+    """Every ``every`` epochs (and in the final epoch, also when a hook stopped training),
+    save the state atomically to ``directory/step-<step>.ckpt`` with the epoch's logs as
+    metadata. With ``keep_last=N`` only the newest N checkpoints this hook wrote are kept;
+    an older one is deleted only after the new one is written, and files it did not write
+    are never touched."""
 
     def __init__(
         self, directory: str | os.PathLike, *, every: int = 1, keep_last: int | None = None
@@ -67,15 +69,16 @@ class Checkpoint(Hook):
         return self.directory / f"step-{step:09d}{checkpoint.SUFFIX}"
 
     def on_epoch_end(self, loop: Loop) -> None:
-        if (loop.epoch + 1) % self.every == 0 or loop.epoch + 1 == loop.epochs:
+        if (loop.epoch + 1) % self.every == 0 or loop.final_epoch:
             self.save(loop)
 
     def save(self, loop: Loop) -> Path:
         meta = {"epoch": loop.epoch, "step": loop.step, "logs": dict(loop.logs)}
         path = checkpoint.save(self.path_for(loop.step), loop.state, meta)
-        self.saved.append(path)
+        self.saved = [p for p in self.saved if p != path] + [path]
         if self.keep_last is not None:
-            for old in checkpoint.checkpoints(self.directory)[: -self.keep_last]:
+            stale, self.saved = self.saved[: -self.keep_last], self.saved[-self.keep_last :]
+            for old in stale:
                 old.unlink(missing_ok=True)
         return path
 

@@ -42,6 +42,7 @@ def _get(key: str) -> torch.Tensor:
 
 
 def _set(key: str, value: torch.Tensor) -> None:
+    value = value.cpu()  # generators take CPU byte tensors (a state moved with .to() is fine)
     if key == "cpu":
         torch.set_rng_state(value)
     else:

@@ -42,6 +42,11 @@ class TrainState:
         params: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
         for name, p in model.named_parameters():
+            if p.layout != torch.strided:
+                raise TypeError(
+                    f"parameter {name!r} is {p.layout}; loopkit trains dense (strided) "
+                    "tensors only. Convert it with .to_dense()."
+                )
             if p.requires_grad and not p.is_floating_point():
                 raise TypeError(
                     f"parameter {name!r} has dtype {p.dtype}; only real floating-point "
@@ -66,4 +71,11 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
 
-pytree.register_dataclass(TrainState, serialized_type_name="loopkit.TrainState")
+_FIELDS = [f.name for f in dataclasses.fields(TrainState)]
+pytree.register_pytree_node(
+    TrainState,
+    lambda s: ([getattr(s, f) for f in _FIELDS], None),
+    lambda children, _: TrainState(*children),
+    serialized_type_name="loopkit.TrainState",
+    flatten_with_keys_fn=lambda s: ([(pytree.GetAttrKey(f), getattr(s, f)) for f in _FIELDS], None),
+)

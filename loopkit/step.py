@@ -29,23 +29,32 @@ LossFn = Callable[[Callable[..., Any], Any], "torch.Tensor | tuple[torch.Tensor,
 
 class Net:
     """A callable view of ``module`` bound to given params and buffers:
-    ``net(*args, **kwargs)`` is ``functional_call(module, (params, buffers), args, kwargs)``.
+    ``net(*args, **kwargs)`` is ``functional_call(module, params | buffers, args, kwargs)``.
+
+    Buffers the forward updates -- in place (BatchNorm) or by reassignment
+    (``self.ema = ...``) -- are kept in ``net.buffers`` (a copy of the dict it was given),
+    so a second call sees them, as a second call of the module would.
     """
 
     __slots__ = ("module", "params", "buffers")
 
     def __init__(self, module: nn.Module, params: dict, buffers: dict):
-        self.module, self.params, self.buffers = module, params, buffers
+        self.module, self.params, self.buffers = module, params, dict(buffers)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.module, (self.params, self.buffers), args, kwargs)
+        tensors = {**self.params, **self.buffers}
+        out = functional_call(self.module, tensors, args, kwargs)
+        # functional_call writes the tensors the forward reassigned back into `tensors`.
+        self.buffers = {k: tensors[k] for k in self.buffers}
+        return out
 
 
 def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
-    """``loss`` or ``(loss, aux)`` -> ``(loss, aux)``, checking that the loss is a scalar."""
-    loss, aux = out if isinstance(out, tuple) else (out, {})
+    """``loss`` or ``(loss, metrics)`` -> ``(loss, metrics)``: checks that the loss is a
+    floating-point scalar; metrics become detached tensors (numbers on the loss's device)."""
     if isinstance(out, tuple) and len(out) != 2:
         raise LossError(f"loss_fn must return loss or (loss, metrics), got a {len(out)}-tuple")
+    loss, aux = out if isinstance(out, tuple) else (out, {})
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         raise LossError(f"loss_fn must return a floating-point tensor loss, got {describe(loss)}")
     if loss.ndim != 0:
@@ -57,23 +66,33 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
         raise LossError(f"loss_fn's second output must be a dict of metrics, got {type(aux)}")
     if "loss" in aux:
         raise LossError("loss_fn's metrics dict must not use the key 'loss' (it holds the loss)")
-    return loss, aux
-
-
-def _detach(metrics: dict) -> Metrics:
-    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+    metrics = {}
+    for k, v in aux.items():
+        if isinstance(v, torch.Tensor):
+            metrics[k] = v.detach()
+        elif isinstance(v, (bool, int, float)):
+            metrics[k] = torch.tensor(v, device=loss.device)
+        else:
+            raise LossError(f"metric {k!r} must be a tensor or a number, got {type(v).__name__}")
+    return loss, metrics
 
 
 @contextlib.contextmanager
-def _training(modules: list[nn.Module], mode: bool) -> Iterator[None]:
+def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterator[None]:
+    """``model.train(mode)`` for the body (so an override of ``train()``, e.g. one that keeps
+    BatchNorm frozen, is honoured), then every module's flag as it was before."""
     saved = [m.training for m in modules]
     try:
-        for m in modules:
-            m.training = mode
+        model.train(mode)
         yield
     finally:
         for m, flag in zip(modules, saved, strict=True):
             m.training = flag
+
+
+# Errors that reach the caller unchanged: loopkit's own (already clear), and running out of
+# memory, which callers catch by type to retry with smaller batches.
+_PASS_THROUGH = (LossError, StepError, CompileError, torch.OutOfMemoryError)
 
 
 def _is_compiler_error(e: BaseException) -> bool:
@@ -100,7 +119,7 @@ class _Step:
     def _call(self, state: TrainState, args: tuple) -> Any:
         try:
             return self.fn(*args)
-        except (LossError, StepError, CompileError):
+        except _PASS_THROUGH:
             raise
         except Exception as e:
             if not (self.compiled and _is_compiler_error(e)):
@@ -110,7 +129,7 @@ class _Step:
         # eager would report it) from something only the compiler rejects (a graph break).
         try:
             self.pure(*args)
-        except (LossError, StepError):
+        except _PASS_THROUGH:
             raise
         except Exception as e:
             raise self._step_error(state, args[-1], e) from e
@@ -126,7 +145,8 @@ class _Step:
         return StepError(
             f"{self.kind} {int(state.step)} failed on a batch of {describe(batch)}: "
             f"{type(e).__name__}: {e}\n"
-            "Check that the batch has the shapes and dtypes the model and loss_fn expect."
+            "If the batch is not what the model and loss_fn expect, fix the data; otherwise "
+            "the cause is in loss_fn or the model (its traceback is above)."
         )
 
 
@@ -137,7 +157,7 @@ class TrainStep(_Step):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         args = (state.params, state.buffers, state.opt_state, state.step, batch)
-        with _training(self._modules, True), rng_scope(state.rng) as rng:
+        with _training(self.model, self._modules, True), rng_scope(state.rng) as rng:
             params, buffers, opt_state, step, metrics = self._call(state, args)
         return TrainState(params, buffers, opt_state, step, rng), metrics
 
@@ -149,7 +169,11 @@ class EvalStep(_Step):
 
     def __call__(self, state: TrainState, batch: Any) -> Metrics:
         args = (state.params, state.buffers, batch)
-        with _training(self._modules, False), torch.no_grad(), rng_scope(state.rng):
+        with (
+            _training(self.model, self._modules, False),
+            torch.no_grad(),
+            rng_scope(state.rng),
+        ):
             return self._call(state, args)
 
 
@@ -183,10 +207,12 @@ def train_step(
         buffers = {k: v.clone() if k in buffer_names else v for k, v in buffers.items()}
 
         def objective(p, b):
-            return _split_loss(loss_fn(Net(model, p, b), batch))
+            net = Net(model, p, b)
+            loss, metrics = _split_loss(loss_fn(net, batch))
+            return loss, (metrics, net.buffers)
 
-        grads, (loss, aux) = grad_and_value(objective, has_aux=True)(params, buffers)
-        metrics = {"loss": loss.detach(), **_detach(aux)}
+        grads, (loss, (aux, buffers)) = grad_and_value(objective, has_aux=True)(params, buffers)
+        metrics = {"loss": loss.detach(), **aux}
         if clip_norm is not None:
             grads, metrics["grad_norm"] = clip_by_global_norm_with_norm(grads, float(clip_norm))
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -204,7 +230,7 @@ def eval_step(
 
     def evaluate(params, buffers, batch):
         loss, aux = _split_loss(loss_fn(Net(model, params, buffers), batch))
-        return {"loss": loss.detach(), **_detach(aux)}
+        return {"loss": loss.detach(), **aux}
 
     return _maybe_compile(EvalStep(model, evaluate), compile, compile_kwargs)
 

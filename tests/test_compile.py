@@ -9,14 +9,22 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import loopkit as lk
 from loopkit import optim
-from tests.helpers import KWARGS, build_mlp, loss_fn, make_batches, mlp_specs
+from tests.helpers import (
+    KWARGS,
+    assert_state_matches,
+    build_mlp,
+    imperative_run,
+    loss_fn,
+    make_batches,
+    mlp_specs,
+)
 
 pytestmark = pytest.mark.compile
 COMPILED = dict(rtol=1e-4, atol=1e-5)
 
 
 # Each example is a cold compile (5-25 s here): few examples, and no shrinking.
-@settings(max_examples=3, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@settings(max_examples=4, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(
     spec=mlp_specs(dropout=0.0),
     opt_name_kwargs=st.sampled_from(sorted(KWARGS)).flatmap(
@@ -24,23 +32,28 @@ COMPILED = dict(rtol=1e-4, atol=1e-5)
     ),
     clip_norm=st.sampled_from([None, 0.5]),
     seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
 )
-def test_compiled_step_matches_eager(spec, opt_name_kwargs, clip_norm, seed):
+def test_compiled_step_matches_the_imperative_loop(spec, opt_name_kwargs, clip_norm, seed, dtype):
+    """No Dropout here: compiled code draws its masks with inductor's kernels, which it may
+    reorder, so they differ from eager's (reproducibility from the state is tested below)."""
     name, kwargs = opt_name_kwargs
-    model = build_mlp(spec, seed)
-    batches = make_batches(spec, [8, 8, 8, 8], seed)
+    model = build_mlp(spec, seed, dtype)
+    batches = make_batches(spec, [8, 8, 8, 8], seed, dtype)
     opt = getattr(optim, name)(**kwargs)
-    eager = lk.train_step(model, loss_fn, opt, clip_norm=clip_norm)
     compiled = lk.train_step(model, loss_fn, opt, clip_norm=clip_norm, compile=True)
-    a = b = lk.TrainState.create(model, opt, seed=seed)
-    # No Dropout here: compiled code draws its masks with inductor's kernels, which it may
-    # reorder, so they differ from eager's (reproducibility from the state is tested below).
+    state = before = lk.TrainState.create(model, opt, seed=seed)
+    snapshot = lk.tree.tree_map(torch.clone, before)
+    losses = []
     for batch in batches:
-        a, ma = eager(a, batch)
-        b, mb = compiled(b, batch)
-        torch.testing.assert_close(mb["loss"], ma["loss"], **COMPILED)
-    for got, want in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
-        torch.testing.assert_close(got, want, **COMPILED)
+        state, metrics = compiled(state, batch)
+        losses.append(metrics["loss"])
+    ref, ref_losses = imperative_run(model, batches, name, kwargs, seed=seed, clip_norm=clip_norm)
+    torch.testing.assert_close(torch.stack(losses), ref_losses, **COMPILED)
+    assert_state_matches(state, ref, **COMPILED)
+    # Pure: the input state is untouched.
+    for got, want in zip(lk.tree.tree_leaves(before), lk.tree.tree_leaves(snapshot), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_compiles_once_while_the_schedule_changes_the_lr():

@@ -19,7 +19,6 @@ def test_demo_trains_digits_to_high_accuracy(tmp_path, capsys, monkeypatch):
     spec.loader.exec_module(demo)
     result = demo.main(epochs=8, out=str(tmp_path / "run"), fast=True)
     assert result["accuracy"] > 0.9
-    assert result["ratio"] > 0
     out = capsys.readouterr().out
     assert "val/acc" in out and "speed: compiled loopkit step" in out
     ckpt = lk.checkpoint.latest(tmp_path / "run")

@@ -170,3 +170,75 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         lk.checkpoint.save(path, state)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["a.ckpt"]
+
+
+def test_keep_last_only_prunes_what_it_wrote(tmp_path):
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    directory = tmp_path / "ckpts"
+    directory.mkdir()
+    (directory / "best.ckpt").write_bytes(b"user file")
+    later = lk.checkpoint.save(directory / "step-000000100.ckpt", lk.TrainState.create(model, opt))
+    hook = lk.hooks.Checkpoint(directory, keep_last=1)
+    lk.fit(step, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=8),
+           epochs=3, hooks=[hook])  # fmt: skip
+    files = sorted(os.listdir(directory))
+    assert files == ["best.ckpt", "step-000000015.ckpt", "step-000000100.ckpt"]
+    assert later.exists() and hook.saved == [directory / "step-000000015.ckpt"]
+
+
+def test_a_stopped_run_still_validates_and_checkpoints(tmp_path):
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    seen = []
+
+    class StopAt7(lk.Hook):
+        def on_step_end(self, loop):
+            loop.should_stop = loop.step >= 7
+
+    class Record(lk.Hook):
+        def on_validation_end(self, loop):
+            seen.append(loop.step)
+
+    evaluate = lk.eval_step(model, loss_fn)
+    hooks = [
+        StopAt7(),
+        lk.hooks.Validate(evaluate, [(x, y)], every=5),
+        lk.hooks.Checkpoint(tmp_path, every=5),
+        Record(),
+    ]
+    lk.fit(step, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=4),
+           epochs=10, hooks=hooks)  # fmt: skip
+    assert seen == [7]
+    assert os.listdir(tmp_path) == ["step-000000007.ckpt"]
+
+
+def test_generator_states_of_other_devices_are_tolerated(tmp_path):
+    """A checkpoint carries one generator state per device: moving between a GPU and a CPU
+    machine keeps the states both sides have and leaves the others alone."""
+    model, _, _ = problem()
+    opt = optim.sgd()
+    cpu_state = lk.TrainState.create(model, opt, seed=1)
+    gpu_like = cpu_state.replace(
+        rng={**cpu_state.rng, "cuda:0": torch.zeros(16, dtype=torch.uint8)}
+    )
+    lk.checkpoint.save(tmp_path / "gpu.ckpt", gpu_like)
+    restored = lk.checkpoint.load(tmp_path / "gpu.ckpt", like=lk.TrainState.create(model, opt))
+    assert set(restored.rng) == {"cpu"} and torch.equal(restored.rng["cpu"], cpu_state.rng["cpu"])
+    lk.checkpoint.save(tmp_path / "cpu.ckpt", cpu_state)
+    restored = lk.checkpoint.load(tmp_path / "cpu.ckpt", like=gpu_like)
+    assert torch.equal(restored.rng["cuda:0"], gpu_like.rng["cuda:0"])
+
+
+def test_metadata_cannot_overwrite_versions(tmp_path):
+    model, _, _ = problem()
+    path = lk.checkpoint.save(tmp_path / "a.ckpt", lk.TrainState.create(model, optim.sgd()),
+                              {"torch": "fake", "note": "mine"})  # fmt: skip
+    meta = lk.checkpoint.read(path)["metadata"]
+    assert meta["torch"] == str(torch.__version__) and meta["note"] == "mine"
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        lk.checkpoint.save(tmp_path / "b.ckpt", lk.TrainState.create(model, optim.sgd()),
+                           {"tensor": torch.ones(1)})  # fmt: skip
+    assert not (tmp_path / "b.ckpt").exists()

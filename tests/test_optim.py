@@ -92,7 +92,7 @@ def test_lr_is_kept_in_the_state():
     lr=st.floats(1e-4, 10.0),
     start=st.floats(0.01, 1.0),
     end=st.floats(0.0, 1.0),
-    total=st.integers(1, 20),
+    total=st.integers(0, 20),
     steps=st.integers(1, 40),
 )
 def test_linear_schedule_matches_linear_lr(lr, start, end, total, steps):
@@ -164,8 +164,29 @@ def test_invalid_hyperparameters(factory, kwargs, match):
 
 
 def test_lr_of_wrong_type():
-    with pytest.raises(TypeError, match="lr must be a float or a schedule"):
+    with pytest.raises(TypeError, match="lr must be a number or a schedule"):
         optim.sgd(lr="0.1")
+
+
+def test_lr_accepts_what_torch_accepts():
+    import numpy as np
+
+    params = {"w": torch.ones(3)}
+    grads = [{"w": torch.full((3,), 0.5)}]
+    want = torch_reference(params, grads, "sgd", dict(lr=0.25))
+    for lr in (np.float32(0.25), torch.tensor(0.25), 0.25):
+        got, _ = loopkit_run(params, grads, optim.sgd(lr=lr))
+        torch.testing.assert_close(got["w"], want["w"])
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float("nan"))  # accepted by torch
+    optim.sgd(lr=float("nan"))  # ... and so here
+
+
+def test_schedule_may_return_a_number():
+    params = {"w": torch.zeros(2)}
+    tx = optim.sgd(lr=lambda step: 0.5)
+    got, state = loopkit_run(params, [{"w": torch.ones(2)}] * 2, tx)
+    torch.testing.assert_close(got["w"], torch.full((2,), -1.0))
+    assert state[-1].lr.dtype == torch.float64
 
 
 def test_grads_params_mismatch_is_named():

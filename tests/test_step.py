@@ -229,3 +229,111 @@ def test_compile_options_without_compile_are_rejected():
     model, opt, _ = _linear_setup()
     with pytest.raises(TypeError, match="torch.compile options: pass compile=True"):
         lk.train_step(model, loss_fn, opt, mode="max-autotune")
+
+
+class RunningMean(nn.Module):
+    """A layer that reassigns its buffer in forward (not in place), as some normalisers do."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, 2)
+        self.register_buffer("mean", torch.zeros(d))
+
+    def forward(self, x):
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.mean(0).detach()
+        return self.lin(x - self.mean)
+
+
+def test_buffers_reassigned_in_forward_are_kept():
+    torch.manual_seed(0)
+    model = RunningMean(3)
+    opt = optim.sgd(lr=0.1)
+    batches = [(torch.randn(6, 3) + 2, torch.randint(0, 2, (6,))) for _ in range(3)]
+
+    def twice(net, batch):  # two calls per step: the second sees the first's update
+        loss_a, _ = loss_fn(net, batch)
+        loss_b, _ = loss_fn(net, batch)
+        return (loss_a + loss_b) / 2
+
+    state = lk.TrainState.create(model, opt)
+    step = lk.train_step(model, twice, opt)
+    for b in batches:
+        state, _ = step(state, b)
+    ref = copy.deepcopy(model)
+    topt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for b in batches:
+        topt.zero_grad()
+        twice(ref, b).backward()
+        topt.step()
+    assert_state_matches(state, ref, **FP32)
+    assert torch.equal(model.mean, torch.zeros(3))  # the module itself is untouched
+
+
+class FrozenBatchNorm(nn.Sequential):
+    """Keeps its BatchNorm in eval mode whatever train() is asked: a common fine-tuning idiom."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def test_train_overrides_are_honoured():
+    torch.manual_seed(0)
+    model = FrozenBatchNorm(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():  # non-trivial running statistics
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,))) for _ in range(3)]
+    opt = optim.adam(lr=1e-2)
+    state = lk.TrainState.create(model, opt)
+    step = lk.train_step(model, loss_fn, opt)
+    for b in batches:
+        state, _ = step(state, b)
+    ref, _ = imperative_run(model, batches, "adam", dict(lr=1e-2), seed=0)
+    assert_state_matches(state, ref, **FP32)
+    assert int(state.buffers["1.num_batches_tracked"]) == 0
+    assert not any(m.training for m in model.modules())  # restored
+
+
+def test_metrics_may_be_numbers():
+    model, opt, state = _linear_setup()
+
+    def with_numbers(net, batch):
+        loss, _ = loss_fn(net, batch)
+        return loss, {"batch": batch[0].shape[0], "flag": True, "scale": 0.5}
+
+    _, metrics = lk.train_step(model, with_numbers, opt)(
+        state, (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    )
+    assert metrics["batch"].item() == 4 and metrics["scale"].item() == 0.5
+    with pytest.raises(lk.LossError, match="metric 'name' must be a tensor or a number"):
+        lk.train_step(model, lambda net, b: (loss_fn(net, b)[0], {"name": "x"}), opt)(
+            state, (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+        )
+
+
+def test_loss_fn_returning_a_triple_is_named():
+    model, opt, state = _linear_setup()
+    step = lk.train_step(model, lambda net, b: (*loss_fn(net, b), 1), opt)
+    with pytest.raises(lk.LossError, match="got a 3-tuple"):
+        step(state, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+
+
+def test_out_of_memory_passes_through_unchanged():
+    model, opt, state = _linear_setup()
+
+    def oom(net, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        lk.train_step(model, oom, opt)(state, (torch.randn(4, 3), None))
+
+
+def test_sparse_parameters_are_rejected():
+    model = nn.Linear(2, 2)
+    model.weight = nn.Parameter(torch.eye(2).to_sparse())
+    with pytest.raises(TypeError, match="'weight' is torch.sparse_coo.*to_dense"):
+        lk.TrainState.create(model, optim.sgd())

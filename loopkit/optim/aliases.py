@@ -3,6 +3,10 @@ and validation. ``lr`` may be a float or a schedule ``step -> lr``."""
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from loopkit.optim.base import Transform, chain
@@ -39,13 +43,18 @@ def _checked(tx: Transform) -> Transform:
     return Transform(init, update)
 
 
-def _check_lr(lr: float | Schedule) -> None:
+def _lr(lr: Any, invalid: Callable[[float], bool]) -> float | Schedule:
+    """A schedule as it is, or the lr as a float (numbers and one-element tensors, as
+    torch.optim accepts them), rejected with torch's message where ``invalid(lr)``."""
     if callable(lr):
-        return
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"lr must be a float or a schedule (callable step -> lr), got {lr!r}")
-    if not lr >= 0.0:
+        return lr
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a number or a schedule (callable step -> lr), got {lr!r}")
+    if invalid(float(lr)):
         raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    return float(lr)
 
 
 def sgd(
@@ -60,7 +69,7 @@ def sgd(
     """torch.optim.SGD: ``g += weight_decay * p``; momentum buffer ``b`` (first ``b = g``,
     then ``b = momentum * b + (1 - dampening) * g``); ``g = g + momentum * b`` (nesterov) or
     ``g = b``; ``p -= lr * g``. ``maximize`` negates the gradient first."""
-    _check_lr(lr)
+    lr = _lr(lr, lambda v: v < 0.0)  # torch.optim.SGD's check (a NaN lr passes it)
     if momentum < 0.0:
         raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
     if weight_decay < 0.0:
@@ -80,8 +89,7 @@ def sgd(
     )
 
 
-def _check_adam(lr, betas, eps, weight_decay) -> None:
-    _check_lr(lr)
+def _check_adam(betas, eps, weight_decay) -> None:
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
     if len(betas) != 2:
@@ -105,7 +113,8 @@ def adam(
 ) -> Transform:
     """torch.optim.Adam: L2 weight decay ``g += weight_decay * p`` (or AdamW's decoupled
     decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``."""
-    _check_adam(lr, betas, eps, weight_decay)
+    lr = _lr(lr, lambda v: not 0.0 <= v)  # torch.optim.Adam's check (rejects NaN)
+    _check_adam(betas, eps, weight_decay)
     b1, b2 = (float(b) for b in betas)
     adaptive = scale_by_adam(b1, b2, float(eps), amsgrad)
     if decoupled_weight_decay:

@@ -41,9 +41,11 @@ def linear(
         )
     if not 0.0 <= end_factor <= 1.0:
         raise ValueError(f"end_factor must be in [0, 1] as in torch's LinearLR, got {end_factor}")
-    if total_iters < 1:
-        raise ValueError(f"total_iters must be a positive integer, got {total_iters}")
+    if total_iters < 0:
+        raise ValueError(f"total_iters must be a non-negative integer, got {total_iters}")
     lr, s, e = float(lr), float(start_factor), float(end_factor)
+    if total_iters == 0:  # torch's LinearLR then holds start_factor * lr forever
+        return constant(lr * s)
 
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
         t = torch.clamp(_f64(count), max=total_iters)
@@ -59,5 +61,6 @@ def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 0.1) -> Sc
 
 
 def as_schedule(lr: float | Schedule) -> Schedule:
-    """A float becomes :func:`constant`; a callable is taken to be a schedule already."""
-    return lr if callable(lr) else constant(lr)
+    """A number (or one-element tensor) becomes :func:`constant`; a callable is taken to be a
+    schedule already (it may return a tensor or a number)."""
+    return lr if callable(lr) else constant(float(lr))

@@ -144,12 +144,15 @@ def scale_by_learning_rate(lr: float | Schedule) -> Transform:
     The current lr is kept in the state (float64) so loggers can read it on device."""
     schedule = as_schedule(lr)
 
+    def lr_at(count: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(schedule(count), dtype=torch.float64, device=count.device)
+
     def init(params):
         count = _count(params)
-        return ScaleByLearningRateState(count, schedule(count))
+        return ScaleByLearningRateState(count, lr_at(count))
 
     def update(g, state, params=None):
-        lr_t = schedule(state.count).to(state.lr.device)
+        lr_t = lr_at(state.count)
         out = tree_map(lambda gi: gi.mul(-lr_t), g)
         return out, ScaleByLearningRateState(state.count + 1, lr_t)
 
