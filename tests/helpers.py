@@ -114,8 +114,108 @@ def adam_kwargs(draw, weight_decay=None) -> dict:
     )
 
 
-TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-KWARGS = {"sgd": sgd_kwargs(), "adam": adam_kwargs(), "adamw": adam_kwargs()}
+def betas():
+    return st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999))
+
+
+def weight_decays():
+    return st.sampled_from([0.0, 1e-2, 0.1])
+
+
+@st.composite
+def rmsprop_kwargs(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-4, 0.05)),
+        alpha=draw(st.floats(0.5, 0.999)),
+        eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+        weight_decay=draw(weight_decays()),
+        momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
+        centered=draw(st.booleans()),
+        maximize=draw(st.booleans()),
+    )
+
+
+@st.composite
+def adagrad_kwargs(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-4, 0.3)),
+        lr_decay=draw(st.sampled_from([0.0, 1e-3, 0.1])),
+        weight_decay=draw(weight_decays()),
+        initial_accumulator_value=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        eps=draw(st.sampled_from([1e-10, 1e-6])),
+        maximize=draw(st.booleans()),
+    )
+
+
+@st.composite
+def adamax_kwargs(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-4, 0.05)),
+        betas=draw(betas()),
+        eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+        weight_decay=draw(weight_decays()),
+        maximize=draw(st.booleans()),
+    )
+
+
+@st.composite
+def nadam_kwargs(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-4, 0.05)),
+        betas=draw(betas()),
+        eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+        weight_decay=draw(weight_decays()),
+        momentum_decay=draw(st.sampled_from([0.0, 4e-3, 0.1])),
+        decoupled_weight_decay=draw(st.booleans()),
+        maximize=draw(st.booleans()),
+    )
+
+
+@st.composite
+def radam_kwargs(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-4, 0.05)),
+        betas=draw(betas()),
+        eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+        weight_decay=draw(weight_decays()),
+        decoupled_weight_decay=draw(st.booleans()),
+        maximize=draw(st.booleans()),
+    )
+
+
+@st.composite
+def adadelta_kwargs(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(0.1, 2.0)),
+        rho=draw(st.floats(0.5, 0.99)),
+        eps=draw(st.sampled_from([1e-6, 1e-4])),
+        weight_decay=draw(weight_decays()),
+        maximize=draw(st.booleans()),
+    )
+
+
+TORCH_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "adamax": torch.optim.Adamax,
+    "nadam": torch.optim.NAdam,
+    "radam": torch.optim.RAdam,
+    "adadelta": torch.optim.Adadelta,
+}
+KWARGS = {
+    "sgd": sgd_kwargs(),
+    "adam": adam_kwargs(),
+    "adamw": adam_kwargs(),
+    "rmsprop": rmsprop_kwargs(),
+    "adagrad": adagrad_kwargs(),
+    "adamax": adamax_kwargs(),
+    "nadam": nadam_kwargs(),
+    "radam": radam_kwargs(),
+    "adadelta": adadelta_kwargs(),
+}
 
 
 def imperative_run(model, batches, opt_name, kwargs, *, seed, clip_norm=None, scheduler=None):

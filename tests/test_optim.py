@@ -153,6 +153,16 @@ def test_clip_by_global_norm_matches_clip_grad_norm(max_norm, seed, dtype):
         (optim.adam, dict(weight_decay=-0.1), "Invalid weight_decay"),
         (optim.adamw, dict(betas=(0.9, 1.0)), "beta parameter at index 1"),
         (optim.adamw, dict(lr=float("nan")), "Invalid learning rate"),
+        (optim.rmsprop, dict(alpha=-0.1), "Invalid alpha"),
+        (optim.rmsprop, dict(momentum=-0.1), "Invalid momentum"),
+        (optim.rmsprop, dict(eps=-1.0), "Invalid epsilon"),
+        (optim.adagrad, dict(lr_decay=-0.1), "Invalid lr_decay"),
+        (optim.adagrad, dict(initial_accumulator_value=-1.0), "Invalid initial_accumulator"),
+        (optim.adamax, dict(betas=(0.9, 1.5)), "beta parameter at index 1"),
+        (optim.nadam, dict(momentum_decay=-1e-3), "Invalid momentum_decay"),
+        (optim.radam, dict(weight_decay=-0.1), "Invalid weight_decay"),
+        (optim.adadelta, dict(rho=1.1), "Invalid rho"),
+        (optim.adadelta, dict(lr=-1.0), "Invalid learning rate"),
     ],
 )
 def test_invalid_hyperparameters(factory, kwargs, match):

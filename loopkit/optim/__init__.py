@@ -6,31 +6,49 @@ building blocks and :mod:`loopkit.optim.schedules` for learning-rate schedules.
 """
 
 from loopkit.optim import schedules
-from loopkit.optim.aliases import adam, adamw, sgd
+from loopkit.optim.aliases import adadelta, adagrad, adam, adamax, adamw, nadam, radam, rmsprop, sgd
 from loopkit.optim.base import Transform, apply_updates, chain, identity
 from loopkit.optim.transforms import (
     add_decayed_weights,
     clip_by_global_norm,
     global_norm,
     negate,
+    scale_by_adadelta,
+    scale_by_adagrad,
     scale_by_adam,
+    scale_by_adamax,
     scale_by_learning_rate,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
     trace,
 )
 
 __all__ = [
     "Transform",
+    "adadelta",
+    "adagrad",
     "add_decayed_weights",
     "adam",
+    "adamax",
     "adamw",
     "apply_updates",
     "chain",
     "clip_by_global_norm",
     "global_norm",
     "identity",
+    "nadam",
     "negate",
+    "radam",
+    "rmsprop",
+    "scale_by_adadelta",
+    "scale_by_adagrad",
     "scale_by_adam",
+    "scale_by_adamax",
     "scale_by_learning_rate",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_rms",
     "schedules",
     "sgd",
     "trace",

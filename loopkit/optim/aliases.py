@@ -14,8 +14,14 @@ from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
     add_decayed_weights,
     negate,
+    scale_by_adadelta,
+    scale_by_adagrad,
     scale_by_adam,
+    scale_by_adamax,
     scale_by_learning_rate,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
     trace,
 )
 from loopkit.tree import check_same_keys, flatten_with_names
@@ -113,15 +119,34 @@ def adam(
 ) -> Transform:
     """torch.optim.Adam: L2 weight decay ``g += weight_decay * p`` (or AdamW's decoupled
     decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``."""
-    lr = _lr(lr, lambda v: not 0.0 <= v)  # torch.optim.Adam's check (rejects NaN)
+    lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
     b1, b2 = (float(b) for b in betas)
     adaptive = scale_by_adam(b1, b2, float(eps), amsgrad)
-    if decoupled_weight_decay:
-        core = [adaptive, add_decayed_weights(weight_decay)]
-    else:
-        core = [add_decayed_weights(weight_decay), adaptive]
+    return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize)
+
+
+def _adaptive(
+    direction: Transform,
+    lr: float | Schedule,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+) -> Transform:
+    """``[negate] -> L2 decay -> direction -> -lr``, or with decoupled decay (AdamW-style,
+    ``p -= lr * weight_decay * p``) ``[negate] -> direction -> decay -> -lr``."""
+    decay = add_decayed_weights(weight_decay)
+    core = [direction, decay] if decoupled else [decay, direction]
     return _checked(chain(*([negate()] if maximize else []), *core, scale_by_learning_rate(lr)))
+
+
+def _negative_or_nan(v: float) -> bool:  # the lr check of most torch.optim classes
+    return not 0.0 <= v
+
+
+def _check(name: str, value: float, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name} value: {value}")
 
 
 def adamw(
@@ -138,3 +163,116 @@ def adamw(
     return adam(
         lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True
     )
+
+
+def rmsprop(
+    lr: float | Schedule = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.RMSprop: ``g += weight_decay * p``; ``x = g / (sqrt(v) + eps)`` with
+    :func:`scale_by_rms`; with momentum ``b = momentum * b + x`` and ``p -= lr * b``,
+    otherwise ``p -= lr * x``."""
+    lr = _lr(lr, _negative_or_nan)
+    _check("epsilon", eps, 0.0 <= eps)
+    _check("momentum", momentum, 0.0 <= momentum)
+    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
+    _check("alpha", alpha, 0.0 <= alpha)
+    direction = scale_by_rms(float(alpha), float(eps), centered)
+    if momentum > 0:
+        direction = chain(direction, trace(float(momentum)))
+    return _adaptive(direction, lr, weight_decay, False, maximize)
+
+
+def adagrad(
+    lr: float | Schedule = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.Adagrad: ``g += weight_decay * p``; ``s += g^2``;
+    ``p -= lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)``. Dense gradients only."""
+    lr = _lr(lr, _negative_or_nan)
+    _check("lr_decay", lr_decay, 0.0 <= lr_decay)
+    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
+    _check("initial_accumulator_value", initial_accumulator_value, 0.0 <= initial_accumulator_value)
+    _check("epsilon", eps, 0.0 <= eps)
+    direction = scale_by_adagrad(float(lr_decay), float(initial_accumulator_value), float(eps))
+    return _adaptive(direction, lr, weight_decay, False, maximize)
+
+
+def adamax(
+    lr: float | Schedule = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.Adamax: ``g += weight_decay * p``, then :func:`scale_by_adamax`, ``-lr``."""
+    lr = _lr(lr, _negative_or_nan)
+    _check_adam(betas, eps, weight_decay)
+    direction = scale_by_adamax(float(betas[0]), float(betas[1]), float(eps))
+    return _adaptive(direction, lr, weight_decay, False, maximize)
+
+
+def nadam(
+    lr: float | Schedule = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.NAdam: weight decay (L2, or decoupled like AdamW), then
+    :func:`scale_by_nadam`, then ``-lr``."""
+    lr = _lr(lr, _negative_or_nan)
+    _check_adam(betas, eps, weight_decay)
+    _check("momentum_decay", momentum_decay, 0.0 <= momentum_decay)
+    direction = scale_by_nadam(float(betas[0]), float(betas[1]), float(eps), float(momentum_decay))
+    return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
+
+
+def radam(
+    lr: float | Schedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.RAdam: weight decay (L2, or decoupled like AdamW), then
+    :func:`scale_by_radam`, then ``-lr``."""
+    lr = _lr(lr, _negative_or_nan)
+    _check_adam(betas, eps, weight_decay)
+    direction = scale_by_radam(float(betas[0]), float(betas[1]), float(eps))
+    return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
+
+
+def adadelta(
+    lr: float | Schedule = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.Adadelta: ``g += weight_decay * p``, then :func:`scale_by_adadelta`,
+    then ``-lr``."""
+    lr = _lr(lr, _negative_or_nan)
+    _check("rho", rho, 0.0 <= rho <= 1.0)
+    _check("epsilon", eps, 0.0 <= eps)
+    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
+    direction = scale_by_adadelta(float(rho), float(eps))
+    return _adaptive(direction, lr, weight_decay, False, maximize)

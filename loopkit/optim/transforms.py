@@ -187,3 +187,219 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         return clip_by_global_norm_with_norm(g, float(max_norm))[0], state
 
     return Transform(lambda params: (), update)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps its scalar state in (float64 only under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class ScaleByRmsState(NamedTuple):
+    square_avg: PyTree
+    grad_avg: PyTree  # () unless centered
+
+
+def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False) -> Transform:
+    """RMSprop's direction, as torch.optim.RMSprop::
+
+    v = alpha v + (1 - alpha) g^2        mean = lerp(mean, g, 1 - alpha) if centered
+    out = g / (sqrt(v - mean^2 if centered else v) + eps)
+    """
+
+    def init(params):
+        return ScaleByRmsState(zeros_like_tree(params), zeros_like_tree(params) if centered else ())
+
+    def update(g, state, params=None):
+        square_avg = tree_map(
+            lambda v, gi: v.mul(alpha).addcmul(gi, gi, value=1 - alpha), state.square_avg, g
+        )
+        if centered:
+            grad_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - alpha), state.grad_avg, g)
+            avg = tree_map(lambda v, m: v.addcmul(m, m, value=-1).sqrt(), square_avg, grad_avg)
+        else:
+            grad_avg, avg = (), tree_map(torch.sqrt, square_avg)
+        out = tree_map(lambda gi, a: gi / (a + eps), g, avg)
+        return out, ScaleByRmsState(square_avg, grad_avg)
+
+    return Transform(init, update)
+
+
+class ScaleByAdagradState(NamedTuple):
+    count: torch.Tensor
+    sum: PyTree
+
+
+def scale_by_adagrad(
+    lr_decay: float = 0.0, initial_accumulator_value: float = 0.0, eps: float = 1e-10
+) -> Transform:
+    """Adagrad's direction, as torch.optim.Adagrad (t counts from 1)::
+
+    s = s + g^2        out = g / (sqrt(s) + eps) / (1 + (t - 1) lr_decay)
+    """
+
+    def init(params):
+        sums = tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
+        return ScaleByAdagradState(_count(params), sums)
+
+    def update(g, state, params=None):
+        count = state.count + 1
+        decay = 1 + (count.to(torch.float64) - 1) * lr_decay
+        sums = tree_map(lambda s, gi: s.addcmul(gi, gi, value=1), state.sum, g)
+        out = tree_map(lambda gi, s: gi / (s.sqrt() + eps) / decay, g, sums)
+        return out, ScaleByAdagradState(count, sums)
+
+    return Transform(init, update)
+
+
+class ScaleByAdamaxState(NamedTuple):
+    count: torch.Tensor
+    exp_avg: PyTree
+    exp_inf: PyTree
+
+
+def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+    """Adamax's direction, as torch.optim.Adamax (t counts from 1)::
+
+    m = lerp(m, g, 1 - b1)      u = max(b2 u, |g| + eps)      out = m / u / (1 - b1^t)
+    """
+
+    def init(params):
+        return ScaleByAdamaxState(_count(params), zeros_like_tree(params), zeros_like_tree(params))
+
+    def update(g, state, params=None):
+        count = state.count + 1
+        bias_correction = 1 - b1 ** count.to(torch.float64)
+        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        exp_inf = tree_map(lambda u, gi: torch.maximum(u * b2, gi.abs() + eps), state.exp_inf, g)
+        out = tree_map(lambda m, u: m / u / bias_correction, exp_avg, exp_inf)
+        return out, ScaleByAdamaxState(count, exp_avg, exp_inf)
+
+    return Transform(init, update)
+
+
+class ScaleByNadamState(NamedTuple):
+    count: torch.Tensor
+    mu_product: torch.Tensor
+    exp_avg: PyTree
+    exp_avg_sq: PyTree
+
+
+def scale_by_nadam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum_decay: float = 4e-3
+) -> Transform:
+    """NAdam's direction, as torch.optim.NAdam (t counts from 1)::
+
+        mu_t = b1 (1 - 0.96^(t psi) / 2)      P_t = prod_{i<=t} mu_i   (psi: momentum_decay)
+        m = lerp(m, g, 1 - b1)                v = b2 v + (1 - b2) g^2
+        d = sqrt(v / (1 - b2^t)) + eps
+        out = (1 - mu_t) / (1 - P_t) g / d + mu_{t+1} / (1 - P_t mu_{t+1}) m / d
+
+    ``P_t`` is kept in torch's scalar dtype (float32 unless the default dtype is float64),
+    as torch.optim does, because its rounding shows in the result.
+    """
+
+    def init(params):
+        count = _count(params)
+        mu_product = torch.ones((), dtype=_scalar_dtype(), device=count.device)
+        return ScaleByNadamState(
+            count, mu_product, zeros_like_tree(params), zeros_like_tree(params)
+        )
+
+    def update(g, state, params=None):
+        count = state.count + 1
+        t = count.to(torch.float64)
+        bias_correction2 = 1 - b2**t
+        mu = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+        mu_product = state.mu_product * mu.to(state.mu_product.dtype)
+        mu_product_next = mu_product.to(torch.float64) * mu_next
+        coef_grad = (1.0 - mu) / (1.0 - mu_product.to(torch.float64))
+        coef_avg = mu_next / (1.0 - mu_product_next)
+        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        exp_avg_sq = tree_map(
+            lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
+        )
+
+        def direction(gi, m, v):
+            denom = v.div(bias_correction2).sqrt() + eps
+            return gi / denom * coef_grad + m / denom * coef_avg
+
+        out = tree_map(direction, g, exp_avg, exp_avg_sq)
+        return out, ScaleByNadamState(count, mu_product, exp_avg, exp_avg_sq)
+
+    return Transform(init, update)
+
+
+def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+    """RAdam's direction, as torch.optim.RAdam (t counts from 1)::
+
+    m, v as Adam          rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
+    out = m / (1 - b1^t) * r_t * sqrt(1 - b2^t) / (sqrt(v) + eps)   if rho_t > 5
+        = m / (1 - b1^t)                                             otherwise
+    r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+    """
+
+    def init(params):
+        return ScaleByAdamState(
+            _count(params), zeros_like_tree(params), zeros_like_tree(params), ()
+        )
+
+    def update(g, state, params=None):
+        count = state.count + 1
+        t = count.to(torch.float64)
+        bias_correction1 = 1 - b1**t
+        bias_correction2 = 1 - b2**t
+        rho_inf = 2 / (1 - b2) - 1
+        rho_t = rho_inf - 2 * t * (b2**t) / bias_correction2
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ).sqrt()
+        rectify = rho_t > 5.0
+        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        exp_avg_sq = tree_map(
+            lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
+        )
+
+        def direction(m, v):
+            corrected = m / bias_correction1
+            adaptive = bias_correction2.sqrt() / (v.sqrt() + eps)
+            return torch.where(rectify, corrected * adaptive * rect, corrected)
+
+        out = tree_map(direction, exp_avg, exp_avg_sq)
+        return out, ScaleByAdamState(count, exp_avg, exp_avg_sq, ())
+
+    return Transform(init, update)
+
+
+class ScaleByAdadeltaState(NamedTuple):
+    square_avg: PyTree
+    acc_delta: PyTree
+
+
+def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
+    """Adadelta's direction, as torch.optim.Adadelta::
+
+    v = rho v + (1 - rho) g^2      d = sqrt(a + eps) / sqrt(v + eps) * g
+    a = rho a + (1 - rho) d^2      out = d
+    """
+
+    def init(params):
+        return ScaleByAdadeltaState(zeros_like_tree(params), zeros_like_tree(params))
+
+    def update(g, state, params=None):
+        square_avg = tree_map(
+            lambda v, gi: v.mul(rho).addcmul(gi, gi, value=1 - rho), state.square_avg, g
+        )
+        delta = tree_map(
+            lambda a, v, gi: (a + eps).sqrt() / (v + eps).sqrt() * gi,
+            state.acc_delta,
+            square_avg,
+            g,
+        )
+        acc_delta = tree_map(
+            lambda a, d: a.mul(rho).addcmul(d, d, value=1 - rho), state.acc_delta, delta
+        )
+        return delta, ScaleByAdadeltaState(square_avg, acc_delta)
+
+    return Transform(init, update)
