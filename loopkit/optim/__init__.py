@@ -6,10 +6,23 @@ building blocks and :mod:`loopkit.optim.schedules` for learning-rate schedules.
 """
 
 from loopkit.optim import schedules
-from loopkit.optim.aliases import adadelta, adagrad, adam, adamax, adamw, nadam, radam, rmsprop, sgd
+from loopkit.optim.aliases import (
+    adadelta,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    asgd,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
+)
 from loopkit.optim.base import Transform, apply_updates, chain, identity
 from loopkit.optim.transforms import (
     add_decayed_weights,
+    asgd_update,
     clip_by_global_norm,
     global_norm,
     negate,
@@ -21,6 +34,7 @@ from loopkit.optim.transforms import (
     scale_by_nadam,
     scale_by_radam,
     scale_by_rms,
+    scale_by_rprop,
     trace,
 )
 
@@ -32,6 +46,8 @@ __all__ = [
     "adam",
     "adamax",
     "adamw",
+    "asgd",
+    "asgd_update",
     "apply_updates",
     "chain",
     "clip_by_global_norm",
@@ -41,6 +57,7 @@ __all__ = [
     "negate",
     "radam",
     "rmsprop",
+    "rprop",
     "scale_by_adadelta",
     "scale_by_adagrad",
     "scale_by_adam",
@@ -49,6 +66,7 @@ __all__ = [
     "scale_by_nadam",
     "scale_by_radam",
     "scale_by_rms",
+    "scale_by_rprop",
     "schedules",
     "sgd",
     "trace",

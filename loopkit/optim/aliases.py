@@ -13,6 +13,7 @@ from loopkit.optim.base import Transform, chain
 from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
     add_decayed_weights,
+    asgd_update,
     negate,
     scale_by_adadelta,
     scale_by_adagrad,
@@ -22,6 +23,7 @@ from loopkit.optim.transforms import (
     scale_by_nadam,
     scale_by_radam,
     scale_by_rms,
+    scale_by_rprop,
     trace,
 )
 from loopkit.tree import check_same_keys, flatten_with_names
@@ -276,3 +278,40 @@ def adadelta(
     _check("weight_decay", weight_decay, 0.0 <= weight_decay)
     direction = scale_by_adadelta(float(rho), float(eps))
     return _adaptive(direction, lr, weight_decay, False, maximize)
+
+
+def rprop(
+    lr: float | Schedule = 1e-2,
+    etas: tuple[float, float] = (0.5, 1.2),
+    step_sizes: tuple[float, float] = (1e-6, 50),
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.Rprop: sign-based steps whose sizes (starting at ``lr``) grow by
+    ``etas[1]`` while the gradient keeps its sign and shrink by ``etas[0]`` when it flips
+    (:func:`scale_by_rprop`). As in torch, a schedule only sets the initial step size."""
+    lr = _lr(lr, _negative_or_nan)
+    if not 0.0 < etas[0] < 1.0 < etas[1]:
+        raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+    first = float(lr(torch.tensor(0))) if callable(lr) else lr
+    core = scale_by_rprop(first, (float(etas[0]), float(etas[1])), tuple(map(float, step_sizes)))
+    return _checked(chain(*([negate()] if maximize else []), core))
+
+
+def asgd(
+    lr: float | Schedule = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.ASGD: ``g += weight_decay * p``, then :func:`asgd_update` (SGD with a
+    decaying step ``eta`` and a running average of the params in ``opt_state[-1].ax``)."""
+    lr = _lr(lr, _negative_or_nan)
+    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
+    core = asgd_update(lr, float(lambd), float(alpha), float(t0))
+    return _checked(
+        chain(*([negate()] if maximize else []), add_decayed_weights(weight_decay), core)
+    )

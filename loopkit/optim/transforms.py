@@ -403,3 +403,97 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
         return delta, ScaleByAdadeltaState(square_avg, acc_delta)
 
     return Transform(init, update)
+
+
+class ScaleByRpropState(NamedTuple):
+    prev: PyTree
+    step_size: PyTree
+
+
+def scale_by_rprop(
+    lr: float = 1e-2,
+    etas: tuple[float, float] = (0.5, 1.2),
+    step_sizes: tuple[float, float] = (1e-6, 50.0),
+) -> Transform:
+    """Rprop's update (already signed and scaled), as torch.optim.Rprop::
+
+        s = sign(g * g_prev);  f = eta+ if s > 0, eta- if s < 0, else 1
+        step = clamp(step * f, *step_sizes);  g = 0 where s < 0
+        out = -sign(g) * step;  g_prev = g
+
+    Step sizes start at ``lr``; as in torch, the lr is not used after that.
+    """
+    eta_minus, eta_plus = etas
+    lo, hi = step_sizes
+
+    def init(params):
+        return ScaleByRpropState(
+            zeros_like_tree(params), tree_map(lambda p: torch.full_like(p, lr), params)
+        )
+
+    def update(g, state, params=None):
+        sign = tree_map(lambda gi, prev: gi.mul(prev).sign(), g, state.prev)
+        factor = tree_map(
+            lambda s: (
+                torch.ones_like(s).masked_fill(s.gt(0), eta_plus).masked_fill(s.lt(0), eta_minus)
+            ),
+            sign,
+        )
+        step_size = tree_map(lambda st, f: (st * f).clamp(lo, hi), state.step_size, factor)
+        g = tree_map(lambda gi, s: gi.masked_fill(s.lt(0), 0), g, sign)
+        out = tree_map(lambda gi, st: -(gi.sign() * st), g, step_size)
+        return out, ScaleByRpropState(g, step_size)
+
+    return Transform(init, update)
+
+
+class AsgdState(NamedTuple):
+    count: torch.Tensor
+    eta: torch.Tensor
+    mu: torch.Tensor
+    ax: PyTree  # the running average of the params: ASGD's result
+
+
+def asgd_update(
+    lr: float | Schedule = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6
+) -> Transform:
+    """Averaged SGD's update, as torch.optim.ASGD (t counts from 1)::
+
+        p' = p (1 - lambd eta) - eta g        out = p' - p
+        ax = ax + mu (p' - ax)  (ax = p' while mu = 1)
+        eta = lr_t / (1 + lambd lr_t t)^alpha      mu = 1 / max(1, t - t0)
+
+    ``eta`` and ``mu`` are kept in torch's scalar dtype (float32 unless the default dtype
+    is float64), as torch.optim does. The averaged params are ``state.ax``.
+    """
+    schedule = as_schedule(lr)
+
+    def init(params):
+        count = _count(params)
+        first_lr = torch.as_tensor(schedule(count), dtype=torch.float64)
+        dtype = _scalar_dtype()
+        return AsgdState(
+            count,
+            first_lr.to(dtype=dtype, device=count.device),
+            torch.ones((), dtype=dtype, device=count.device),
+            zeros_like_tree(params),
+        )
+
+    def update(g, state, params=None):
+        params = _need_params(params, "asgd")
+        count = state.count + 1
+        t = count.to(torch.float64)
+        eta = state.eta.to(torch.float64)
+        new = tree_map(lambda p, gi: p * (1 - lambd * eta) + gi * -eta, params, g)
+        averaging = state.mu != 1
+        ax = tree_map(
+            lambda a, pn: torch.where(averaging, a + (pn - a) * state.mu, pn), state.ax, new
+        )
+        lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
+        next_eta = lr_t / (1 + lambd * lr_t * t) ** alpha
+        next_mu = 1 / torch.clamp(t - t0, min=1)
+        out = tree_map(lambda pn, p: pn - p, new, params)
+        dtype = state.eta.dtype
+        return out, AsgdState(count, next_eta.to(dtype), next_mu.to(dtype), ax)
+
+    return Transform(init, update)
