@@ -178,6 +178,17 @@ def clip_by_global_norm_with_norm(tree: PyTree, max_norm: float) -> tuple[PyTree
     return tree_map(lambda x: x.mul(coef.to(x.device)), tree), total
 
 
+def clip_by_value(clip_value: float) -> Transform:
+    """``g <- clamp(g, -clip_value, clip_value)``, as torch.nn.utils.clip_grad_value_."""
+    if not clip_value >= 0:
+        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+
+    def update(g, state, params=None):
+        return tree_map(lambda x: x.clamp(-clip_value, clip_value), g), state
+
+    return Transform(lambda params: (), update)
+
+
 def clip_by_global_norm(max_norm: float) -> Transform:
     """The transform form of :func:`clip_by_global_norm_with_norm`."""
     if not max_norm > 0:
