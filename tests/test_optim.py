@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import loopkit as lk
 from loopkit import optim
 from tests.helpers import KWARGS, TORCH_OPTIMIZERS
 
@@ -218,3 +219,39 @@ def test_chain_composes_in_order():
     torch.testing.assert_close(updates["w"], torch.tensor([-0.3, -0.4]), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="chain of 2 transforms got a state of length 1"):
         tx.update({"w": torch.ones(2)}, ((),), params)
+
+
+def test_a_number_lr_lives_in_the_state_and_can_be_changed():
+    params = {"w": torch.zeros(2)}
+    tx = optim.chain(optim.multi_transform(
+        {"a": optim.sgd(lr=0.5), "b": optim.adam(lr=0.1)}, lambda n, p: "a"
+    ))  # fmt: skip
+    state = tx.init(params)
+    assert [float(x) for x in optim.learning_rates(state)] == [0.5, 0.1]
+    state = optim.set_learning_rate(state, lambda lr: lr * 0.1)
+    assert [float(x) for x in optim.learning_rates(state)] == pytest.approx([0.05, 0.01])
+    updates, state = tx.update({"w": torch.ones(2)}, state, params)
+    torch.testing.assert_close(updates["w"], torch.full((2,), -0.05))
+    with pytest.raises(ValueError, match="holds no learning rate"):
+        optim.set_learning_rate(optim.identity().init(params), 0.1)
+
+
+def test_changing_the_lr_does_not_recompile():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = torch.nn.Linear(3, 2)
+    opt = optim.adamw(lr=1e-2)
+    counter = CompileCounter()
+    step = lk.train_step(model, lambda net, b: net(b).pow(2).mean(), opt, compile=True,
+                         backend=counter)  # fmt: skip
+    state = lk.TrainState.create(model, opt)
+    state, _ = step(state, torch.randn(4, 3))
+    for lr in (1e-3, 5e-4, 0.0):
+        state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, lr))
+        before = state.params
+        state, _ = step(state, torch.randn(4, 3))
+    assert counter.frame_count == 1
+    # lr = 0: AdamW's step (decay and direction both scale with lr) leaves params unchanged
+    for k in before:
+        assert torch.equal(state.params[k], before[k])

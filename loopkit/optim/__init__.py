@@ -20,6 +20,7 @@ from loopkit.optim.aliases import (
     sgd,
 )
 from loopkit.optim.base import Transform, apply_updates, chain, identity
+from loopkit.optim.hyperparams import learning_rates, set_learning_rate
 from loopkit.optim.transforms import (
     add_decayed_weights,
     asgd_update,
@@ -69,6 +70,7 @@ __all__ = [
     "freeze",
     "global_norm",
     "identity",
+    "learning_rates",
     "masked",
     "multi_transform",
     "nadam",
@@ -86,6 +88,7 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rprop",
     "schedules",
+    "set_learning_rate",
     "set_to_zero",
     "sgd",
     "swa",

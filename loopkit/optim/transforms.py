@@ -139,9 +139,14 @@ class ScaleByLearningRateState(NamedTuple):
 
 
 def scale_by_learning_rate(lr: float | Schedule) -> Transform:
-    """``g <- -lr_t * g`` with ``lr_t = schedule(t)``, t the number of updates made so far.
+    """``g <- -lr_t * g``: ``lr_t = schedule(t)`` for a schedule (t: updates made so far), or
+    for a number the lr held in the state.
 
-    The current lr is kept in the state (float64) so loggers can read it on device."""
+    The state keeps the current lr as a float64 tensor, so loggers can read it on device.
+    With a number, that tensor *is* the lr: replace it (:func:`loopkit.optim.set_learning_rate`)
+    to change the lr, e.g. on a plateau; a compiled step takes the new value without
+    recompiling."""
+    constant = not callable(lr)
     schedule = as_schedule(lr)
 
     def lr_at(count: torch.Tensor) -> torch.Tensor:
@@ -152,7 +157,7 @@ def scale_by_learning_rate(lr: float | Schedule) -> Transform:
         return ScaleByLearningRateState(count, lr_at(count))
 
     def update(g, state, params=None):
-        lr_t = lr_at(state.count)
+        lr_t = state.lr if constant else lr_at(state.count)
         out = tree_map(lambda gi: gi.mul(-lr_t), g)
         return out, ScaleByLearningRateState(state.count + 1, lr_t)
 
