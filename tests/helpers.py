@@ -283,3 +283,19 @@ def assert_state_matches(state, model, rtol, atol):
         torch.testing.assert_close(
             got, want.detach(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+@st.composite
+def adafactor_kwargs(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-3, 0.1)),
+        beta2_decay=draw(st.sampled_from([-0.8, -0.5, -1.0])),
+        eps=(draw(st.sampled_from([None, 1e-30, 1e-6])), draw(st.sampled_from([1e-3, 1e-2]))),
+        d=draw(st.sampled_from([1.0, 2.0])),
+        weight_decay=draw(weight_decays()),
+        maximize=draw(st.booleans()),
+    )
+
+
+TORCH_OPTIMIZERS["adafactor"] = torch.optim.Adafactor
+KWARGS["adafactor"] = adafactor_kwargs()

@@ -1,7 +1,10 @@
 """Functional optimizers against torch.optim on random params and gradients."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -255,3 +258,67 @@ def test_changing_the_lr_does_not_recompile():
     # lr = 0: AdamW's step (decay and direction both scale with lr) leaves params unchanged
     for k in before:
         assert torch.equal(state.params[k], before[k])
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=3),
+    steps=st.integers(1, 4),
+    lr=st.floats(1e-4, 0.05),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    momentum=st.floats(0.0, 0.99),
+    nesterov=st.booleans(),
+    adjust_lr_fn=st.sampled_from([None, "original", "match_rms_adamw"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_muon_matches_torch(seed, shapes, steps, lr, weight_decay, momentum, nesterov,
+                            adjust_lr_fn, dtype):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    params = {f"w{i}": torch.randn(s, generator=g, dtype=dtype) for i, s in enumerate(shapes)}
+    grads = [
+        {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()}
+        for _ in range(steps)
+    ]
+    kwargs = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                  adjust_lr_fn=adjust_lr_fn)  # fmt: skip
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Muon(ps.values(), **kwargs)
+    for gs in grads:
+        for k, p in ps.items():
+            p.grad = gs[k].clone()
+        opt.step()
+    got, _ = loopkit_run(params, grads, optim.muon(**kwargs))
+    for k in ps:
+        torch.testing.assert_close(got[k], ps[k].detach(), **TOL[dtype])
+
+
+def test_muon_with_adamw_for_the_rest_matches_torch():
+    """The usual setup: Muon on weight matrices, AdamW on biases, as two torch optimizers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    opt = optim.multi_transform(
+        {"muon": optim.muon(lr=0.02), "adamw": optim.adamw(lr=1e-3)},
+        lambda name, p: "muon" if p.ndim == 2 else "adamw",
+    )
+    state = lk.TrainState.create(model, opt)
+    step = lk.train_step(model, lambda net, b: F.cross_entropy(net(b[0]), b[1]), opt)
+    for b in batches:
+        state, _ = step(state, b)
+    ref = copy.deepcopy(model)
+    matrices = [p for p in ref.parameters() if p.ndim == 2]
+    others = [p for p in ref.parameters() if p.ndim != 2]
+    opts = [torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(others, lr=1e-3)]
+    for x, y in batches:
+        for o in opts:
+            o.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        for o in opts:
+            o.step()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_muon_rejects_non_matrices_with_a_fix():
+    with pytest.raises(ValueError, match=r"2D parameters.*\['b'\].*multi_transform"):
+        optim.muon().init({"w": torch.zeros(3, 3), "b": torch.zeros(3)})

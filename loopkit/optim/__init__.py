@@ -8,11 +8,13 @@ building blocks and :mod:`loopkit.optim.schedules` for learning-rate schedules.
 from loopkit.optim import schedules
 from loopkit.optim.aliases import (
     adadelta,
+    adafactor,
     adagrad,
     adam,
     adamax,
     adamw,
     asgd,
+    muon,
     nadam,
     radam,
     rmsprop,
@@ -22,6 +24,7 @@ from loopkit.optim.aliases import (
 from loopkit.optim.base import Transform, apply_updates, chain, identity
 from loopkit.optim.hyperparams import learning_rates, set_learning_rate
 from loopkit.optim.transforms import (
+    adafactor_update,
     add_decayed_weights,
     asgd_update,
     clip_by_global_norm,
@@ -33,6 +36,7 @@ from loopkit.optim.transforms import (
     scale_by_adam,
     scale_by_adamax,
     scale_by_learning_rate,
+    scale_by_muon,
     scale_by_nadam,
     scale_by_radam,
     scale_by_rms,
@@ -54,6 +58,8 @@ __all__ = [
     "Transform",
     "accumulate",
     "adadelta",
+    "adafactor",
+    "adafactor_update",
     "adagrad",
     "adam",
     "adamax",
@@ -73,6 +79,7 @@ __all__ = [
     "learning_rates",
     "masked",
     "multi_transform",
+    "muon",
     "nadam",
     "negate",
     "radam",
@@ -83,6 +90,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_learning_rate",
+    "scale_by_muon",
     "scale_by_nadam",
     "scale_by_radam",
     "scale_by_rms",

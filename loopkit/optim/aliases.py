@@ -12,6 +12,7 @@ import torch
 from loopkit.optim.base import Transform, chain
 from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
+    adafactor_update,
     add_decayed_weights,
     asgd_update,
     negate,
@@ -20,6 +21,7 @@ from loopkit.optim.transforms import (
     scale_by_adam,
     scale_by_adamax,
     scale_by_learning_rate,
+    scale_by_muon,
     scale_by_nadam,
     scale_by_radam,
     scale_by_rms,
@@ -315,3 +317,48 @@ def asgd(
     return _checked(
         chain(*([negate()] if maximize else []), add_decayed_weights(weight_decay), core)
     )
+
+
+def adafactor(
+    lr: float | Schedule = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """torch.optim.Adafactor: factored second moments for 2+-dim params, relative step
+    sizes and update clipping (:func:`adafactor_update`). Params must be a dict."""
+    lr = _lr(lr, _negative_or_nan)
+    _check("beta2_decay", beta2_decay, beta2_decay <= 0.0)
+    if eps[0] is not None:
+        _check("epsilon1", eps[0], 0.0 <= eps[0])
+    _check("epsilon2", eps[1], 0.0 <= eps[1])
+    _check("clipping threshold d", d, 1.0 <= d)
+    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
+    core = adafactor_update(lr, float(beta2_decay), eps, float(d), float(weight_decay))
+    return _checked(chain(*([negate()] if maximize else []), core))
+
+
+def muon(
+    lr: float | Schedule = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    adjust_lr_fn: str | None = None,
+) -> Transform:
+    """torch.optim.Muon, for 2-D params: :func:`scale_by_muon` (momentum, Newton-Schulz
+    orthogonalisation in bfloat16, shape-dependent lr ratio), decoupled weight decay
+    ``p -= lr * weight_decay * p``, then ``-lr``. Give other params another optimizer with
+    :func:`~loopkit.optim.multi_transform`."""
+    lr = _lr(lr, _negative_or_nan)
+    _check("momentum", momentum, 0.0 <= momentum)
+    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
+    direction = scale_by_muon(
+        float(momentum), nesterov, tuple(ns_coefficients), float(eps), int(ns_steps), adjust_lr_fn
+    )
+    return _adaptive(direction, lr, weight_decay, True, False)

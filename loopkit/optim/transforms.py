@@ -18,7 +18,7 @@ import torch
 
 from loopkit.optim.base import Transform, zeros_like_tree
 from loopkit.optim.schedules import Schedule, as_schedule
-from loopkit.tree import PyTree, check_same_keys, tree_leaves, tree_map
+from loopkit.tree import PyTree, check_same_keys, flatten_with_names, tree_leaves, tree_map
 
 
 def _count(params: PyTree) -> torch.Tensor:
@@ -511,5 +511,158 @@ def asgd_update(
         out = tree_map(lambda pn, p: pn - p, new, params)
         dtype = state.eta.dtype
         return out, AsgdState(count, next_eta.to(dtype), next_mu.to(dtype), ax)
+
+    return Transform(init, update)
+
+
+class AdafactorState(NamedTuple):
+    count: torch.Tensor
+    row_var: dict  # for params with 2+ dims: the row and column factors of the variance
+    col_var: dict
+    variance: dict  # for the others: the full variance
+
+
+def adafactor_update(
+    lr: float | Schedule = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """Adafactor's update (lr, decay and clipping included), as torch.optim.Adafactor::
+
+        w_t = t^beta2_decay      rho_t = min(lr, 1 / sqrt(t))
+        alpha = max(eps2, rms(p)) * rho_t
+        2+ dims: R = lerp(R, mean_last(g^2), w_t), C = lerp(C, mean_penultimate(g^2), w_t),
+                 v = R C / clamp(mean(R), eps1)          else: v = lerp(v, g^2, w_t)
+        u = g / sqrt(clamp(v, eps1^2))      u /= max(1, rms(u) / d)
+        p' = p (1 - lr weight_decay) - alpha u           out = p' - p
+
+    ``eps1`` defaults to the machine epsilon of each param's dtype. Params must be a dict.
+    """
+    schedule = as_schedule(lr)
+    eps1, eps2 = eps
+
+    def init(params):
+        if not isinstance(params, dict):
+            raise TypeError("adafactor needs params as a dict {name: tensor}")
+
+        def factor(p: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(p.shape)
+            shape[dim] = 1
+            return p.new_zeros(shape)
+
+        return AdafactorState(
+            _count(params),
+            {k: factor(p, -1) for k, p in params.items() if p.dim() > 1},
+            {k: factor(p, -2) for k, p in params.items() if p.dim() > 1},
+            {k: torch.zeros_like(p) for k, p in params.items() if p.dim() <= 1},
+        )
+
+    def update(g, state, params=None):
+        params = _need_params(params, "adafactor")
+        check_same_keys(g, params, "grads", "params")
+        count = state.count + 1
+        t = count.to(torch.float64)
+        lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
+        w = t**beta2_decay
+        rho = torch.minimum(lr_t, 1 / t.sqrt())
+        row_var, col_var, variance, out = {}, {}, {}, {}
+        for k, gi in g.items():
+            p = params[k]
+            e1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
+            wk = w.to(gi.dtype)
+            if gi.dim() > 1:
+                row_mean = torch.linalg.vector_norm(gi, dim=-1, keepdim=True).square() / gi.size(-1)
+                col_mean = torch.linalg.vector_norm(gi, dim=-2, keepdim=True).square() / gi.size(-2)
+                row_var[k] = torch.lerp(state.row_var[k], row_mean, wk)
+                col_var[k] = torch.lerp(state.col_var[k], col_mean, wk)
+                v = (row_var[k] @ col_var[k]) / row_var[k].mean(dim=-2, keepdim=True).clamp(min=e1)
+            else:
+                variance[k] = torch.lerp(state.variance[k], gi * gi, wk)
+                v = variance[k]
+            u = v.clamp(min=e1 * e1).rsqrt() * gi
+            numel_sqrt = p.numel() ** 0.5
+            alpha = torch.clamp(p.norm(2).to(torch.float64) / numel_sqrt, min=eps2) * rho
+            denom = torch.clamp(u.norm(2).to(torch.float64) / (numel_sqrt * d), min=1.0)
+            new_p = p * (1 - lr_t * weight_decay) + u * (-alpha / denom)
+            out[k] = new_p - p
+        return out, AdafactorState(count, row_var, col_var, variance)
+
+    return Transform(init, update)
+
+
+def _newton_schulz(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+):
+    """Muon's quintic Newton-Schulz orthogonalisation, in bfloat16 as torch.optim.Muon does:
+    ``X = G / ||G||``; ``steps`` times ``A = X X^T``, ``X = a X + (b A + c A^2) X``."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, gram_update, x, beta=a)
+    return x.T if tall else x
+
+
+class ScaleByMuonState(NamedTuple):
+    momentum_buffer: PyTree
+
+
+def scale_by_muon(
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    adjust_lr_fn: str | None = None,
+) -> Transform:
+    """Muon's direction for 2-D params, as torch.optim.Muon::
+
+    b = lerp(b, g, 1 - momentum)      x = lerp(g, b, momentum) if nesterov else b
+    out = ratio * NewtonSchulz(x)     ratio = sqrt(max(1, A / B)) ("original")
+                                            or 0.2 sqrt(max(A, B)) ("match_rms_adamw")
+    """
+    if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+        raise ValueError(
+            f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}"
+        )
+    if ns_steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(ns_coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+
+    def ratio(shape: torch.Size) -> float:
+        rows, cols = shape[:2]
+        if adjust_lr_fn == "match_rms_adamw":
+            return 0.2 * max(rows, cols) ** 0.5
+        return max(1, rows / cols) ** 0.5
+
+    def init(params):
+        for path, p in flatten_with_names(params)[0].items():
+            if p.ndim != 2:
+                raise ValueError(
+                    f"Muon only supports 2D parameters whereas {path} has size {list(p.shape)}: "
+                    "give the others another optimizer, e.g. optim.multi_transform("
+                    "{'muon': optim.muon(), 'adamw': optim.adamw()}, lambda n, p: "
+                    "'muon' if p.ndim == 2 else 'adamw')"
+                )
+        return ScaleByMuonState(zeros_like_tree(params))
+
+    def update(g, state, params=None):
+        buf = tree_map(lambda b, gi: torch.lerp(b, gi, 1 - momentum), state.momentum_buffer, g)
+        x = tree_map(lambda gi, b: torch.lerp(gi, b, momentum), g, buf) if nesterov else buf
+        out = tree_map(
+            lambda xi: (
+                _newton_schulz(xi, ns_coefficients, ns_steps, eps).to(xi.dtype) * ratio(xi.shape)
+            ),
+            x,
+        )
+        return out, ScaleByMuonState(buf)
 
     return Transform(init, update)
