@@ -123,18 +123,19 @@ def test_constant_schedule_and_warmup():
 
 @given(
     max_norm=st.floats(1e-3, 10.0),
+    norm_type=st.sampled_from([2.0, 1.0, 3.0, float("inf")]),
     seed=st.integers(0, 2**16),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
-def test_clip_by_global_norm_matches_clip_grad_norm(max_norm, seed, dtype):
+def test_clip_by_global_norm_matches_clip_grad_norm(max_norm, norm_type, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     grads = {f"g{i}": torch.randn(i + 1, 3, generator=g, dtype=dtype) for i in range(4)}
     ps = [torch.zeros_like(v, requires_grad=True) for v in grads.values()]
     for p, v in zip(ps, grads.values(), strict=True):
         p.grad = v.clone()
-    norm = torch.nn.utils.clip_grad_norm_(ps, max_norm)
-    clipped, _ = optim.clip_by_global_norm(max_norm).update(grads, (), None)
-    torch.testing.assert_close(optim.global_norm(grads), norm, rtol=0, atol=0)
+    norm = torch.nn.utils.clip_grad_norm_(ps, max_norm, norm_type)
+    clipped, _ = optim.clip_by_global_norm(max_norm, norm_type).update(grads, (), None)
+    torch.testing.assert_close(optim.global_norm(grads, norm_type), norm, rtol=0, atol=0)
     for p, k in zip(ps, grads, strict=True):
         torch.testing.assert_close(clipped[k], p.grad, rtol=0, atol=0)
 
@@ -322,3 +323,14 @@ def test_muon_with_adamw_for_the_rest_matches_torch():
 def test_muon_rejects_non_matrices_with_a_fix():
     with pytest.raises(ValueError, match=r"2D parameters.*\['b'\].*multi_transform"):
         optim.muon().init({"w": torch.zeros(3, 3), "b": torch.zeros(3)})
+
+
+def test_clip_error_if_nonfinite():
+    grads = {"a": torch.tensor([1.0, float("inf")])}
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = grads["a"].clone()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite, so it cannot be clipped"):
+        optim.clip_by_global_norm(1.0, error_if_nonfinite=True).update(grads, (), None)
+    optim.clip_by_global_norm(1.0).update(grads, (), None)  # off by default, as in torch

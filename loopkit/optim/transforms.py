@@ -164,21 +164,34 @@ def scale_by_learning_rate(lr: float | Schedule) -> Transform:
     return Transform(init, update)
 
 
-def global_norm(tree: PyTree) -> torch.Tensor:
-    """``sqrt(sum_i ||g_i||^2)`` computed as torch.nn.utils.get_total_norm: the 2-norm of the
-    stacked per-tensor 2-norms, on the first leaf's device."""
+def global_norm(tree: PyTree, norm_type: float = 2.0) -> torch.Tensor:
+    """The p-norm of all leaves as one vector, computed as torch.nn.utils.get_total_norm:
+    the ``norm_type``-norm of the stacked per-tensor norms, on the first leaf's device."""
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.tensor(0.0)
     device = leaves[0].device
-    norms = [torch.linalg.vector_norm(x, 2.0).to(device) for x in leaves]
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    norms = [torch.linalg.vector_norm(x, norm_type).to(device) for x in leaves]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
-def clip_by_global_norm_with_norm(tree: PyTree, max_norm: float) -> tuple[PyTree, torch.Tensor]:
+def clip_by_global_norm_with_norm(
+    tree: PyTree, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> tuple[PyTree, torch.Tensor]:
     """``g <- g * min(1, max_norm / (||g|| + 1e-6))``, exactly torch.nn.utils.clip_grad_norm_;
-    returns the clipped tree and the norm before clipping."""
-    total = global_norm(tree)
+    returns the clipped tree and the norm before clipping.
+
+    ``error_if_nonfinite`` raises, as torch does, when the norm is inf or NaN, without a
+    host sync: it is a ``torch._assert_async``, which on CPU raises at once (eager and
+    compiled) and on CUDA is a device-side assertion that ends the process."""
+    total = global_norm(tree, norm_type)
+    if error_if_nonfinite:
+        torch._assert_async(
+            torch.isfinite(total),
+            f"The total norm of order {norm_type} for gradients is non-finite, so it cannot "
+            "be clipped. To disable this error and scale the gradients by the non-finite norm "
+            "anyway, set error_if_nonfinite=False",
+        )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return tree_map(lambda x: x.mul(coef.to(x.device)), tree), total
 
@@ -194,13 +207,18 @@ def clip_by_value(clip_value: float) -> Transform:
     return Transform(lambda params: (), update)
 
 
-def clip_by_global_norm(max_norm: float) -> Transform:
+def clip_by_global_norm(
+    max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> Transform:
     """The transform form of :func:`clip_by_global_norm_with_norm`."""
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
 
     def update(g, state, params=None):
-        return clip_by_global_norm_with_norm(g, float(max_norm))[0], state
+        clipped, _ = clip_by_global_norm_with_norm(
+            g, float(max_norm), float(norm_type), error_if_nonfinite
+        )
+        return clipped, state
 
     return Transform(lambda params: (), update)
 
