@@ -334,3 +334,39 @@ def test_clip_error_if_nonfinite():
     with pytest.raises(RuntimeError, match="non-finite, so it cannot be clipped"):
         optim.clip_by_global_norm(1.0, error_if_nonfinite=True).update(grads, (), None)
     optim.clip_by_global_norm(1.0).update(grads, (), None)  # off by default, as in torch
+
+
+def _cycle(t):
+    """A momentum/beta1 schedule with torch-friendly ops: 0.85 <-> 0.95 every 3 updates."""
+    return 0.9 + 0.05 * torch.cos(torch.as_tensor(t, dtype=torch.float64) * torch.pi / 3)
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd_nesterov", "adam", "adamw"])
+def test_scheduled_momentum_matches_torch_param_group_changes(name):
+    """What CyclicLR/OneCycleLR do to torch: set the group's momentum (SGD) or betas[0]
+    (Adam) before each step. A schedule in place of the number does the same here."""
+    params = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
+    g = torch.Generator().manual_seed(0)
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+             for _ in range(7)]  # fmt: skip
+    if name.startswith("sgd"):
+        nesterov = name == "sgd_nesterov"
+        tx = optim.sgd(lr=0.1, momentum=_cycle, nesterov=nesterov, weight_decay=0.01)
+        make = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=nesterov,  # noqa: E731
+                                          weight_decay=0.01)  # fmt: skip
+        set_value = lambda group, v: group.__setitem__("momentum", v)  # noqa: E731
+    else:
+        tx = getattr(optim, name)(lr=1e-2, betas=(_cycle, 0.99))
+        make = lambda ps: getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])(  # noqa: E731
+            ps, lr=1e-2, betas=(0.9, 0.99))  # fmt: skip
+        set_value = lambda group, v: group.__setitem__("betas", (v, 0.99))  # noqa: E731
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = make(ps.values())
+    for t, gs in enumerate(grads):
+        set_value(opt.param_groups[0], float(_cycle(t)))
+        for k, p in ps.items():
+            p.grad = gs[k].clone()
+        opt.step()
+    got, _ = loopkit_run(params, grads, tx)
+    for k in ps:
+        torch.testing.assert_close(got[k], ps[k].detach(), **TOL[torch.float64])

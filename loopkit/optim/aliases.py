@@ -69,7 +69,7 @@ def _lr(lr: Any, invalid: Callable[[float], bool]) -> float | Schedule:
 
 def sgd(
     lr: float | Schedule = 1e-3,
-    momentum: float = 0.0,
+    momentum: float | Schedule = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
@@ -80,11 +80,12 @@ def sgd(
     then ``b = momentum * b + (1 - dampening) * g``); ``g = g + momentum * b`` (nesterov) or
     ``g = b``; ``p -= lr * g``. ``maximize`` negates the gradient first."""
     lr = _lr(lr, lambda v: v < 0.0)  # torch.optim.SGD's check (a NaN lr passes it)
-    if momentum < 0.0:
+    scheduled = callable(momentum)  # e.g. schedules.one_cycle_momentum
+    if not scheduled and momentum < 0.0:
         raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
     if weight_decay < 0.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-    if nesterov and (momentum <= 0 or dampening != 0):
+    if nesterov and ((not scheduled and momentum <= 0) or dampening != 0):
         raise ValueError(
             "Nesterov momentum requires a momentum and zero dampening: "
             f"got momentum={momentum}, dampening={dampening}"
@@ -93,7 +94,7 @@ def sgd(
         chain(
             *([negate()] if maximize else []),
             add_decayed_weights(weight_decay),
-            *([trace(momentum, dampening, nesterov)] if momentum != 0 else []),
+            *([trace(momentum, dampening, nesterov)] if scheduled or momentum != 0 else []),
             scale_by_learning_rate(lr),
         )
     )
@@ -105,6 +106,8 @@ def _check_adam(betas, eps, weight_decay) -> None:
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
+        if i == 0 and callable(b):
+            continue  # a beta1 schedule (OneCycleLR-style cycling)
         if not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
     if not 0.0 <= weight_decay:
@@ -113,7 +116,7 @@ def _check_adam(betas, eps, weight_decay) -> None:
 
 def adam(
     lr: float | Schedule = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float | Schedule, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     amsgrad: bool = False,
@@ -125,8 +128,8 @@ def adam(
     decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    b1, b2 = (float(b) for b in betas)
-    adaptive = scale_by_adam(b1, b2, float(eps), amsgrad)
+    b1 = betas[0] if callable(betas[0]) else float(betas[0])
+    adaptive = scale_by_adam(b1, float(betas[1]), float(eps), amsgrad)
     return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize)
 
 
@@ -155,7 +158,7 @@ def _check(name: str, value: float, ok: bool) -> None:
 
 def adamw(
     lr: float | Schedule = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float | Schedule, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
     amsgrad: bool = False,

@@ -28,6 +28,21 @@ def _count(params: PyTree) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
+def _at(value: float | Schedule, count: torch.Tensor) -> float | torch.Tensor:
+    """A hyperparameter's value for the update after ``count`` updates: a number as it is, a
+    schedule evaluated (float64), as a torch scheduler that cycles momentum sets it."""
+    if callable(value):
+        return torch.as_tensor(value(count), dtype=torch.float64, device=count.device)
+    return value
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """``torch.lerp`` with a number or a 0-dim tensor weight of any float dtype."""
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(start.dtype)
+    return torch.lerp(start, end, weight)
+
+
 def _need_params(params: PyTree | None, name: str) -> PyTree:
     if params is None:
         raise ValueError(f"{name} needs the params: call update(grads, opt_state, params)")
@@ -60,22 +75,24 @@ class TraceState(NamedTuple):
     momentum_buffer: PyTree
 
 
-def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Transform:
+def trace(momentum: float | Schedule, dampening: float = 0.0, nesterov: bool = False) -> Transform:
     """SGD momentum, as torch.optim.SGD: the first buffer is the raw update,
     ``b_1 = g_1``; then ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``;
-    output ``g_t + momentum * b_t`` if nesterov else ``b_t``."""
+    output ``g_t + momentum * b_t`` if nesterov else ``b_t``. ``momentum`` may be a schedule
+    (e.g. :func:`~loopkit.optim.schedules.one_cycle_momentum`)."""
 
     def init(params):
         return TraceState(_count(params), zeros_like_tree(params))
 
     def update(g, state, params=None):
         first = state.count == 0
+        momentum_t = _at(momentum, state.count)
 
         def buf(gi, bi):
-            return torch.where(first, gi, bi * momentum + (1 - dampening) * gi)
+            return torch.where(first, gi, bi * momentum_t + (1 - dampening) * gi)
 
         new_buf = tree_map(buf, g, state.momentum_buffer)
-        out = tree_map(lambda gi, bi: gi + momentum * bi, g, new_buf) if nesterov else new_buf
+        out = tree_map(lambda gi, bi: gi + momentum_t * bi, g, new_buf) if nesterov else new_buf
         return out, TraceState(state.count + 1, new_buf)
 
     return Transform(init, update)
@@ -89,7 +106,7 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+    b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
 ) -> Transform:
     """Adam's direction, bias-corrected as torch.optim.Adam (t counts from 1)::
 
@@ -98,6 +115,8 @@ def scale_by_adam(
         out = m_t / (sqrt(v_t') / sqrt(1 - b2^t) + eps) / (1 - b1^t)
 
     A learning rate ``lr`` then gives torch's ``p -= lr / (1 - b1^t) * m_t / denom``.
+    ``b1`` may be a schedule (OneCycleLR's beta1 cycling); as in torch, the current ``b1``
+    is used in the bias correction too.
     """
 
     def init(params):
@@ -111,9 +130,10 @@ def scale_by_adam(
     def update(g, state, params=None):
         count = state.count + 1
         t = count.to(torch.float64)
-        bias_correction1 = 1 - b1**t
+        b1_t = _at(b1, state.count)
+        bias_correction1 = 1 - b1_t**t
         bias_correction2_sqrt = (1 - b2**t).sqrt()
-        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
         exp_avg_sq = tree_map(
             lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
         )
