@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from loopkit import checkpoint
+from loopkit import checkpoint, optim
 from loopkit.driver import Hook, Loop, evaluate, to_python
 from loopkit.state import TrainState
 
@@ -114,3 +115,41 @@ class ProgressBar(Hook):
         for k, v in loop.logs.items():
             parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
         tqdm.write("  ".join(parts), file=self.file or sys.stdout)
+
+
+class ReduceLROnPlateau(Hook):
+    """Feed a validation metric to a plateau schedule
+    (:func:`loopkit.optim.schedules.reduce_on_plateau`) after each validation, and scale the
+    optimizer's learning rates by the change of its lr, as torch's ``ReduceLROnPlateau``
+    does after ``scheduler.step(metric)``. List it after the :class:`Validate` it reads.
+
+    The optimizer must take a number lr (a schedule would recompute its own); with several
+    parameter groups each lr is scaled by the same ratio.
+    """
+
+    def __init__(self, plateau: Any, monitor: str = "val/loss"):
+        self.plateau, self.monitor = plateau, monitor
+        self.state: Any = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        if self.state is None:
+            self.state = self.plateau.init(loop.state.step.device)
+
+    def on_validation_end(self, loop: Loop) -> None:
+        if self.monitor not in loop.logs:
+            raise KeyError(
+                f"ReduceLROnPlateau monitors {self.monitor!r}, which is not in the logs "
+                f"({sorted(loop.logs)}): list it after the Validate hook that produces it"
+            )
+        old = self.state.lr
+        self.state = self.plateau.update(self.state, loop.logs[self.monitor])
+        new = self.state.lr
+
+        def rescale(lr: torch.Tensor) -> torch.Tensor:
+            # the plateau's own lr exactly; other groups' lrs by the same ratio
+            old_, new_ = old.to(lr.device), new.to(lr.device)
+            return torch.where(lr == old_, new_, lr * (new_ / old_))
+
+        opt_state = optim.set_learning_rate(loop.state.opt_state, rescale)
+        loop.state = loop.state.replace(opt_state=opt_state)
+        loop.logs["lr"] = to_python(self.state.lr)

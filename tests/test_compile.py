@@ -136,3 +136,30 @@ def test_weight_decay_and_momentum_of_matrix_weights_compile_correctly():
         b, _ = compiled(b, batch)
     for k in a.params:
         torch.testing.assert_close(b.params[k], a.params[k], **COMPILED)
+
+
+def test_one_cycle_with_momentum_cycling_compiles_once():
+    """A compiled step driven through a whole OneCycle schedule (lr and momentum cycling)
+    compiles once, and its lr trajectory is torch's OneCycleLR's."""
+    from loopkit.optim import schedules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    total = 12
+    cycle = dict(total_steps=total, pct_start=0.3)
+    opt = optim.sgd(
+        lr=schedules.one_cycle_lr(0.1, **cycle),
+        momentum=schedules.one_cycle_momentum(**cycle),  # 0.85 <-> 0.95, torch's defaults
+    )
+    counter = CompileCounterWithBackend("inductor")
+    step = lk.train_step(model, loss_fn, opt, compile=True, backend=counter)
+    state = lk.TrainState.create(model, opt)
+    torch_opt = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
+    torch_sched = torch.optim.lr_scheduler.OneCycleLR(torch_opt, max_lr=0.1, **cycle)
+    for _ in range(total):
+        want_lr = torch_sched.get_last_lr()[0]
+        state, _ = step(state, (torch.randn(6, 4), torch.randint(0, 2, (6,))))
+        assert float(optim.learning_rates(state.opt_state)[0]) == pytest.approx(want_lr, rel=1e-12)
+        torch_opt.step()
+        torch_sched.step()
+    assert counter.frame_count == 1

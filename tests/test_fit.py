@@ -1,5 +1,6 @@
 """The thin driver, its hooks and checkpoints."""
 
+import copy
 import os
 
 import pytest
@@ -242,3 +243,54 @@ def test_metadata_cannot_overwrite_versions(tmp_path):
         lk.checkpoint.save(tmp_path / "b.ckpt", lk.TrainState.create(model, optim.sgd()),
                            {"tensor": torch.ones(1)})  # fmt: skip
     assert not (tmp_path / "b.ckpt").exists()
+
+
+def test_reduce_lr_on_plateau_hook_matches_torch():
+    """fit + Validate + ReduceLROnPlateau against torch's loop stepping the scheduler on the
+    same validation loss after every epoch (float64, a noisy target so plateaus happen)."""
+    torch.manual_seed(0)
+    x = torch.randn(24, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (24,))
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    opt = optim.sgd(lr=0.5, momentum=0.9)
+    plateau = optim.schedules.reduce_on_plateau(0.5, factor=0.5, patience=1, threshold=0.05)
+    train = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+    x_val = torch.randn(16, 3, dtype=torch.float64)  # unrelated labels: val loss plateaus
+    y_val = torch.randint(0, 2, (16,))
+    val = [(x_val, y_val)]
+    lrs = []
+
+    class RecordLR(lk.Hook):
+        def on_epoch_end(self, loop):
+            lrs.append(float(optim.learning_rates(loop.state.opt_state)[0]))
+
+    state = lk.fit(
+        lk.train_step(model, loss_fn, opt),
+        lk.TrainState.create(model, opt),
+        train,
+        epochs=12,
+        hooks=[
+            lk.hooks.Validate(lk.eval_step(model, loss_fn), val),
+            lk.hooks.ReduceLROnPlateau(plateau),
+            RecordLR(),
+        ],
+    )
+
+    ref = copy.deepcopy(model)
+    topt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, factor=0.5, patience=1, threshold=0.05)
+    ref_lrs = []
+    for _ in range(12):
+        for b in train:
+            topt.zero_grad()
+            loss_fn(ref, b)[0].backward()
+            topt.step()
+        ref.eval()
+        with torch.no_grad():
+            val_loss = loss_fn(ref, (x_val, y_val))[0].item()
+        ref.train()
+        sched.step(val_loss)
+        ref_lrs.append(topt.param_groups[0]["lr"])
+    assert lrs == ref_lrs and len(set(lrs)) > 1
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-10, atol=1e-12)

@@ -1,0 +1,542 @@
+"""Learning-rate schedules against torch.optim.lr_scheduler, step by step."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch.optim import lr_scheduler as L
+
+from loopkit.optim import schedules as S
+
+LR = st.floats(1e-4, 10.0)
+GAMMA = st.floats(0.1, 1.2) | st.just(0.0)
+
+
+def torch_trajectory(make, lr, steps, read="lr", optimizer="sgd"):
+    """What torch reports for t = 0..steps: ``make(opt)`` builds the scheduler, and
+    optimizer.step() then scheduler.step() run between points. ``read`` is "lr"
+    (get_last_lr) or "momentum" (the value the scheduler set in the param group)."""
+    p = torch.zeros(1, requires_grad=True)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD([p], lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.Adam([p], lr=lr)
+    sched = make(opt)
+    out = []
+    for t in range(steps + 1):
+        group = opt.param_groups[0]
+        if read == "lr":
+            out.append(sched.get_last_lr()[0])
+        else:
+            out.append(group["momentum"] if optimizer == "sgd" else group["betas"][0])
+        if t < steps:
+            opt.step()
+            sched.step()
+    return out
+
+
+def assert_matches(schedule, want, abs_tol=0.0):
+    """schedule(t) == want[t] within 1e-12 relative (abs_tol only where a test says why)."""
+    for t, w in enumerate(want):
+        got = schedule(torch.tensor(t))
+        assert got.dtype == torch.float64 and got.shape == ()
+        assert float(got) == pytest.approx(w, rel=1e-12, abs=abs_tol), f"t={t}"
+
+
+# --- multiplicative schedules ---------------------------------------------------------------
+
+
+# lr_lambdas that work on a Python int (torch) and on a float64 tensor (loopkit)
+LAMBDAS = {
+    "exp": lambda a, k: lambda t: a**t,
+    "inverse": lambda a, k: lambda t: 1.0 / (1.0 + a * t),
+    "sawtooth": lambda a, k: lambda t: (t % k + 1) / k,
+    "power": lambda a, k: lambda t: (1 + t) ** -a,
+}
+
+
+@given(
+    lr=LR,
+    kind=st.sampled_from(sorted(LAMBDAS)),
+    a=st.floats(0.5, 1.0),
+    k=st.integers(1, 7),
+    steps=st.integers(0, 40),
+)
+def test_lambda_lr(lr, kind, a, k, steps):
+    fn = LAMBDAS[kind](a, k)
+    want = torch_trajectory(lambda o: L.LambdaLR(o, fn), lr, steps)
+    assert_matches(S.lambda_lr(lr, fn), want)
+
+
+@given(
+    lr=LR,
+    factors=st.lists(st.floats(0.5, 1.5), min_size=1, max_size=5),
+    total=st.integers(0, 40),
+)
+def test_multiplicative_lr(lr, factors, total):
+    def fn(j):
+        return factors[j % len(factors)]
+
+    want = torch_trajectory(lambda o: L.MultiplicativeLR(o, fn), lr, total)
+    ours = S.multiplicative_lr(lr, fn, total)
+    assert_matches(ours, want)
+    assert float(ours(torch.tensor(total + 5))) == want[-1]  # held past total_steps
+
+
+@given(lr=LR, step_size=st.integers(1, 10), gamma=GAMMA, steps=st.integers(0, 60))
+def test_step_lr(lr, step_size, gamma, steps):
+    want = torch_trajectory(lambda o: L.StepLR(o, step_size, gamma), lr, steps)
+    assert_matches(S.step_lr(lr, step_size, gamma), want)
+
+
+@given(
+    lr=LR,
+    milestones=st.lists(st.integers(-3, 30), max_size=6),  # unsorted, repeated, negative
+    gamma=GAMMA,
+    steps=st.integers(0, 40),
+)
+def test_multi_step_lr(lr, milestones, gamma, steps):
+    want = torch_trajectory(lambda o: L.MultiStepLR(o, milestones, gamma), lr, steps)
+    assert_matches(S.multi_step_lr(lr, milestones, gamma), want)
+
+
+@given(
+    lr=LR,
+    # (a subnormal factor makes torch's undo, lr * factor * (1 / factor), overflow to inf)
+    factor=st.floats(1e-6, 1.0) | st.just(0.0),
+    total_iters=st.integers(-2, 20),
+    steps=st.integers(0, 40),
+)
+def test_constant_lr(lr, factor, total_iters, steps):
+    # torch divides by factor to undo it at total_iters (ZeroDivisionError for 0)
+    assume(not (factor == 0.0 and 0 < total_iters <= steps))
+    want = torch_trajectory(lambda o: L.ConstantLR(o, factor, total_iters), lr, steps)
+    assert_matches(S.constant_lr(lr, factor, total_iters), want)
+
+
+@given(lr=LR, gamma=GAMMA, steps=st.integers(0, 60))
+def test_exponential_lr(lr, gamma, steps):
+    want = torch_trajectory(lambda o: L.ExponentialLR(o, gamma), lr, steps)
+    assert_matches(S.exponential_lr(lr, gamma), want)
+
+
+@given(
+    lr=LR,
+    total_iters=st.integers(-1, 40),
+    power=st.floats(0.0, 4.0),
+    extra=st.integers(0, 10),
+)
+def test_polynomial_lr(lr, total_iters, power, extra):
+    steps = max(total_iters, 0) + extra
+    want = torch_trajectory(lambda o: L.PolynomialLR(o, total_iters, power), lr, steps)
+    assert_matches(S.polynomial_lr(lr, total_iters, power), want)
+
+
+# --- cosine and cyclic schedules ------------------------------------------------------------
+
+
+@given(
+    lr=LR,
+    T_max=st.integers(1, 100),
+    eta_frac=st.floats(0.0, 1.5) | st.just(0.0),
+    extra=st.integers(0, 5),
+)
+def test_cosine_annealing(lr, T_max, eta_frac, extra):
+    eta_min = eta_frac * lr
+    steps = 3 * T_max + extra  # past T_max torch's recursion rises and falls again
+    want = torch_trajectory(lambda o: L.CosineAnnealingLR(o, T_max, eta_min), lr, steps)
+    assert_matches(S.cosine_annealing(lr, T_max, eta_min), want)
+
+
+@given(
+    lr=LR,
+    T_0=st.integers(1, 20),
+    T_mult=st.integers(1, 3),
+    eta_frac=st.floats(0.0, 1.0),
+    steps=st.integers(0, 150),
+)
+def test_cosine_annealing_warm_restarts(lr, T_0, T_mult, eta_frac, steps):
+    eta_min = eta_frac * lr
+    want = torch_trajectory(
+        lambda o: L.CosineAnnealingWarmRestarts(o, T_0, T_mult, eta_min), lr, steps
+    )
+    assert_matches(S.cosine_annealing_warm_restarts(lr, T_0, T_mult, eta_min), want)
+
+
+CYCLE = dict(
+    step_size_up=st.integers(1, 12),
+    step_size_down=st.none() | st.integers(0, 12),
+    mode=st.sampled_from(["triangular", "triangular2", "exp_range"]),
+    gamma=st.floats(0.8, 1.0),
+    steps=st.integers(0, 80),
+)
+
+
+@given(
+    base_lr=LR,
+    max_lr=LR,
+    momenta=st.tuples(st.floats(0.5, 0.99), st.floats(0.5, 0.99)),
+    optimizer=st.sampled_from(["sgd", "adam"]),
+    **CYCLE,
+)
+def test_cyclic_lr_and_momentum(
+    base_lr, max_lr, momenta, optimizer, step_size_up, step_size_down, mode, gamma, steps
+):
+    base_m, max_m = momenta
+    cycle = dict(step_size_up=step_size_up, step_size_down=step_size_down, mode=mode, gamma=gamma)
+
+    def make(o):
+        return L.CyclicLR(o, base_lr, max_lr, **cycle, base_momentum=base_m, max_momentum=max_m)
+
+    lrs = torch_trajectory(make, 1.0, steps, optimizer=optimizer)  # CyclicLR overwrites lr
+    momenta = torch_trajectory(make, 1.0, steps, read="momentum", optimizer=optimizer)
+    assert_matches(S.cyclic_lr(base_lr, max_lr, **cycle), lrs)
+    assert_matches(S.cyclic_momentum(base_m, max_m, **cycle), momenta)
+
+
+@given(
+    base_lr=LR,
+    max_lr=LR,
+    a=st.floats(0.5, 1.0),
+    scale_mode=st.sampled_from(["cycle", "iterations"]),
+    **CYCLE,
+)
+def test_cyclic_lr_custom_scale_fn(
+    base_lr, max_lr, a, scale_mode, step_size_up, step_size_down, mode, gamma, steps
+):
+    def scale_fn(x):
+        return a**x
+
+    cycle = dict(
+        step_size_up=step_size_up,
+        step_size_down=step_size_down,
+        scale_fn=scale_fn,
+        scale_mode=scale_mode,
+    )
+    want = torch_trajectory(lambda o: L.CyclicLR(o, base_lr, max_lr, **cycle), 1.0, steps)
+    assert_matches(S.cyclic_lr(base_lr, max_lr, **cycle), want)
+
+
+@given(
+    max_lr=LR,
+    total=st.integers(1, 100) | st.tuples(st.integers(1, 10), st.integers(1, 10)),
+    pct_start=st.floats(0.0, 1.0),
+    anneal_strategy=st.sampled_from(["cos", "linear"]),
+    div_factor=st.floats(1.0, 100.0),
+    final_div_factor=st.floats(1.0, 1e4),
+    three_phase=st.booleans(),
+    momenta=st.tuples(st.floats(0.5, 0.99), st.floats(0.5, 0.99)),
+    optimizer=st.sampled_from(["sgd", "adam"]),
+)
+def test_one_cycle_lr_and_momentum(
+    max_lr,
+    total,
+    pct_start,
+    anneal_strategy,
+    div_factor,
+    final_div_factor,
+    three_phase,
+    momenta,
+    optimizer,
+):
+    if isinstance(total, tuple):
+        length = dict(epochs=total[0], steps_per_epoch=total[1])
+        steps = total[0] * total[1]
+    else:
+        length, steps = dict(total_steps=total), total
+    phases = dict(pct_start=pct_start, anneal_strategy=anneal_strategy, three_phase=three_phase)
+    base_m, max_m = momenta
+    divs = dict(div_factor=div_factor, final_div_factor=final_div_factor)
+
+    def make(o):
+        momenta = dict(base_momentum=base_m, max_momentum=max_m)
+        return L.OneCycleLR(o, max_lr, **length, **phases, **divs, **momenta)
+
+    try:
+        ours = S.one_cycle_lr(max_lr, **length, **phases, **divs)
+    except ValueError:  # an empty phase: torch divides by zero when it reaches it
+        with pytest.raises(ZeroDivisionError):
+            torch_trajectory(make, 1.0, steps, optimizer=optimizer)
+        return
+    momentum = S.one_cycle_momentum(base_m, max_m, **length, **phases)
+    lrs = torch_trajectory(make, 1.0, steps, optimizer=optimizer)  # OneCycleLR overwrites lr
+    momenta = torch_trajectory(make, 1.0, steps, read="momentum", optimizer=optimizer)
+    assert_matches(ours, lrs)
+    assert_matches(momentum, momenta)
+    assert float(ours(torch.tensor(steps + 3))) == float(ours(torch.tensor(steps)))
+
+
+def test_cyclic_and_one_cycle_reject_what_torch_rejects():
+    with pytest.raises(ValueError, match="mode"):
+        S.cyclic_lr(0.1, 1.0, mode="sawtooth")
+    with pytest.raises(ValueError, match="step_size_up"):
+        S.cyclic_lr(0.1, 1.0, step_size_up=0)
+    with pytest.raises(ValueError, match="total_steps OR"):
+        S.one_cycle_lr(1.0)
+    with pytest.raises(ValueError, match="positive integer total_steps"):
+        S.one_cycle_lr(1.0, total_steps=0)
+    with pytest.raises(ValueError, match="positive integer epochs"):
+        S.one_cycle_lr(1.0, epochs=0, steps_per_epoch=3)
+    with pytest.raises(ValueError, match="pct_start"):
+        S.one_cycle_lr(1.0, total_steps=10, pct_start=1.5)
+    with pytest.raises(ValueError, match="anneal_strategy"):
+        S.one_cycle_momentum(total_steps=10, anneal_strategy="exp")
+    with pytest.raises(ValueError, match="phase 0 is empty"):  # torch: ZeroDivisionError
+        S.one_cycle_lr(1.0, total_steps=10, pct_start=0.1)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: S.constant_lr(1.0, factor=1.5), "factor"),
+        (lambda: S.step_lr(1.0, step_size=0), "step_size"),
+        (lambda: S.multi_step_lr(1.0, [1, 2.5]), "milestone"),
+        (lambda: S.multiplicative_lr(1.0, lambda j: 0.9, total_steps=-1), "total_steps"),
+        (lambda: S.cosine_annealing(1.0, T_max=0), "T_max"),
+        (lambda: S.cosine_annealing_warm_restarts(1.0, T_0=0), "T_0"),
+        (lambda: S.cosine_annealing_warm_restarts(1.0, T_0=2, T_mult=0), "T_mult"),
+        (lambda: S.sequential([], []), "at least one"),
+        (lambda: S.sequential([S.constant(1.0)] * 2, []), "one milestone fewer"),
+        (lambda: S.sequential([S.constant(1.0)] * 3, [4, 2]), "non-decreasing"),
+        (lambda: S.chained(1.0), "at least one"),
+        (lambda: S.warmup_cosine(1.0, warmup_steps=5, total_steps=5), "greater than"),
+        (lambda: S.reduce_on_plateau(1.0, factor=1.0), "factor"),
+        (lambda: S.reduce_on_plateau(1.0, mode="median"), "mode"),
+        (lambda: S.reduce_on_plateau(1.0, threshold_mode="pct"), "threshold_mode"),
+    ],
+)
+def test_invalid_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_lambda_arguments_must_be_callable():
+    with pytest.raises(TypeError, match="lr_lambda should be a function"):
+        S.multiplicative_lr(1.0, 0.9, total_steps=3)
+    with pytest.raises(TypeError, match="lr_lambda should be a function"):
+        S.lambda_lr(1.0, 0.9)
+
+
+# --- compositions: random members -----------------------------------------------------------
+
+
+@st.composite
+def members(draw, chainable, min_T_max=1):
+    """(torch scheduler factory, loopkit schedule factory) for one random member. With
+    ``chainable`` only schedulers whose torch step multiplies the lr by a step-dependent factor
+    (cosine with eta_min = 0, before T_max), as ChainedScheduler composes them."""
+    kinds = ["linear", "constant", "step", "multistep", "exponential", "polynomial", "cosine"]
+    kinds += ["multiplicative"] if chainable else ["lambda"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "linear":
+        a, b, n = draw(st.floats(0.01, 1.0)), draw(st.floats(0.0, 1.0)), draw(st.integers(1, 8))
+        return (lambda o: L.LinearLR(o, a, b, n)), (lambda lr: S.linear(lr, a, b, n))
+    if kind == "constant":
+        f, n = draw(st.floats(0.01, 1.0)), draw(st.integers(1, 8))
+        return (lambda o: L.ConstantLR(o, f, n)), (lambda lr: S.constant_lr(lr, f, n))
+    if kind == "step":
+        n, g = draw(st.integers(1, 5)), draw(st.floats(0.1, 1.0))
+        return (lambda o: L.StepLR(o, n, g)), (lambda lr: S.step_lr(lr, n, g))
+    if kind == "multistep":
+        ms, g = draw(st.lists(st.integers(0, 20), max_size=4)), draw(st.floats(0.1, 1.0))
+        return (lambda o: L.MultiStepLR(o, ms, g)), (lambda lr: S.multi_step_lr(lr, ms, g))
+    if kind == "exponential":
+        g = draw(st.floats(0.5, 1.1))
+        return (lambda o: L.ExponentialLR(o, g)), (lambda lr: S.exponential_lr(lr, g))
+    if kind == "polynomial":
+        n, p = draw(st.integers(1, 10)), draw(st.floats(0.0, 3.0))
+        return (lambda o: L.PolynomialLR(o, n, p)), (lambda lr: S.polynomial_lr(lr, n, p))
+    if kind == "cosine":
+        n = draw(st.integers(min_T_max, min_T_max + 20))
+        frac = 0.0 if chainable else draw(st.floats(0.0, 1.0))
+
+        def ours(lr):
+            return S.cosine_annealing(lr, n, frac * lr)
+
+        return (lambda o: L.CosineAnnealingLR(o, n, frac * o.defaults["lr"])), ours
+    if kind == "multiplicative":
+        fs = draw(st.lists(st.floats(0.5, 1.5), min_size=1, max_size=4))
+
+        def fn(j):
+            return fs[j % len(fs)]
+
+        return (lambda o: L.MultiplicativeLR(o, fn)), (lambda lr: S.multiplicative_lr(lr, fn, 80))
+    a = draw(st.floats(0.5, 1.0))
+    return (lambda o: L.LambdaLR(o, lambda t: a**t)), (lambda lr: S.lambda_lr(lr, lambda t: a**t))
+
+
+@given(data=st.data(), lr=LR, n=st.integers(1, 4), steps=st.integers(0, 60))
+def test_sequential_matches_sequential_lr(data, lr, n, steps):
+    pairs = [data.draw(members(chainable=False)) for _ in range(n)]
+    milestones = sorted(data.draw(st.lists(st.integers(-2, 40), min_size=n - 1, max_size=n - 1)))
+
+    def make(o):
+        return L.SequentialLR(o, [make_torch(o) for make_torch, _ in pairs], milestones)
+
+    want = torch_trajectory(make, lr, steps)
+    ours = S.sequential([make_ours(lr) for _, make_ours in pairs], milestones)
+    # LinearLR with end_factor 0 updates the lr recursively and leaves rounding noise of order
+    # 1e-17 * lr where the exact lr is 0 (as in test_optim.py): compare relative to lr there.
+    assert_matches(ours, want, abs_tol=1e-12 * lr)
+
+
+@given(data=st.data(), lr=LR, n=st.integers(1, 4), steps=st.integers(0, 60))
+def test_chained_matches_chained_scheduler(data, lr, n, steps):
+    pairs = [data.draw(members(chainable=True, min_T_max=max(steps, 1))) for _ in range(n)]
+    want = torch_trajectory(lambda o: L.ChainedScheduler([m(o) for m, _ in pairs]), lr, steps)
+    ours = S.chained(lr, *[make_ours(1.0) for _, make_ours in pairs])
+    # as in test_sequential_matches_sequential_lr: a LinearLR member with end_factor 0 leaves
+    # noise of order 1e-17 * lr around the exact 0
+    assert_matches(ours, want, abs_tol=1e-12 * lr)
+
+
+def test_chained_constant_then_exponential():
+    ours = S.chained(2.0, S.constant_lr(1.0, 0.1, 2), S.exponential_lr(1.0, 0.9))
+    want = [2.0 * 0.1, 2.0 * 0.1 * 0.9, 2.0 * 0.9**2, 2.0 * 0.9**3]
+    assert [float(ours(t)) for t in range(4)] == pytest.approx(want, rel=1e-15, abs=0)
+
+
+@given(
+    lr=LR,
+    warmup=st.integers(0, 20),
+    length=st.integers(1, 40),
+    eta_frac=st.floats(0.0, 1.0),
+    start_factor=st.floats(0.01, 1.0),
+    extra=st.integers(0, 10),
+)
+def test_warmup_cosine(lr, warmup, length, eta_frac, start_factor, extra):
+    total, eta_min = warmup + length, eta_frac * lr
+    steps = total + extra
+
+    def make(o):
+        warm = L.LinearLR(o, start_factor, 1.0, warmup)
+        cos = L.CosineAnnealingLR(o, T_max=total - warmup, eta_min=eta_min)
+        return L.SequentialLR(o, [warm, cos], milestones=[warmup])
+
+    want = torch_trajectory(make, lr, steps)
+    ours = S.warmup_cosine(lr, warmup, total, eta_min, start_factor)
+    assert_matches(ours, want)
+
+
+# --- reduce on plateau ----------------------------------------------------------------------
+
+METRIC = st.floats(-5.0, 5.0) | st.sampled_from([0.0, 1.0, math.inf, -math.inf, math.nan])
+
+
+@given(
+    lr=LR,
+    mode=st.sampled_from(["min", "max"]),
+    factor=st.floats(0.0, 0.99),
+    patience=st.integers(0, 4),
+    threshold=st.floats(0.0, 0.5),
+    threshold_mode=st.sampled_from(["rel", "abs"]),
+    cooldown=st.integers(0, 3),
+    min_frac=st.floats(0.0, 0.5) | st.just(0.0),
+    eps=st.sampled_from([0.0, 1e-8, 1e-3]),
+    metrics=st.lists(METRIC | st.floats(-1e3, 1e3), max_size=40),
+    tensor_metrics=st.booleans(),
+)
+def test_reduce_on_plateau(
+    lr,
+    mode,
+    factor,
+    patience,
+    threshold,
+    threshold_mode,
+    cooldown,
+    min_frac,
+    eps,
+    metrics,
+    tensor_metrics,
+):
+    kwargs = dict(
+        mode=mode,
+        factor=factor,
+        patience=patience,
+        threshold=threshold,
+        threshold_mode=threshold_mode,
+        cooldown=cooldown,
+        min_lr=min_frac * lr,
+        eps=eps,
+    )
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=lr)
+    sched = L.ReduceLROnPlateau(opt, **kwargs)
+    plateau = S.reduce_on_plateau(lr, **kwargs)
+    state = plateau.init()
+    assert float(state.lr) == lr and state.lr.dtype == torch.float64
+    for m in metrics:
+        metric = torch.tensor(m, dtype=torch.float32) if tensor_metrics else m
+        opt.step()
+        sched.step(metric)
+        state = plateau.update(state, metric)
+        assert float(state.lr) == sched.get_last_lr()[0] == opt.param_groups[0]["lr"]
+        assert int(state.num_bad_epochs) == sched.num_bad_epochs
+        assert int(state.cooldown_counter) == sched.cooldown_counter
+        assert int(state.last_epoch) == sched.last_epoch
+        assert float(state.best) == sched.best or (math.isnan(sched.best) and state.best.isnan())
+
+
+# --- compiling --------------------------------------------------------------------------------
+
+COMPILED = {
+    "constant": S.constant(0.3),
+    "linear": S.linear(1.0, 0.2, 0.5, 3),
+    "lambda_lr": S.lambda_lr(1.0, lambda t: 0.9**t),
+    "multiplicative_lr": S.multiplicative_lr(1.0, lambda j: 0.9, 3),
+    "step_lr": S.step_lr(1.0, 2, 0.5),
+    "multi_step_lr": S.multi_step_lr(1.0, [1, 3, 3], 0.5),
+    "constant_lr": S.constant_lr(1.0, 0.5, 2),
+    "exponential_lr": S.exponential_lr(1.0, 0.9),
+    "polynomial_lr": S.polynomial_lr(1.0, 3, 2.0),
+    "cosine_annealing": S.cosine_annealing(1.0, 2, 0.1),
+    "warm_restarts": S.cosine_annealing_warm_restarts(1.0, 1, 2, 0.1),
+    "warm_restarts_mult_1": S.cosine_annealing_warm_restarts(1.0, 2),
+    "cyclic_lr": S.cyclic_lr(0.1, 1.0, 2, mode="triangular2"),
+    "cyclic_momentum": S.cyclic_momentum(0.8, 0.9, 2, 1, mode="exp_range", gamma=0.9),
+    "one_cycle_lr": S.one_cycle_lr(1.0, 4, three_phase=True),
+    "one_cycle_momentum": S.one_cycle_momentum(total_steps=4, anneal_strategy="linear"),
+    "sequential": S.sequential([S.linear(1.0, 0.1, 1.0, 2), S.exponential_lr(1.0, 0.9)], [2]),
+    "chained": S.chained(1.0, S.constant_lr(1.0, 0.5, 1), S.step_lr(1.0, 2)),
+    "warmup_cosine": S.warmup_cosine(1.0, 2, 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPILED))
+def test_schedule_compiles_once(name):
+    from torch._dynamo.testing import CompileCounter
+
+    schedule = COMPILED[name]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(schedule, fullgraph=True, backend=counter)
+    for t in range(6):
+        got = compiled(torch.tensor(t))
+        assert got.dtype == torch.float64
+        assert float(got) == float(schedule(torch.tensor(t)))
+    assert counter.frame_count == 1
+
+
+def test_reduce_on_plateau_update_compiles_once():
+    from torch._dynamo.testing import CompileCounter
+
+    plateau = S.reduce_on_plateau(1.0, patience=1, cooldown=1)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    update = torch.compile(plateau.update, fullgraph=True, backend=counter)
+    state, eager = plateau.init(), plateau.init()
+    for m in [3.0, 2.0, 2.5, 2.5, 2.5, 1.0, 4.0, 4.0]:
+        state = update(state, torch.tensor(m))
+        eager = plateau.update(eager, m)
+        assert all(bool(a == b) for a, b in zip(state, eager, strict=True))
+    assert float(state.lr) == pytest.approx(0.01)
+    assert counter.frame_count == 1
+
+
+def test_python_int_counts_and_device():
+    for name, schedule in COMPILED.items():
+        got = schedule(3)
+        assert got.dtype == torch.float64 and got.shape == () and got.device.type == "cpu", name
+        assert float(got) == float(schedule(torch.tensor(3))), name
