@@ -6,6 +6,9 @@ read its ``val/...`` metrics (checkpointing, printing).
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -153,3 +156,98 @@ class ReduceLROnPlateau(Hook):
         opt_state = optim.set_learning_rate(loop.state.opt_state, rescale)
         loop.state = loop.state.replace(opt_state=opt_state)
         loop.logs["lr"] = to_python(self.state.lr)
+
+
+class EarlyStopping(Hook):
+    """Stop when ``monitor`` (a key of ``loop.logs``, e.g. ``"val/loss"``) has not improved
+    for ``patience`` consecutive checks. A check happens at each epoch end where the metric
+    is logged (list this hook after the :class:`Validate` that logs it). Improvement means
+    ``value < best - min_delta`` (``mode="min"``) or ``value > best + min_delta``
+    (``"max"``); a NaN or infinite value never improves."""
+
+    def __init__(self, monitor: str = "val/loss", *, mode: str = "min", patience: int = 5,
+                 min_delta: float = 0.0):  # fmt: skip
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive integer, got {patience!r}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best: float | None = None
+        self.wait = 0
+
+    def improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if self.monitor not in loop.logs:
+            return
+        value = float(loop.logs[self.monitor])
+        if self.improved(value):
+            self.best, self.wait = value, 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                loop.should_stop = True
+
+
+class _FileLogger(Hook):
+    """Appends one record per epoch (``epoch``, ``step`` and ``loop.logs``) to a file in
+    ``directory``, flushed at once so a crash loses nothing already written."""
+
+    def __init__(self, directory: str | os.PathLike, filename: str):
+        self.path = Path(directory) / filename
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        record = {"epoch": loop.epoch, "step": loop.step}
+        record.update({k: to_python(v) for k, v in loop.logs.items()})
+        self.write(record)
+
+    def write(self, record: dict) -> None:
+        raise NotImplementedError
+
+
+class JSONLLogger(_FileLogger):
+    """``directory/metrics.jsonl``: one JSON object per epoch."""
+
+    def __init__(self, directory: str | os.PathLike, filename: str = "metrics.jsonl"):
+        super().__init__(directory, filename)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class CSVLogger(_FileLogger):
+    """``directory/metrics.csv``: one row per epoch. When a later epoch logs a new column
+    (validation every few epochs), the file is rewritten with the wider header."""
+
+    def __init__(self, directory: str | os.PathLike, filename: str = "metrics.csv"):
+        super().__init__(directory, filename)
+
+    def write(self, record: dict) -> None:
+        rows = []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        columns = list(dict.fromkeys([*(rows[0].keys() if rows else []), *record]))
+        if rows and list(rows[0].keys()) == columns:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, columns).writerow(record)
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows([*rows, record])
+        os.replace(tmp, self.path)

@@ -294,3 +294,59 @@ def test_reduce_lr_on_plateau_hook_matches_torch():
     assert lrs == ref_lrs and len(set(lrs)) > 1
     for name, p in ref.named_parameters():
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-10, atol=1e-12)
+
+
+class FeedMetric(lk.Hook):
+    """Puts a scripted value of a metric in the logs at each epoch end."""
+
+    def __init__(self, values, key="val/loss"):
+        self.values, self.key = list(values), key
+
+    def on_epoch_end(self, loop):
+        loop.logs[self.key] = self.values[loop.epoch]
+
+
+def tiny_fit(hooks, epochs):
+    model = nn.Linear(2, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]
+    return lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+                  epochs=epochs, hooks=hooks)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "values, mode, patience, min_delta, stops_after",
+    [
+        ([5, 4, 3, 3.5, 3.2, 3.1, 2], "min", 3, 0.0, 6),  # 3 epochs without a new best
+        ([5, 4, 3, 2.99, 2.98, 2.97, 1], "min", 2, 0.05, 5),  # tiny gains do not count
+        ([1, 2, 3, 2, 2, 4, 5], "max", 2, 0.0, 5),
+        ([5, float("nan"), float("nan"), 4, 3, 2, 1], "min", 2, 0.0, 3),  # NaN never improves
+        ([5, 4, 3, 2, 1, 0, -1], "min", 1, 0.0, 7),  # always improving: runs to the end
+    ],
+)
+def test_early_stopping(values, mode, patience, min_delta, stops_after):
+    stop = lk.hooks.EarlyStopping("val/loss", mode=mode, patience=patience, min_delta=min_delta)
+    state = tiny_fit([FeedMetric(values), stop], epochs=len(values))
+    assert int(state.step) == stops_after
+
+
+def test_loggers_write_one_record_per_epoch(tmp_path):
+    values = [3.0, 2.0, 1.0]
+
+    class ValEveryOther(lk.Hook):  # a column that appears only from the second epoch
+        def on_epoch_end(self, loop):
+            if loop.epoch >= 1:
+                loop.logs["val/loss"] = values[loop.epoch]
+
+    tiny_fit([ValEveryOther(), lk.hooks.CSVLogger(tmp_path), lk.hooks.JSONLLogger(tmp_path)], 3)
+    import csv
+    import json
+
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert rows[0]["val/loss"] == "" and float(rows[2]["val/loss"]) == 1.0
+    assert "train/loss" in rows[0]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[1]["val/loss"] == 2.0
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
