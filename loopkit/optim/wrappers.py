@@ -118,7 +118,10 @@ def accumulate(inner: Transform, every: int) -> Transform:
     """Gradient accumulation: ``every`` micro-batch gradients make one update of ``inner``
     with their mean, equal to one step on the concatenated batch with a mean loss (and to
     the imperative ``(loss / every).backward()`` loop). In between, updates are zero and
-    ``inner``'s state (its step count and lr schedule included) does not move."""
+    ``inner``'s state (its step count and lr schedule included) does not move. To clip the
+    accumulated gradient, as torch users clip before ``optimizer.step()``, put the clipping
+    inside: ``accumulate(chain(clip_by_global_norm(1.0), adamw()), k)`` (``train_step``'s
+    ``clip_norm`` would clip each micro-batch)."""
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive integer, got {every!r}")
 
