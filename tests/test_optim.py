@@ -341,8 +341,17 @@ def _cycle(t):
     return 0.9 + 0.05 * torch.cos(torch.as_tensor(t, dtype=torch.float64) * torch.pi / 3)
 
 
-@pytest.mark.parametrize("name", ["sgd", "sgd_nesterov", "adam", "adamw"])
-def test_scheduled_momentum_matches_torch_param_group_changes(name):
+def _from_zero(t):
+    """A momentum warmup that starts at exactly 0 (torch skips momentum while it is 0)."""
+    return torch.clamp(torch.as_tensor(t, dtype=torch.float64) - 2, min=0) * 0.3
+
+
+@pytest.mark.parametrize(
+    "name, schedule",
+    [(n, s) for n in ("sgd", "sgd_nesterov", "sgd_dampening") for s in (_cycle, _from_zero)]
+    + [(n, _cycle) for n in ("adam", "adamw", "adamax", "nadam", "radam")],
+)
+def test_scheduled_momentum_matches_torch_param_group_changes(name, schedule):
     """What CyclicLR/OneCycleLR do to torch: set the group's momentum (SGD) or betas[0]
     (Adam) before each step. A schedule in place of the number does the same here."""
     params = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
@@ -350,23 +359,106 @@ def test_scheduled_momentum_matches_torch_param_group_changes(name):
     grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
              for _ in range(7)]  # fmt: skip
     if name.startswith("sgd"):
-        nesterov = name == "sgd_nesterov"
-        tx = optim.sgd(lr=0.1, momentum=_cycle, nesterov=nesterov, weight_decay=0.01)
-        make = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=nesterov,  # noqa: E731
-                                          weight_decay=0.01)  # fmt: skip
-        set_value = lambda group, v: group.__setitem__("momentum", v)  # noqa: E731
+        kw = dict(lr=0.1, weight_decay=0.01, nesterov=name == "sgd_nesterov",
+                  dampening=0.3 if name == "sgd_dampening" else 0.0)  # fmt: skip
+        tx = optim.sgd(momentum=schedule, **kw)
+
+        def make(ps):
+            return torch.optim.SGD(ps, momentum=0.9, **kw)
+
+        def set_value(group, v):
+            group["momentum"] = v
+
     else:
-        tx = getattr(optim, name)(lr=1e-2, betas=(_cycle, 0.99))
-        make = lambda ps: getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])(  # noqa: E731
-            ps, lr=1e-2, betas=(0.9, 0.99))  # fmt: skip
-        set_value = lambda group, v: group.__setitem__("betas", (v, 0.99))  # noqa: E731
+        tx = getattr(optim, name)(lr=1e-2, betas=(schedule, 0.99))
+        cls = {"adam": "Adam", "adamw": "AdamW", "adamax": "Adamax", "nadam": "NAdam",
+               "radam": "RAdam"}[name]  # fmt: skip
+
+        def make(ps):
+            return getattr(torch.optim, cls)(ps, lr=1e-2, betas=(0.9, 0.99))
+
+        def set_value(group, v):
+            group["betas"] = (v, 0.99)
+
     ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     opt = make(ps.values())
     for t, gs in enumerate(grads):
-        set_value(opt.param_groups[0], float(_cycle(t)))
+        set_value(opt.param_groups[0], float(schedule(t)))
         for k, p in ps.items():
             p.grad = gs[k].clone()
         opt.step()
     got, _ = loopkit_run(params, grads, tx)
     for k in ps:
         torch.testing.assert_close(got[k], ps[k].detach(), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("name", ["asgd", "adafactor", "sgd", "adamw"])
+def test_set_learning_rate_matches_torch_changing_the_group_lr(name):
+    params = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
+    g = torch.Generator().manual_seed(1)
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+             for _ in range(6)]  # fmt: skip
+    lrs = [0.05, 0.05, 0.01, 0.01, 0.002, 0.02]
+    tx = getattr(optim, name)(lr=lrs[0])
+    state = tx.init(params)
+    got = params
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = TORCH_OPTIMIZERS[name](ps.values(), lr=lrs[0])
+    for lr, gs in zip(lrs, grads, strict=True):
+        state = optim.set_learning_rate(state, lr)
+        updates, state = tx.update(gs, state, got)
+        got = optim.apply_updates(got, updates)
+        opt.param_groups[0]["lr"] = lr
+        for k, p in ps.items():
+            p.grad = gs[k].clone()
+        opt.step()
+    for k in ps:
+        torch.testing.assert_close(got[k], ps[k].detach(), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("name", ["sgd_schedule", "asgd", "adam", "adafactor", "nadam"])
+def test_scalar_params_keep_their_dtype_and_compile_once(name):
+    """0-dim params (a temperature, a scale) must not be promoted to float64 by the float64
+    scalars that hold bias corrections, schedules and the lr."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    tx = optim.sgd(lr=0.1, momentum=_cycle) if name == "sgd_schedule" else getattr(optim, name)()
+    params = {"w": torch.randn(3, 2), "temperature": torch.tensor(1.5)}
+    state = tx.init(params)
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optim.apply_updates(params, updates), state, updates
+
+    for _ in range(3):
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        params, state, updates = step(params, state, grads)
+    assert counter.frame_count == 1
+    assert all(u.dtype == torch.float32 for u in updates.values())
+    assert all(x.dtype != torch.float64 for x in lk.tree.tree_leaves(state) if x.ndim > 0)
+
+
+def test_clipping_keeps_bfloat16_grads_bfloat16():
+    bf16 = torch.bfloat16
+    params = {"w": torch.randn(3, 2, dtype=bf16), "scale": torch.tensor(1.0, dtype=bf16),
+              "norm": torch.ones(2)}  # fmt: skip
+    tx = optim.chain(optim.clip_by_global_norm(0.1), optim.adamw(lr=1e-2))
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert {k: u.dtype for k, u in updates.items()} == {k: p.dtype for k, p in params.items()}
+
+
+def test_adafactor_takes_eps1_from_the_first_param_as_torch_does():
+    params = {"a": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(4) * 1e-3}
+    grads = [{"a": torch.randn(3, 2, dtype=torch.float64) * 1e-6, "b": torch.randn(4) * 1e-6}]
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Adafactor(ps.values(), lr=0.01)
+    for k, p in ps.items():
+        p.grad = grads[0][k].clone()
+    opt.step()
+    got, _ = loopkit_run(params, grads, optim.adafactor(lr=0.01))
+    for k in ps:
+        torch.testing.assert_close(got[k], ps[k].detach(), rtol=1e-6, atol=1e-9)

@@ -194,3 +194,30 @@ def test_labels_must_cover_every_param():
     tx = optim.multi_transform({"a": optim.sgd()}, lambda n, p: "z")
     with pytest.raises(ValueError, match=r"labels \['z'\] have no transform"):
         tx.init({"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("average", [optim.ema, optim.swa])
+def test_averaging_compiles_once(average):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = nn.Linear(3, 2)
+    opt = optim.chain(optim.sgd(lr=0.1), average())
+    counter = CompileCounter()
+    step = lk.train_step(model, lambda net, b: net(b).pow(2).mean(), opt, compile=True,
+                         backend=counter)  # fmt: skip
+    state = lk.TrainState.create(model, opt)
+    for _ in range(4):
+        state, _ = step(state, torch.randn(5, 3))
+    assert counter.frame_count == 1
+
+
+def test_ema_inside_accumulate_sees_real_updates_only():
+    params = {"w": torch.zeros(2)}
+    tx = optim.accumulate(optim.chain(optim.sgd(lr=1.0), optim.ema(0.5)), 2)
+    state = tx.init(params)
+    for g in [1.0, 3.0, 1.0, 1.0]:  # two real updates: -2 (mean of 1, 3) then -1
+        updates, state = tx.update({"w": torch.full((2,), g)}, state, params)
+        params = optim.apply_updates(params, updates)
+    # first average = copy of -2; second = lerp(-2, -3, 0.5) = -2.5
+    torch.testing.assert_close(optim.averaged_params(state)["w"], torch.full((2,), -2.5))

@@ -100,6 +100,11 @@ def sgd(
     )
 
 
+def _beta1(betas: tuple) -> float | Schedule:
+    """betas[0] as a float, or as it is if it is a schedule (cycled like OneCycleLR does)."""
+    return betas[0] if callable(betas[0]) else float(betas[0])
+
+
 def _check_adam(betas, eps, weight_decay) -> None:
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
@@ -128,8 +133,7 @@ def adam(
     decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    b1 = betas[0] if callable(betas[0]) else float(betas[0])
-    adaptive = scale_by_adam(b1, float(betas[1]), float(eps), amsgrad)
+    adaptive = scale_by_adam(_beta1(betas), float(betas[1]), float(eps), amsgrad)
     return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize)
 
 
@@ -218,7 +222,7 @@ def adagrad(
 
 def adamax(
     lr: float | Schedule = 2e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float | Schedule, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     *,
@@ -227,13 +231,13 @@ def adamax(
     """torch.optim.Adamax: ``g += weight_decay * p``, then :func:`scale_by_adamax`, ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    direction = scale_by_adamax(float(betas[0]), float(betas[1]), float(eps))
+    direction = scale_by_adamax(_beta1(betas), float(betas[1]), float(eps))
     return _adaptive(direction, lr, weight_decay, False, maximize)
 
 
 def nadam(
     lr: float | Schedule = 2e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float | Schedule, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     momentum_decay: float = 4e-3,
@@ -246,13 +250,13 @@ def nadam(
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
     _check("momentum_decay", momentum_decay, 0.0 <= momentum_decay)
-    direction = scale_by_nadam(float(betas[0]), float(betas[1]), float(eps), float(momentum_decay))
+    direction = scale_by_nadam(_beta1(betas), float(betas[1]), float(eps), float(momentum_decay))
     return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
 
 
 def radam(
     lr: float | Schedule = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float | Schedule, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
@@ -263,7 +267,7 @@ def radam(
     :func:`scale_by_radam`, then ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    direction = scale_by_radam(float(betas[0]), float(betas[1]), float(eps))
+    direction = scale_by_radam(_beta1(betas), float(betas[1]), float(eps))
     return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
 
 

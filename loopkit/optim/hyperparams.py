@@ -1,7 +1,8 @@
 """Reading and changing the learning rates held in an optimizer state.
 
-Every optimizer built from :func:`~loopkit.optim.scale_by_learning_rate` keeps its current lr
-in its state as a float64 tensor. These helpers find those tensors wherever they are nested
+Every optimizer built from :func:`~loopkit.optim.scale_by_learning_rate` (and ASGD and
+Adafactor, whose lr enters their update directly) keeps its current lr in its state as a
+float64 tensor. These helpers find those tensors wherever they are nested
 (chains are tuples, parameter groups are dicts) and return a new state with them replaced;
 the input state is not modified.
 """
@@ -13,11 +14,14 @@ from typing import Any
 
 import torch
 
-from loopkit.optim.transforms import ScaleByLearningRateState
+from loopkit.optim.transforms import AdafactorState, AsgdState, ScaleByLearningRateState
+
+# The states that hold an lr (a float64 tensor in their ``lr`` field).
+_LR_STATES = (ScaleByLearningRateState, AsgdState, AdafactorState)
 
 
-def _map(state: Any, fn: Callable[[ScaleByLearningRateState], Any]) -> Any:
-    if isinstance(state, ScaleByLearningRateState):
+def _map(state: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(state, _LR_STATES):
         return fn(state)
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         return type(state)(*(_map(s, fn) for s in state))
@@ -32,7 +36,7 @@ def learning_rates(opt_state: Any) -> list[torch.Tensor]:
     """The current lr of every ``scale_by_learning_rate`` in ``opt_state`` (in order)."""
     found: list[torch.Tensor] = []
 
-    def collect(s: ScaleByLearningRateState) -> ScaleByLearningRateState:
+    def collect(s: Any) -> Any:
         found.append(s.lr)
         return s
 
@@ -45,9 +49,12 @@ def set_learning_rate(opt_state: Any, lr: float | Callable[[torch.Tensor], Any])
     function (``lambda lr: lr * 0.1`` scales them). Only optimizers built with a number lr
     read it back; a schedule recomputes its lr from the step count at the next update."""
     if not learning_rates(opt_state):
-        raise ValueError("this optimizer state holds no learning rate (no scale_by_learning_rate)")
+        raise ValueError(
+            "this optimizer state holds no learning rate (Rprop, like torch's, uses its lr "
+            "only as the initial step size)"
+        )
 
-    def replace(s: ScaleByLearningRateState) -> ScaleByLearningRateState:
+    def replace(s: Any) -> Any:
         new = lr(s.lr) if callable(lr) else lr
         return s._replace(lr=torch.as_tensor(new, dtype=torch.float64, device=s.lr.device))
 

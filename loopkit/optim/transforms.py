@@ -36,6 +36,13 @@ def _at(value: float | Schedule, count: torch.Tensor) -> float | torch.Tensor:
     return value
 
 
+def _s(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A scalar hyperparameter in ``like``'s dtype. The float64 0-dim tensors that hold
+    bias corrections, schedules and the lr would otherwise promote a 0-dim param's math and
+    state to float64 (for larger tensors torch already computes in their dtype)."""
+    return value.to(like.dtype) if isinstance(value, torch.Tensor) else value
+
+
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
     """``torch.lerp`` with a number or a 0-dim tensor weight of any float dtype."""
     if isinstance(weight, torch.Tensor):
@@ -72,6 +79,7 @@ def add_decayed_weights(weight_decay: float) -> Transform:
 
 class TraceState(NamedTuple):
     count: torch.Tensor
+    initialized: torch.Tensor  # torch creates the buffer at the first step with momentum != 0
     momentum_buffer: PyTree
 
 
@@ -79,21 +87,28 @@ def trace(momentum: float | Schedule, dampening: float = 0.0, nesterov: bool = F
     """SGD momentum, as torch.optim.SGD: the first buffer is the raw update,
     ``b_1 = g_1``; then ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``;
     output ``g_t + momentum * b_t`` if nesterov else ``b_t``. ``momentum`` may be a schedule
-    (e.g. :func:`~loopkit.optim.schedules.one_cycle_momentum`)."""
+    (e.g. :func:`~loopkit.optim.schedules.one_cycle_momentum`); at a step where it is 0 the
+    update passes through and the buffer is kept, as torch skips momentum then."""
 
     def init(params):
-        return TraceState(_count(params), zeros_like_tree(params))
+        count = _count(params)
+        return TraceState(count, torch.zeros_like(count, dtype=torch.bool), zeros_like_tree(params))
 
     def update(g, state, params=None):
-        first = state.count == 0
         momentum_t = _at(momentum, state.count)
+        active = torch.as_tensor(momentum_t != 0, device=state.count.device)
+        first = ~state.initialized & active
 
         def buf(gi, bi):
-            return torch.where(first, gi, bi * momentum_t + (1 - dampening) * gi)
+            moved = bi * _s(momentum_t, gi) + (1 - dampening) * gi
+            return torch.where(first, gi, torch.where(active, moved, bi))
+
+        def output(gi, bi):
+            return torch.where(active, gi + _s(momentum_t, gi) * bi if nesterov else bi, gi)
 
         new_buf = tree_map(buf, g, state.momentum_buffer)
-        out = tree_map(lambda gi, bi: gi + momentum_t * bi, g, new_buf) if nesterov else new_buf
-        return out, TraceState(state.count + 1, new_buf)
+        out = tree_map(output, g, new_buf)
+        return out, TraceState(state.count + 1, state.initialized | active, new_buf)
 
     return Transform(init, update)
 
@@ -144,8 +159,8 @@ def scale_by_adam(
             max_sq, second = (), exp_avg_sq
 
         def direction(m, v):
-            denom = (v.sqrt() / bias_correction2_sqrt).add(eps)
-            return m / denom / bias_correction1
+            denom = (v.sqrt() / _s(bias_correction2_sqrt, v)).add(eps)
+            return m / denom / _s(bias_correction1, m)
 
         out = tree_map(direction, exp_avg, second)
         return out, ScaleByAdamState(count, exp_avg, exp_avg_sq, max_sq)
@@ -178,7 +193,7 @@ def scale_by_learning_rate(lr: float | Schedule) -> Transform:
 
     def update(g, state, params=None):
         lr_t = state.lr if constant else lr_at(state.count)
-        out = tree_map(lambda gi: gi.mul(-lr_t), g)
+        out = tree_map(lambda gi: gi * _s(-lr_t, gi), g)
         return out, ScaleByLearningRateState(state.count + 1, lr_t)
 
     return Transform(init, update)
@@ -213,13 +228,11 @@ def clip_by_global_norm_with_norm(
             "anyway, set error_if_nonfinite=False",
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    return tree_map(lambda x: x.mul(coef.to(x.device)), tree), total
+    return tree_map(lambda x: x * coef.to(x.device, x.dtype), tree), total
 
 
 def clip_by_value(clip_value: float) -> Transform:
     """``g <- clamp(g, -clip_value, clip_value)``, as torch.nn.utils.clip_grad_value_."""
-    if not clip_value >= 0:
-        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
 
     def update(g, state, params=None):
         return tree_map(lambda x: x.clamp(-clip_value, clip_value), g), state
@@ -230,9 +243,8 @@ def clip_by_value(clip_value: float) -> Transform:
 def clip_by_global_norm(
     max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
 ) -> Transform:
-    """The transform form of :func:`clip_by_global_norm_with_norm`."""
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    """The transform form of :func:`clip_by_global_norm_with_norm` (like torch, any
+    ``max_norm`` is accepted: 0 zeroes the gradient)."""
 
     def update(g, state, params=None):
         clipped, _ = clip_by_global_norm_with_norm(
@@ -299,7 +311,7 @@ def scale_by_adagrad(
         count = state.count + 1
         decay = 1 + (count.to(torch.float64) - 1) * lr_decay
         sums = tree_map(lambda s, gi: s.addcmul(gi, gi, value=1), state.sum, g)
-        out = tree_map(lambda gi, s: gi / (s.sqrt() + eps) / decay, g, sums)
+        out = tree_map(lambda gi, s: gi / (s.sqrt() + eps) / _s(decay, gi), g, sums)
         return out, ScaleByAdagradState(count, sums)
 
     return Transform(init, update)
@@ -311,7 +323,7 @@ class ScaleByAdamaxState(NamedTuple):
     exp_inf: PyTree
 
 
-def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+def scale_by_adamax(b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
     """Adamax's direction, as torch.optim.Adamax (t counts from 1)::
 
     m = lerp(m, g, 1 - b1)      u = max(b2 u, |g| + eps)      out = m / u / (1 - b1^t)
@@ -322,10 +334,11 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
 
     def update(g, state, params=None):
         count = state.count + 1
-        bias_correction = 1 - b1 ** count.to(torch.float64)
-        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        b1_t = _at(b1, state.count)  # a schedule: OneCycleLR/CyclicLR cycle betas[0]
+        bias_correction = 1 - b1_t ** count.to(torch.float64)
+        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
         exp_inf = tree_map(lambda u, gi: torch.maximum(u * b2, gi.abs() + eps), state.exp_inf, g)
-        out = tree_map(lambda m, u: m / u / bias_correction, exp_avg, exp_inf)
+        out = tree_map(lambda m, u: m / u / _s(bias_correction, m), exp_avg, exp_inf)
         return out, ScaleByAdamaxState(count, exp_avg, exp_inf)
 
     return Transform(init, update)
@@ -339,7 +352,7 @@ class ScaleByNadamState(NamedTuple):
 
 
 def scale_by_nadam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum_decay: float = 4e-3
+    b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum_decay: float = 4e-3
 ) -> Transform:
     """NAdam's direction, as torch.optim.NAdam (t counts from 1)::
 
@@ -363,20 +376,21 @@ def scale_by_nadam(
         count = state.count + 1
         t = count.to(torch.float64)
         bias_correction2 = 1 - b2**t
-        mu = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
-        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+        b1_t = _at(b1, state.count)
+        mu = b1_t * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = b1_t * (1.0 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
         mu_product = state.mu_product * mu.to(state.mu_product.dtype)
         mu_product_next = mu_product.to(torch.float64) * mu_next
         coef_grad = (1.0 - mu) / (1.0 - mu_product.to(torch.float64))
         coef_avg = mu_next / (1.0 - mu_product_next)
-        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
         exp_avg_sq = tree_map(
             lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
         )
 
         def direction(gi, m, v):
-            denom = v.div(bias_correction2).sqrt() + eps
-            return gi / denom * coef_grad + m / denom * coef_avg
+            denom = v.div(_s(bias_correction2, v)).sqrt() + eps
+            return gi / denom * _s(coef_grad, gi) + m / denom * _s(coef_avg, m)
 
         out = tree_map(direction, g, exp_avg, exp_avg_sq)
         return out, ScaleByNadamState(count, mu_product, exp_avg, exp_avg_sq)
@@ -384,7 +398,7 @@ def scale_by_nadam(
     return Transform(init, update)
 
 
-def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+def scale_by_radam(b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
     """RAdam's direction, as torch.optim.RAdam (t counts from 1)::
 
     m, v as Adam          rho_inf = 2 / (1 - b2) - 1
@@ -402,7 +416,8 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tra
     def update(g, state, params=None):
         count = state.count + 1
         t = count.to(torch.float64)
-        bias_correction1 = 1 - b1**t
+        b1_t = _at(b1, state.count)
+        bias_correction1 = 1 - b1_t**t
         bias_correction2 = 1 - b2**t
         rho_inf = 2 / (1 - b2) - 1
         rho_t = rho_inf - 2 * t * (b2**t) / bias_correction2
@@ -410,15 +425,15 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tra
             (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         ).sqrt()
         rectify = rho_t > 5.0
-        exp_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - b1), state.exp_avg, g)
+        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
         exp_avg_sq = tree_map(
             lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
         )
 
         def direction(m, v):
-            corrected = m / bias_correction1
-            adaptive = bias_correction2.sqrt() / (v.sqrt() + eps)
-            return torch.where(rectify, corrected * adaptive * rect, corrected)
+            corrected = m / _s(bias_correction1, m)
+            adaptive = _s(bias_correction2.sqrt(), v) / (v.sqrt() + eps)
+            return torch.where(rectify, corrected * adaptive * _s(rect, m), corrected)
 
         out = tree_map(direction, exp_avg, exp_avg_sq)
         return out, ScaleByAdamState(count, exp_avg, exp_avg_sq, ())
@@ -503,6 +518,7 @@ def scale_by_rprop(
 
 class AsgdState(NamedTuple):
     count: torch.Tensor
+    lr: torch.Tensor  # float64; with a number lr, set_learning_rate changes it
     eta: torch.Tensor
     mu: torch.Tensor
     ax: PyTree  # the running average of the params: ASGD's result
@@ -522,13 +538,16 @@ def asgd_update(
     """
     schedule = as_schedule(lr)
 
+    constant = not callable(lr)
+
     def init(params):
         count = _count(params)
-        first_lr = torch.as_tensor(schedule(count), dtype=torch.float64)
+        first_lr = torch.as_tensor(schedule(count), dtype=torch.float64, device=count.device)
         dtype = _scalar_dtype()
         return AsgdState(
             count,
-            first_lr.to(dtype=dtype, device=count.device),
+            first_lr,
+            first_lr.to(dtype),
             torch.ones((), dtype=dtype, device=count.device),
             zeros_like_tree(params),
         )
@@ -538,23 +557,27 @@ def asgd_update(
         count = state.count + 1
         t = count.to(torch.float64)
         eta = state.eta.to(torch.float64)
-        new = tree_map(lambda p, gi: p * (1 - lambd * eta) + gi * -eta, params, g)
+        new = tree_map(lambda p, gi: p * _s(1 - lambd * eta, p) + gi * _s(-eta, gi), params, g)
         averaging = state.mu != 1
         ax = tree_map(
-            lambda a, pn: torch.where(averaging, a + (pn - a) * state.mu, pn), state.ax, new
+            lambda a, pn: torch.where(averaging, a + (pn - a) * _s(state.mu, a), pn), state.ax, new
         )
-        lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
+        if constant:
+            lr_t = state.lr
+        else:
+            lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
         next_eta = lr_t / (1 + lambd * lr_t * t) ** alpha
         next_mu = 1 / torch.clamp(t - t0, min=1)
         out = tree_map(lambda pn, p: pn - p, new, params)
         dtype = state.eta.dtype
-        return out, AsgdState(count, next_eta.to(dtype), next_mu.to(dtype), ax)
+        return out, AsgdState(count, lr_t, next_eta.to(dtype), next_mu.to(dtype), ax)
 
     return Transform(init, update)
 
 
 class AdafactorState(NamedTuple):
     count: torch.Tensor
+    lr: torch.Tensor  # float64; with a number lr, set_learning_rate changes it
     row_var: dict  # for params with 2+ dims: the row and column factors of the variance
     col_var: dict
     variance: dict  # for the others: the full variance
@@ -576,9 +599,11 @@ def adafactor_update(
         u = g / sqrt(clamp(v, eps1^2))      u /= max(1, rms(u) / d)
         p' = p (1 - lr weight_decay) - alpha u           out = p' - p
 
-    ``eps1`` defaults to the machine epsilon of each param's dtype. Params must be a dict.
+    ``eps1`` defaults to the machine epsilon of the first param's dtype: torch resolves it
+    once per group and reuses it for the other params. Params must be a dict.
     """
     schedule = as_schedule(lr)
+    constant = not callable(lr)
     eps1, eps2 = eps
 
     def init(params):
@@ -590,8 +615,10 @@ def adafactor_update(
             shape[dim] = 1
             return p.new_zeros(shape)
 
+        count = _count(params)
         return AdafactorState(
-            _count(params),
+            count,
+            torch.as_tensor(schedule(count), dtype=torch.float64, device=count.device),
             {k: factor(p, -1) for k, p in params.items() if p.dim() > 1},
             {k: factor(p, -2) for k, p in params.items() if p.dim() > 1},
             {k: torch.zeros_like(p) for k, p in params.items() if p.dim() <= 1},
@@ -602,13 +629,17 @@ def adafactor_update(
         check_same_keys(g, params, "grads", "params")
         count = state.count + 1
         t = count.to(torch.float64)
-        lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
+        if constant:
+            lr_t = state.lr
+        else:
+            lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
         w = t**beta2_decay
+        first_dtype = next(iter(params.values())).dtype if params else torch.float32
+        e1 = torch.finfo(first_dtype).eps if eps1 is None else eps1
         rho = torch.minimum(lr_t, 1 / t.sqrt())
         row_var, col_var, variance, out = {}, {}, {}, {}
         for k, gi in g.items():
             p = params[k]
-            e1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
             wk = w.to(gi.dtype)
             if gi.dim() > 1:
                 row_mean = torch.linalg.vector_norm(gi, dim=-1, keepdim=True).square() / gi.size(-1)
@@ -623,9 +654,9 @@ def adafactor_update(
             numel_sqrt = p.numel() ** 0.5
             alpha = torch.clamp(p.norm(2).to(torch.float64) / numel_sqrt, min=eps2) * rho
             denom = torch.clamp(u.norm(2).to(torch.float64) / (numel_sqrt * d), min=1.0)
-            new_p = p * (1 - lr_t * weight_decay) + u * (-alpha / denom)
+            new_p = p * _s(1 - lr_t * weight_decay, p) + u * _s(-alpha / denom, u)
             out[k] = new_p - p
-        return out, AdafactorState(count, row_var, col_var, variance)
+        return out, AdafactorState(count, lr_t, row_var, col_var, variance)
 
     return Transform(init, update)
 

@@ -167,7 +167,8 @@ def _averaging(
         leaves = tree_leaves(params)
         device = leaves[0].device if leaves else None
         zero = torch.zeros((), dtype=torch.int64, device=device)
-        return AverageState(zero, zero, tree_map(torch.clone, params))
+        # two tensors, not one: dynamo guards on aliasing and would recompile after step 1
+        return AverageState(zero, zero.clone(), tree_map(torch.clone, params))
 
     def update(updates, state, params=None):
         if params is None:
@@ -191,8 +192,9 @@ def ema(decay: float = 0.999, *, start: int = 0, every: int = 1) -> Transform:
     """Exponential moving average of the params after each update, as
     ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`` updated after every
     ``optimizer.step()``: the first average is a copy, then ``a = lerp(a, p, 1 - decay)``.
-    Put it last in a chain; the updates pass through unchanged and the averaged params are
-    read with :func:`averaged_params`. ``start``/``every``: average after update ``start``
+    Put it last in a chain (inside :func:`accumulate`, so it sees real updates only); the
+    updates pass through unchanged and the averaged params are read with
+    :func:`averaged_params`. ``start``/``every``: average after update ``start``
     and then every ``every`` updates (count from 1)."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"Invalid decay value {decay}: it must be in [0, 1]")
