@@ -7,7 +7,6 @@ on them; everything else is torch's own pytree machinery.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,11 +19,6 @@ tree_leaves = pytree.tree_leaves
 tree_flatten = pytree.tree_flatten
 tree_unflatten = pytree.tree_unflatten
 tree_structure = pytree.tree_structure
-
-
-def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: PyTree) -> PyTree:
-    """Apply ``fn`` to every tensor leaf, leaving other leaves (ints, None, strings) alone."""
-    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def flatten_with_names(tree: PyTree) -> tuple[dict[str, Any], pytree.TreeSpec]:
