@@ -276,3 +276,200 @@ def test_loggers_write_one_record_per_epoch(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and records[1]["val/loss"] == 2.0
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_max_steps_and_steps_per_epoch():
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    data = lk.data.Batches(x, y, batch_size=8)  # 5 batches per pass
+    seen = []
+
+    class Record(lk.Hook):
+        def on_epoch_end(self, loop):
+            seen.append((loop.epoch, loop.step))
+
+    state = lk.TrainState.create(model, opt)
+    assert int(lk.fit(step, state, data, max_steps=12, hooks=[Record()]).step) == 12
+    assert seen == [(0, 5), (1, 10), (2, 12)]
+    seen.clear()
+    assert int(lk.fit(step, state, data, epochs=3, steps_per_epoch=2, hooks=[Record()]).step) == 6
+    assert seen == [(0, 2), (1, 4), (2, 6)]
+    seen.clear()
+    assert int(lk.fit(step, state, data, epochs=3, max_steps=7, hooks=[Record()]).step) == 7
+    assert seen == [(0, 5), (1, 7)]
+    # endless data: steps_per_epoch defines the epoch
+    endless = lk.data.Reiterable(lambda: iter(lambda: (x[:8], y[:8]), None))
+    seen.clear()
+    assert (
+        int(lk.fit(step, state, endless, epochs=2, steps_per_epoch=3, hooks=[Record()]).step) == 6
+    )
+    assert seen == [(0, 3), (1, 6)]
+    for bad in (dict(epochs=-1), dict(max_steps=1.5), dict(steps_per_epoch=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            lk.fit(step, state, data, **bad)
+
+
+def test_every_steps_runs_validation_and_checkpoints_on_steps(tmp_path):
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    seen = []
+
+    class Record(lk.Hook):
+        def on_validation_end(self, loop):
+            seen.append(loop.step)
+
+    hooks = [
+        lk.hooks.Validate(lk.eval_step(model, loss_fn), [(x, y)], every=None, every_steps=4),
+        Record(),
+        lk.hooks.Checkpoint(tmp_path, every=None, every_steps=3),
+    ]
+    lk.fit(step, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=8),
+           epochs=2, hooks=hooks)  # fmt: skip
+    assert seen == [4, 8, 10]  # and at the end of the final epoch
+    steps = [lk.checkpoint.step_of(p) for p in lk.checkpoint.checkpoints(tmp_path)]
+    assert steps == [3, 6, 9, 10]
+    with pytest.raises(ValueError, match="every_steps must be a positive integer"):
+        lk.hooks.Validate(None, [], every_steps=0)
+
+
+def test_keep_last_and_keep_best_together(tmp_path):
+    values = [5.0, 3.0, 4.0, 1.0, 2.0, float("nan"), 6.0]  # val/loss at each epoch end
+    hook = lk.hooks.Checkpoint(tmp_path, keep_last=2, keep_best="val/loss")
+    tiny_fit([FeedMetric(values), hook], epochs=len(values))
+    names = [p.name for p in lk.checkpoint.checkpoints(tmp_path)]
+    # best is epoch 3 (1.0) at step 4; the last two are steps 6 and 7
+    assert names == ["step-000000004", "step-000000006", "step-000000007"]
+    assert hook.best == tmp_path / "step-000000004"
+
+    top2 = lk.hooks.Checkpoint(tmp_path / "max", keep_best="val/loss", mode="max", best_n=2)
+    tiny_fit([FeedMetric(values), top2], epochs=len(values))
+    names = [p.name for p in lk.checkpoint.checkpoints(tmp_path / "max")]
+    assert names == ["step-000000001", "step-000000007"]  # 5.0, 6.0; the newest is 6.0
+
+
+def test_hook_state_survives_a_resume(tmp_path):
+    """Early stopping's counter, checkpoint retention and the logs carry over: without the
+    saved counter the resumed run below would start a fresh patience and not stop."""
+    values = [5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9, 5.0]
+
+    def hooks():
+        return [
+            FeedMetric(values),
+            lk.hooks.EarlyStopping("val/loss", patience=3),
+            lk.hooks.Checkpoint(tmp_path / "ckpt", keep_last=1, keep_best="val/loss"),
+            lk.hooks.JSONLLogger(tmp_path),
+        ]
+
+    model = nn.Linear(2, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]
+    step = lk.train_step(model, loss_fn, opt)
+
+    def stop_after(calls):
+        def wrapped(state, batch):
+            if int(state.step) >= calls:
+                raise RuntimeError("crash")
+            return step(state, batch)
+
+        return wrapped
+
+    with pytest.raises(RuntimeError, match="crash"):
+        lk.fit(stop_after(3), lk.TrainState.create(model, opt), data, epochs=8, hooks=hooks())
+    state = lk.fit(step, lk.TrainState.create(model, opt), data, epochs=8, hooks=hooks(),
+                   resume="latest")  # fmt: skip
+    assert int(state.step) == 5  # epochs 2, 3, 4 did not improve on 4.0
+    names = [p.name for p in lk.checkpoint.checkpoints(tmp_path / "ckpt")]
+    assert names == ["step-000000002", "step-000000005"]  # the best (4.0) and the last
+    import json
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in lines] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("action", ["stop", "skip", "raise"])
+def test_nan_guard(action):
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+    bad = (torch.full_like(x[:8], float("nan")), y[:8])
+    data = batches[:2] + [bad] + batches[2:]
+    guard = lk.hooks.NaNGuard(action=action)
+    seen = []
+
+    class Record(lk.Hook):
+        def on_epoch_end(self, loop):
+            seen.append(dict(loop.logs))
+
+    state0 = lk.TrainState.create(model, opt, seed=0)
+    if action == "raise":
+        with pytest.raises(FloatingPointError, match=r"loss is nan at step 3 \(epoch 0, batch 2\)"):
+            lk.fit(step, state0, data, hooks=[guard])
+        return
+    with pytest.warns(UserWarning, match=r"loss is nan at step 3 \(epoch 0, batch 2\)"):
+        state = lk.fit(step, state0, data, epochs=1, hooks=[guard, Record()])
+    expected = state0
+    kept = batches[:2] if action == "stop" else batches
+    losses = []
+    for b in kept:
+        expected, m = step(expected, b)
+        losses.append(m["loss"])
+    assert_states_equal(state, expected)
+    assert seen[0]["train/loss"] == pytest.approx(float(sum(losses) / len(losses)), rel=1e-6)
+    assert guard.skipped == [3]
+
+
+def test_timer_and_learning_rate_monitor():
+    model = nn.Linear(2, 2)
+    opt = optim.multi_transform(
+        {"w": optim.sgd(lr=0.1), "b": optim.sgd(lr=0.01)},
+        lambda name, p: "w" if name.endswith("weight") else "b",
+    )
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))] * 3
+    seen = []
+
+    class Record(lk.Hook):
+        def on_epoch_end(self, loop):
+            seen.append(dict(loop.logs))
+
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+           hooks=[lk.hooks.Timer(), lk.hooks.LearningRateMonitor(), Record()])  # fmt: skip
+    logs = seen[0]
+    assert logs["time/epoch_s"] > 0 and logs["time/steps_per_s"] > 0
+    assert sorted([logs["lr/0"], logs["lr/1"]]) == pytest.approx([0.01, 0.1])
+
+
+def test_tensorboard_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_fit([FeedMetric([3.0, 2.0]), lk.hooks.TensorBoardLogger(tmp_path)], epochs=2)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(1, 3.0), (2, 2.0)]
+    assert len(events.Scalars("train/loss")) == 2
+
+
+def test_loopkit_plot_draws_the_curves_of_a_run(tmp_path):
+    import subprocess
+    import sys
+
+    import matplotlib.image
+
+    tiny_fit([FeedMetric([3.0, 2.0, 1.5]), lk.hooks.JSONLLogger(tmp_path)], epochs=3)
+    done = subprocess.run([sys.executable, "-m", "loopkit", "plot", str(tmp_path)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    png = tmp_path / "curves.png"
+    assert done.stdout.strip() == str(png)
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+    from loopkit.plot import curves, read_logs
+
+    panels = curves(read_logs(tmp_path))
+    assert [v for _, v in panels["loss"]["val"]] == [3.0, 2.0, 1.5]
+    assert set(panels["loss"]) == {"train", "val"}
+    empty = subprocess.run([sys.executable, "-m", "loopkit", "plot", str(tmp_path / "none")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert empty.returncode == 1 and "no metrics.jsonl" in empty.stderr
