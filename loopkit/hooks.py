@@ -411,18 +411,21 @@ def _records_before(records: list[dict], epoch: int) -> list[dict]:
 
 
 class _FileLogger(Hook):
-    """Appends one record per epoch (``epoch``, ``step`` and ``loop.logs``) to a file in
-    ``directory``, flushed at once so a crash loses nothing already written. When ``fit``
-    resumes, the records of epochs the resumed run will redo are dropped first, so the file
-    ends up as an uninterrupted run's."""
+    """Writes one record per epoch (``epoch``, ``step`` and ``loop.logs``) to a file in
+    ``directory``, flushed at once so a crash loses nothing already written. A new run
+    starts a new file (``append=True`` keeps what is there, as Keras' CSVLogger). When
+    ``fit`` resumes, the records of the epochs the resumed run will redo are dropped, so
+    the file ends up as an uninterrupted run's."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str):
-        self.path = Path(directory) / filename
+    def __init__(self, directory: str | os.PathLike, filename: str, append: bool):
+        self.path, self.append = Path(directory) / filename, append
 
     def on_fit_start(self, loop: Loop) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if loop.resuming and self.path.exists():
             self.rewrite(_records_before(self.read(), loop.epoch))
+        elif not self.append:
+            self.path.unlink(missing_ok=True)
 
     def on_epoch_end(self, loop: Loop) -> None:
         record = {"epoch": loop.epoch, "step": loop.step}
@@ -450,8 +453,10 @@ class _FileLogger(Hook):
 class JSONLLogger(_FileLogger):
     """``directory/metrics.jsonl``: one JSON object per epoch."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str = "metrics.jsonl"):
-        super().__init__(directory, filename)
+    def __init__(
+        self, directory: str | os.PathLike, filename: str = "metrics.jsonl", *, append=False
+    ):
+        super().__init__(directory, filename, append)
 
     def read(self) -> list[dict]:
         lines = self.path.read_text().splitlines()
@@ -470,8 +475,10 @@ class CSVLogger(_FileLogger):
     """``directory/metrics.csv``: one row per epoch. When a later epoch logs a new column
     (validation every few epochs), the file is rewritten with the wider header."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str = "metrics.csv"):
-        super().__init__(directory, filename)
+    def __init__(
+        self, directory: str | os.PathLike, filename: str = "metrics.csv", *, append=False
+    ):
+        super().__init__(directory, filename, append)
 
     def read(self) -> list[dict]:
         with open(self.path, newline="") as f:

@@ -18,7 +18,6 @@ from torch import nn
 
 import loopkit as lk
 from loopkit import optim
-from tests.helpers import loss_fn
 
 
 class Announce(lk.hooks.Checkpoint):
@@ -44,6 +43,7 @@ def save_forever(directory: Path) -> None:
 
 
 def run(directory: Path, resume: bool) -> lk.TrainState:
+    from tests.helpers import loss_fn
     torch.manual_seed(0)
     x = torch.randn(60, 5)
     y = (x[:, 0] + 0.3 * torch.randn(60) > 0).long()
