@@ -3,6 +3,8 @@
 Every optimizer is a :class:`Transform` ``(init, update)``; ``chain`` composes them and
 ``apply_updates`` adds the result to the params. See :mod:`loopkit.optim.transforms` for the
 building blocks and :mod:`loopkit.optim.schedules` for learning-rate schedules.
+:func:`inject_hyperparams` keeps an optimizer's hyperparameters as tensors in its state
+(:func:`hyperparams` reads them, :func:`set_hyperparams` changes them).
 """
 
 from loopkit.optim import schedules
