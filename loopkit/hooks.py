@@ -312,8 +312,9 @@ class ReduceLROnPlateau(Hook):
     optimizer's learning rates by the change of its lr, as torch's ``ReduceLROnPlateau``
     does after ``scheduler.step(metric)``. List it after the :class:`Validate` it reads.
 
-    The optimizer must take a number lr (a schedule would recompute its own); with several
-    parameter groups each lr is scaled by the same ratio.
+    The optimizer must take a number lr or an injected one
+    (:func:`loopkit.optim.inject_hyperparams`): a schedule would recompute its own. With
+    several parameter groups each lr is scaled by the same ratio.
     """
 
     def __init__(self, plateau: Any, monitor: str = "val/loss"):

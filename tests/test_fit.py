@@ -171,14 +171,17 @@ def test_a_stopped_run_still_validates_and_checkpoints(tmp_path):
     assert os.listdir(tmp_path) == ["step-000000007"]
 
 
-def test_reduce_lr_on_plateau_hook_matches_torch():
+@pytest.mark.parametrize("injected", [False, True])
+def test_reduce_lr_on_plateau_hook_matches_torch(injected):
     """fit + Validate + ReduceLROnPlateau against torch's loop stepping the scheduler on the
-    same validation loss after every epoch (float64, a noisy target so plateaus happen)."""
+    same validation loss after every epoch (float64, a noisy target so plateaus happen).
+    With injected hyperparameters the hook finds and changes the injected lr."""
     torch.manual_seed(0)
     x = torch.randn(24, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (24,))
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-    opt = optim.sgd(lr=0.5, momentum=0.9)
+    sgd = optim.inject_hyperparams(optim.sgd) if injected else optim.sgd
+    opt = sgd(lr=0.5, momentum=0.9)
     plateau = optim.schedules.reduce_on_plateau(0.5, factor=0.5, patience=1, threshold=0.05)
     train = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
     x_val = torch.randn(16, 3, dtype=torch.float64)  # unrelated labels: val loss plateaus
