@@ -19,9 +19,10 @@ from torch.func import functional_call, grad_and_value
 from loopkit.errors import CompileError, LossError, StepError
 from loopkit.optim.base import Transform, apply_updates
 from loopkit.optim.transforms import clip_by_global_norm_with_norm
+from loopkit.precision import LossScaleState, autocast_dtype
 from loopkit.rng import rng_scope
 from loopkit.state import TrainState
-from loopkit.tree import describe
+from loopkit.tree import describe, tree_flatten, tree_leaves
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[Callable[..., Any], Any], "torch.Tensor | tuple[torch.Tensor, dict]"]
@@ -102,29 +103,49 @@ def _is_compiler_error(e: BaseException) -> bool:
 
 
 class _Step:
-    """Shared machinery of train and eval steps: training flags, errors, compilation."""
+    """Shared machinery of train and eval steps: training flags, errors, compilation.
+
+    ``pure`` is the uncompiled function (also used to explain compile failures); ``fn`` is
+    what a call runs. With ``donate`` the train step's ``fn`` writes the new state into the
+    input state's tensors and returns only the metrics (see :func:`compile_step`)."""
 
     kind = "step"
 
-    def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        pure: Callable,
+        compiled: Callable | None = None,
+        *,
+        donate: bool = False,
+        cudagraphs: bool = False,
+    ):
         self.model = model
-        self.pure = pure  # the uncompiled function; also used to explain compile failures
+        self.pure = pure
         self.fn = compiled or pure
         self.compiled = compiled is not None
+        self.donate = donate
+        self.cudagraphs = cudagraphs
         self._modules = list(model.modules())
 
-    def compiled_with(self, fn: Callable) -> _Step:
-        return type(self)(self.model, self.pure, fn)
+    def compiled_with(self, fn: Callable, *, donate: bool, cudagraphs: bool) -> _Step:
+        return type(self)(self.model, self.pure, fn, donate=donate, cudagraphs=cudagraphs)
 
     def _call(self, state: TrainState, args: tuple) -> Any:
+        if self.cudagraphs:
+            _prepare_cudagraph_call(args[:-1])
         try:
-            return self.fn(*args)
+            out = self.fn(*args)
         except _PASS_THROUGH:
             raise
         except Exception as e:
             if not (self.compiled and _is_compiler_error(e)):
                 raise self._step_error(state, args[-1], e) from e
             cause = e
+        else:
+            # A CUDA graph's outputs live in memory its next replay overwrites: the metrics
+            # are copied out (the state is the donated input, which the caller owns).
+            return _clone_metrics(out) if self.cudagraphs else out
         # The compiler failed: run eagerly to tell a bug in the user's code (reported as
         # eager would report it) from something only the compiler rejects (a graph break).
         try:
@@ -158,7 +179,10 @@ class TrainStep(_Step):
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         args = (state.params, state.buffers, state.opt_state, state.step, batch)
         with _training(self.model, self._modules, True), rng_scope(state.rng) as rng:
-            params, buffers, opt_state, step, metrics = self._call(state, args)
+            out = self._call(state, args)
+        if self.donate:  # the new state was written into the input state's tensors
+            return TrainState(*args[:4], rng), out
+        params, buffers, opt_state, step, metrics = out
         return TrainState(params, buffers, opt_state, step, rng), metrics
 
 
@@ -183,6 +207,7 @@ def train_step(
     optimizer: Transform,
     *,
     clip_norm: float | None = None,
+    precision: str | None = None,
     compile: bool = False,
     **compile_kwargs: Any,
 ) -> TrainStep:
@@ -196,9 +221,25 @@ def train_step(
     BatchNorm statistics come back in the new state's buffers; Dropout draws from the
     state's ``rng``. ``compile=True`` compiles it with :func:`loopkit.compile`
     (``compile_kwargs`` go there).
+
+    ``precision="bf16"`` or ``"fp16"`` runs ``loss_fn`` under ``torch.autocast`` with that
+    dtype; params, gradients and optimizer state stay in their own dtype (float32 master
+    params). ``"fp16"`` needs the optimizer wrapped in
+    :func:`loopkit.precision.dynamic_loss_scale`: the step differentiates
+    ``loss * scale`` and the scaler unscales, skips steps with inf/NaN gradients and
+    adapts the scale as ``torch.amp.GradScaler``; the metric ``loss_scale`` is the scale
+    used. See :mod:`loopkit.precision`.
     """
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm}")
+    amp_dtype = autocast_dtype(precision)
+    scaled = amp_dtype == torch.float16
+    if scaled and clip_norm is not None:
+        raise ValueError(
+            "clip_norm with precision='fp16' would clip the scaled gradients: clip the "
+            "unscaled ones inside the scaler instead, "
+            "dynamic_loss_scale(chain(clip_by_global_norm(max_norm), optimizer))"
+        )
     buffer_names = {name for name, _ in model.named_buffers()}
 
     def train(params, buffers, opt_state, step, batch):
@@ -206,13 +247,23 @@ def train_step(
         # them as an input of the differentiated function, as torch.func requires.
         buffers = {k: v.clone() if k in buffer_names else v for k, v in buffers.items()}
 
+        if scaled and not isinstance(opt_state, LossScaleState):
+            raise StepError(
+                "precision='fp16' needs a loss scaler: build the optimizer (and the state) "
+                "with loopkit.precision.dynamic_loss_scale(optimizer)"
+            )
+
         def objective(p, b):
             net = Net(model, p, b)
-            loss, metrics = _split_loss(loss_fn(net, batch))
-            return loss, (metrics, net.buffers)
+            with _autocast(p, amp_dtype):
+                loss, metrics = _split_loss(loss_fn(net, batch))
+            grad_of = loss * opt_state.scale if scaled else loss
+            return grad_of, (loss, metrics, net.buffers)
 
-        grads, (loss, (aux, buffers)) = grad_and_value(objective, has_aux=True)(params, buffers)
+        grads, (_, (loss, aux, buffers)) = grad_and_value(objective, has_aux=True)(params, buffers)
         metrics = {"loss": loss.detach(), **aux}
+        if scaled:
+            metrics["loss_scale"] = opt_state.scale.clone()  # the input may be donated
         if clip_norm is not None:
             grads, metrics["grad_norm"] = clip_by_global_norm_with_norm(grads, float(clip_norm))
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -221,15 +272,30 @@ def train_step(
     return _maybe_compile(TrainStep(model, train), compile, compile_kwargs)
 
 
+def _autocast(params: dict, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = next(iter(params.values())).device.type if params else "cpu"
+    return torch.autocast(device, dtype=dtype)
+
+
 def eval_step(
-    model: nn.Module, loss_fn: LossFn, *, compile: bool = False, **compile_kwargs: Any
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    precision: str | None = None,
+    compile: bool = False,
+    **compile_kwargs: Any,
 ) -> EvalStep:
     """Build ``evaluate(state, batch) -> metrics`` with eval-mode semantics: BatchNorm uses
     its running statistics, Dropout is off, no gradients are computed. Metrics are
-    ``{"loss": ..., **aux}`` as returned by ``loss_fn``."""
+    ``{"loss": ..., **aux}`` as returned by ``loss_fn``. ``precision`` autocasts as in
+    :func:`train_step`."""
+    amp_dtype = autocast_dtype(precision)
 
     def evaluate(params, buffers, batch):
-        loss, aux = _split_loss(loss_fn(Net(model, params, buffers), batch))
+        with _autocast(params, amp_dtype):
+            loss, aux = _split_loss(loss_fn(Net(model, params, buffers), batch))
         return {"loss": loss.detach(), **aux}
 
     return _maybe_compile(EvalStep(model, evaluate), compile, compile_kwargs)
@@ -253,21 +319,123 @@ def compile_step(
     mode: str | None = None,
     backend: Any = "inductor",
     options: dict | None = None,
+    donate: bool = False,
+    guards: str = "inputs",
 ) -> _Step:
     """Compile the whole step -- forward, backward and optimizer update -- with
-    ``torch.compile`` (one graph with ``fullgraph=True``). The step counter and learning
-    rate are tensors, so steps after the first reuse the compiled graph; a batch of a new
-    shape compiles once more (``dynamic=False`` keeps shapes static, the fastest code).
+    ``torch.compile`` (one graph with ``fullgraph=True``; a graph break raises
+    :class:`CompileError` naming it). The step counter and learning rate are tensors, so
+    steps after the first reuse the compiled graph; a batch of a new shape compiles once
+    more (``dynamic=False`` keeps shapes static, the fastest code).
+
+    ``donate=True`` (train steps): the step writes the new params, buffers, optimizer state
+    and step counter into the input state's tensors, in place, and returns a state holding
+    those same tensors. The input state must not be used afterwards (it *is* the new
+    state); in exchange no second copy of the state is allocated, so peak memory is the
+    imperative loop's, and the update kernels write their results where they read them.
+
+    ``mode="reduce-overhead"`` (CUDA graphs on CUDA) implies ``donate=True``: the state's
+    tensors are marked static (``torch._dynamo.mark_static_address``), so the graph
+    updates them where they live and only the batch is copied into the graph's inputs;
+    the metrics are copied out of the graph's memory after each call. On CPU inductor
+    skips CUDA graphs and the step runs as with the default mode.
+
+    ``guards="inputs"`` (the default) keeps Dynamo's guards on the step's inputs -- the
+    state's structure and each tensor's dtype, shape, strides and device, the batch's, and
+    global state such as grad mode and autocast -- and drops the guards on what the step
+    closes over (the model's modules and attributes, ``loss_fn``, the optimizer), which
+    cost more per call than the rest together (``torch.compile``'s ``guard_filter_fn``).
+    The contract: the model's code and attributes, ``loss_fn`` and the optimizer do not
+    change after the first call; to change them, build a new step. ``guards="all"`` keeps
+    every guard (a changed attribute then recompiles).
     """
+    if guards not in ("inputs", "all"):
+        raise ValueError(f"guards must be 'inputs' or 'all', got {guards!r}")
+    cudagraphs = mode in ("reduce-overhead", "max-autotune")
+    if cudagraphs and isinstance(step, TrainStep):
+        donate = True
+    if donate and not isinstance(step, TrainStep):
+        raise ValueError("donate=True applies to train steps only (an eval step writes nothing)")
+    pure = _donating(step.pure) if donate else step.pure
+    options = dict(options or {})
+    if mode is not None and backend == "inductor":
+        # torch.compile takes mode or options, not both: spell the mode as its options.
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode, dynamic), **options}
+        mode = None
+    if guards == "inputs":
+        options.setdefault("guard_filter_fn", _input_guards(pure))
     fn = torch.compile(
-        _fresh_code(step.pure),
+        _fresh_code(pure),
         fullgraph=fullgraph,
         dynamic=dynamic,
         mode=mode,
         backend=backend,
-        options=options,
+        options=options or None,
     )
-    return step.compiled_with(fn)
+    return step.compiled_with(fn, donate=donate, cudagraphs=cudagraphs)
+
+
+def _donating(train: Callable) -> Callable:
+    """``train`` that writes the new state into the input state's tensors and returns only
+    the metrics. Inside a compiled graph each ``copy_`` becomes the update kernel's store
+    into the input's memory."""
+
+    def train_in_place(params, buffers, opt_state, step, batch):
+        old = (params, buffers, opt_state, step)
+        *new, metrics = train(params, buffers, opt_state, step, batch)
+        old_leaves, old_spec = tree_flatten(old)
+        new_leaves, new_spec = tree_flatten(tuple(new))
+        if old_spec != new_spec:
+            raise StepError(
+                "donate=True needs the optimizer to return a state of the structure it was "
+                f"given; got {new_spec}, expected {old_spec}. Compile without donate."
+            )
+        for o, n in zip(old_leaves, new_leaves, strict=True):
+            if n is not o:
+                o.copy_(n)
+        return metrics
+
+    return train_in_place
+
+
+def _input_guards(fn: Callable) -> Callable[[list], list[bool]]:
+    """A ``guard_filter_fn`` keeping the guards on ``fn``'s arguments and on global state
+    (grad mode, autocast, ...: the guards without a source), dropping those on its closure
+    and globals."""
+    import inspect
+
+    args = set(inspect.signature(fn).parameters)
+
+    def keep(entries: list) -> list[bool]:
+        return [not e.name or _root_name(e.name) in args for e in entries]
+
+    return keep
+
+
+def _root_name(source: str) -> str:
+    """``"params['fc.weight']"`` -> ``"params"``; ``"opt_state[0].mu"`` -> ``"opt_state"``."""
+    end = len(source)
+    for i, ch in enumerate(source):
+        if not (ch.isalnum() or ch == "_"):
+            end = i
+            break
+    return source[:end]
+
+
+def _prepare_cudagraph_call(state_parts: tuple) -> None:
+    """Before a CUDA-graph call: mark the state's tensors static (their addresses are the
+    graph's inputs; unguarded, so a new state re-records the graph rather than recompiling)
+    and start a new step, so the previous call's outputs may be overwritten."""
+    for t in tree_leaves(state_parts):
+        if isinstance(t, torch.Tensor) and not hasattr(t, "_dynamo_static_input_type"):
+            torch._dynamo.mark_static_address(t, guard=False)
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def _clone_metrics(metrics: Metrics) -> Metrics:
+    return {k: v.clone() for k, v in metrics.items()}
 
 
 def _fresh_code(fn: Callable) -> Callable:

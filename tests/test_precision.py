@@ -1,0 +1,144 @@
+"""Mixed precision against torch's own: autocast loops and torch.amp.GradScaler."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import loopkit as lk
+from loopkit import optim
+from loopkit.precision import LossScaleState, dynamic_loss_scale
+from tests.helpers import loss_fn
+
+# A value that overflows float16 (max 65504) when multiplied into a gradient.
+INF = float("inf")
+
+
+@given(
+    grads=st.lists(
+        st.lists(
+            st.sampled_from([0.5, -1.0, 3e-3, 2.0, INF, -INF, float("nan")]), min_size=3, max_size=3
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    init_scale=st.sampled_from([1.0, 2.0**4, 2.0**16, 2.0**127]),
+    growth_factor=st.sampled_from([2.0, 1.5]),
+    backoff_factor=st.sampled_from([0.5, 0.25]),
+    growth_interval=st.integers(1, 4),
+)
+def test_loss_scaler_decides_as_grad_scaler(
+    grads, init_scale, growth_factor, backoff_factor, growth_interval
+):
+    """Fed the same scaled gradients, the scaler keeps GradScaler's scale after every step,
+    skips the same steps, and leaves the params where torch.optim.SGD + GradScaler does
+    (2**127 grows past float32's range: both keep the scale)."""
+    kw = dict(
+        init_scale=init_scale,
+        growth_factor=growth_factor,
+        backoff_factor=backoff_factor,
+        growth_interval=growth_interval,
+    )
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    torch_opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", **kw)
+    tx = dynamic_loss_scale(optim.sgd(lr=0.1, momentum=0.9), **kw)
+    params = {"p": p.detach().clone()}
+    state = tx.init(params)
+    for g in grads:
+        torch_opt.zero_grad()
+        scaler.scale((p * torch.tensor(g)).sum()).backward()  # grad: g * scale
+        scaled = p.grad.clone()
+        scaler.step(torch_opt)
+        scaler.update()
+        updates, state = tx.update({"p": scaled}, state, params)
+        params = optim.apply_updates(params, updates)
+        assert float(state.scale) == scaler.get_scale()
+        assert int(state.growth_tracker) == scaler._get_growth_tracker()
+        torch.testing.assert_close(params["p"], p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_loss_scaler_validates_like_grad_scaler():
+    with pytest.raises(ValueError, match="growth factor"):
+        dynamic_loss_scale(optim.sgd(), growth_factor=1.0)
+    with pytest.raises(ValueError, match="backoff factor"):
+        dynamic_loss_scale(optim.sgd(), backoff_factor=1.0)
+    with pytest.raises(ValueError, match="growth_interval"):
+        dynamic_loss_scale(optim.sgd(), growth_interval=0)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(),
+                         nn.Linear(32, 4))  # fmt: skip
+
+
+def _batches(n=5):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+            for _ in range(n)]  # fmt: skip
+
+
+def test_bf16_step_matches_the_imperative_autocast_loop():
+    model, batches = _model(), _batches()
+    ref = copy.deepcopy(model)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = optim.adamw(lr=1e-2)
+    step = lk.train_step(model, loss_fn, opt, precision="bf16")
+    state = lk.TrainState.create(model, opt)
+    for batch in batches:
+        torch_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = loss_fn(ref, batch)
+        loss.backward()
+        torch_opt.step()
+        state, metrics = step(state, batch)
+        assert metrics["loss"] == loss.detach()  # the same bf16 computation
+    for name, p in ref.named_parameters():
+        assert state.params[name].dtype == torch.float32  # fp32 master params
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_step_matches_the_imperative_grad_scaler_loop():
+    """init_scale 2**24 overflows float16 in the first steps: the same steps are skipped,
+    the scale backs off and then grows (growth_interval=2) as GradScaler's."""
+    model, batches = _model(), _batches(8)
+    kw = dict(init_scale=2.0**24, growth_interval=2)
+    ref = copy.deepcopy(model)
+    torch_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", **kw)
+    opt = dynamic_loss_scale(optim.sgd(lr=0.05, momentum=0.9), **kw)
+    step = lk.train_step(model, loss_fn, opt, precision="fp16")
+    state = lk.TrainState.create(model, opt)
+    scales = []
+    for batch in batches:
+        torch_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, _ = loss_fn(ref, batch)
+        scaler.scale(loss).backward()
+        scaler.step(torch_opt)
+        scaler.update()
+        state, metrics = step(state, batch)
+        scales.append(float(metrics["loss_scale"]))
+        assert float(state.opt_state.scale) == scaler.get_scale()
+    assert scales[0] > min(scales)  # it did back off
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_precision_errors_name_the_fix():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="precision must be"):
+        lk.train_step(model, loss_fn, optim.sgd(), precision="fp8")
+    with pytest.raises(ValueError, match=r"dynamic_loss_scale\(chain\(clip_by_global_norm"):
+        lk.train_step(model, loss_fn, dynamic_loss_scale(optim.sgd()), precision="fp16",
+                      clip_norm=1.0)  # fmt: skip
+    step = lk.train_step(model, loss_fn, optim.sgd(), precision="fp16")
+    state = lk.TrainState.create(model, optim.sgd())
+    with pytest.raises(lk.StepError, match="dynamic_loss_scale"):
+        step(state, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+    scaled = dynamic_loss_scale(optim.sgd())
+    assert isinstance(lk.TrainState.create(model, scaled).opt_state, LossScaleState)
