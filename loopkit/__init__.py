@@ -8,7 +8,7 @@ state = fit(step, state, loader, epochs=10, hooks=[...])
 
 __version__ = "0.1.0"
 
-from loopkit import checkpoint, data, hooks, optim, tree
+from loopkit import checkpoint, data, hooks, optim, precision, tree
 from loopkit.driver import Hook, Loop, evaluate, fit
 from loopkit.errors import CompileError, LossError, StepError
 from loopkit.rng import rng_for, rng_scope
@@ -34,6 +34,7 @@ __all__ = [
     "fit",
     "hooks",
     "optim",
+    "precision",
     "rng_for",
     "rng_scope",
     "train_step",

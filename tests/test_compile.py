@@ -163,3 +163,110 @@ def test_one_cycle_with_momentum_cycling_compiles_once():
         torch_opt.step()
         torch_sched.step()
     assert counter.frame_count == 1
+
+
+def _mlp(*middle: nn.Module) -> nn.Module:
+    """No bias before a BatchNorm: its true gradient is 0, and Adam would turn the rounding
+    noise there into O(lr) steps (see helpers.build_mlp)."""
+    torch.manual_seed(0)
+    bn = any(isinstance(m, nn.BatchNorm1d) for m in middle)
+    return nn.Sequential(nn.Linear(6, 16, bias=not bn), *middle, nn.Tanh(), nn.Linear(16, 3))
+
+
+# Mixed precision: inductor fuses the bf16/fp16 ops and may keep intermediates in float32
+# where eager rounds them, so compiled and eager agree to the low precision's resolution
+# (bf16 has 8 significant bits: 2**-8 ~ 4e-3), not to float32's.
+MIXED = dict(rtol=1e-2, atol=1e-3)
+STEP_OPTIONS = {
+    # name: (model, optimizer, train_step options, compile options, tolerance)
+    "clip": (_mlp, lambda: optim.adamw(lr=1e-2), dict(clip_norm=0.5), {}, COMPILED),
+    "accumulate": (
+        _mlp,
+        lambda: optim.accumulate(optim.adamw(lr=1e-2), 2),
+        {},
+        {},
+        COMPILED,
+    ),
+    "batchnorm": (
+        lambda: _mlp(nn.BatchNorm1d(16)),
+        lambda: optim.adamw(lr=1e-2),
+        {},
+        {},
+        COMPILED,
+    ),  # fmt: skip
+    # On CPU inductor keeps Dropout's bernoulli_ as an eager kernel, called in the
+    # forward's order, so the compiled masks are eager's (on CUDA they are inductor's own).
+    "dropout": (
+        lambda: _mlp(nn.Dropout(0.3)),
+        lambda: optim.adamw(lr=1e-2),
+        {},
+        {},
+        COMPILED,
+    ),  # fmt: skip
+    "donate": (
+        lambda: _mlp(nn.BatchNorm1d(16)),
+        lambda: optim.adamw(lr=1e-2),
+        dict(clip_norm=0.5),
+        dict(donate=True),
+        COMPILED,
+    ),
+    # On CPU inductor skips CUDA graphs; this runs the static-state, donated path.
+    "reduce-overhead": (
+        _mlp,
+        lambda: optim.sgd(lr=0.05, momentum=0.9),
+        {},
+        dict(mode="reduce-overhead"),
+        COMPILED,
+    ),
+    "bf16": (
+        _mlp,
+        lambda: optim.sgd(lr=0.05, momentum=0.9),
+        dict(precision="bf16"),
+        {},
+        MIXED,
+    ),  # fmt: skip
+    "fp16": (
+        _mlp,
+        lambda: lk.precision.dynamic_loss_scale(
+            optim.sgd(lr=0.05, momentum=0.9), init_scale=2.0**20, growth_interval=2
+        ),
+        dict(precision="fp16"),
+        {},
+        MIXED,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEP_OPTIONS))
+def test_every_step_option_compiles_once_and_matches_eager(name):
+    """For each option: the compiled step equals the eager one (itself proven equal to
+    torch's imperative loop in test_step / test_wrappers / test_precision) over several
+    steps, and compiles exactly one graph."""
+    from torch._dynamo.utils import counters
+
+    make_model, make_opt, step_kw, compile_kw, tol = STEP_OPTIONS[name]
+    model, opt = make_model(), make_opt()
+    eager = lk.train_step(model, loss_fn, opt, **step_kw)
+    compiled = lk.train_step(model, loss_fn, opt, compile=True, **step_kw, **compile_kw)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g))
+               for _ in range(4)]  # fmt: skip
+    graphs = counters["stats"]["unique_graphs"]
+    a = lk.TrainState.create(model, opt, seed=0)
+    b = lk.TrainState.create(model, opt, seed=0)
+    for batch in batches:
+        a, ma = eager(a, batch)
+        given = b
+        b, mb = compiled(b, batch)
+        for k in ma:
+            torch.testing.assert_close(mb[k], ma[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+        if compile_kw.get("donate") or compile_kw.get("mode"):
+            # Donated: the new state lives in the input state's tensors.
+            assert all(
+                x is y
+                for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(given), strict=True)
+                if x.dtype != torch.uint8  # the rng states are new tensors
+            )
+    for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
+        torch.testing.assert_close(x, y, **tol)
+    assert counters["stats"]["unique_graphs"] - graphs == 1, "the step recompiled"
