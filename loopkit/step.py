@@ -110,26 +110,18 @@ class _Step:
     input state's tensors and returns only the metrics (see :func:`compile_step`)."""
 
     kind = "step"
+    donate = False  # set by compile_step
+    cudagraphs = False  # set by compile_step: the call prepares and copies out of a CUDA graph
 
-    def __init__(
-        self,
-        model: nn.Module,
-        pure: Callable,
-        compiled: Callable | None = None,
-        *,
-        donate: bool = False,
-        cudagraphs: bool = False,
-    ):
+    def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None):
         self.model = model
         self.pure = pure
         self.fn = compiled or pure
         self.compiled = compiled is not None
-        self.donate = donate
-        self.cudagraphs = cudagraphs
         self._modules = list(model.modules())
 
-    def compiled_with(self, fn: Callable, *, donate: bool, cudagraphs: bool) -> _Step:
-        return type(self)(self.model, self.pure, fn, donate=donate, cudagraphs=cudagraphs)
+    def compiled_with(self, fn: Callable) -> _Step:
+        return type(self)(self.model, self.pure, fn)
 
     def _call(self, state: TrainState, args: tuple) -> Any:
         if self.cudagraphs:
@@ -351,11 +343,18 @@ def compile_step(
     """
     if guards not in ("inputs", "all"):
         raise ValueError(f"guards must be 'inputs' or 'all', got {guards!r}")
-    cudagraphs = mode in ("reduce-overhead", "max-autotune")
+    # CUDA graphs: loopkit's own train and eval steps keep their state static and copy the
+    # metrics out; other steps (ensembles, ...) are left to torch's CUDA-graph trees.
+    cudagraphs = mode in ("reduce-overhead", "max-autotune") and isinstance(
+        step, (TrainStep, EvalStep)
+    )
     if cudagraphs and isinstance(step, TrainStep):
         donate = True
     if donate and not isinstance(step, TrainStep):
-        raise ValueError("donate=True applies to train steps only (an eval step writes nothing)")
+        raise ValueError(
+            "donate=True applies to steps built by loopkit.train_step (an eval step writes "
+            f"no state), not to a {type(step).__name__}"
+        )
     pure = _donating(step.pure) if donate else step.pure
     options = dict(options or {})
     if mode is not None and backend == "inductor":
@@ -374,7 +373,9 @@ def compile_step(
         backend=backend,
         options=options or None,
     )
-    return step.compiled_with(fn, donate=donate, cudagraphs=cudagraphs)
+    out = step.compiled_with(fn)
+    out.donate, out.cudagraphs = donate, cudagraphs
+    return out
 
 
 def _donating(train: Callable) -> Callable:
