@@ -8,7 +8,7 @@ state = fit(step, state, loader, epochs=10, hooks=[...])
 
 __version__ = "0.1.0"
 
-from loopkit import checkpoint, data, hooks, optim, tree
+from loopkit import checkpoint, data, distributed, hooks, optim, tree
 from loopkit.driver import Hook, Loop, evaluate, fit
 from loopkit.errors import CompileError, LossError, StepError
 from loopkit.rng import rng_for, rng_scope
@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint",
     "compile",
     "data",
+    "distributed",
     "eval_step",
     "evaluate",
     "fit",

@@ -11,6 +11,11 @@ Step metrics stay on the device: the driver adds them up per epoch with tensor o
 reduces them to floats once, at the end of the epoch (``loop.logs["train/<name>"]``), so
 ``fit`` itself never waits for the device inside an epoch.
 
+Under ``torch.distributed`` with a data-parallel step
+(:func:`loopkit.distributed.train_step`), every rank runs ``fit`` with the same hooks:
+``fit`` broadcasts rank 0's state at the start, only rank 0 reads a checkpoint to resume
+from, and the hooks that write files or print do so on rank 0 only.
+
 Resuming: a checkpoint written by :class:`~loopkit.hooks.Checkpoint` holds the state, the
 data position (epoch, batches taken in it), the epoch's partial metric sums, the logs and
 history, and every hook's ``state_dict()``. ``fit(..., resume=...)`` restores all of it and
@@ -29,10 +34,10 @@ from typing import Any
 
 import torch
 
-from loopkit import checkpoint
+from loopkit import checkpoint, distributed
 from loopkit import data as data_lib
 from loopkit.state import TrainState
-from loopkit.tree import tree_leaves
+from loopkit.tree import leading_dim
 
 Metrics = dict[str, torch.Tensor]
 
@@ -151,6 +156,7 @@ class Loop:
             "logs": plain_data(self.logs, "loop.logs"),
             "history": plain_data(self.history, "loop.history"),
             "stopped": self.should_stop,
+            "world_size": distributed.world_size(),
             "hooks": hooks,
         }
 
@@ -187,26 +193,32 @@ def to_python(value: Any) -> Any:
     return value
 
 
-def batch_size(batch: Any) -> int:
-    """The leading dimension of the batch's first tensor (1 if it has none)."""
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
-            return leaf.shape[0]
-    return 1
-
-
 def evaluate(
-    evaluate_step: Callable[[TrainState, Any], Metrics], state: TrainState, data: Iterable
+    evaluate_step: Callable[[TrainState, Any], Metrics],
+    state: TrainState,
+    data: Iterable,
+    *,
+    across_ranks: bool = False,
 ) -> dict[str, Any]:
     """Run ``evaluate_step`` over ``data`` and average each metric over examples (a batch of
-    n examples weighs n, so an uneven last batch counts for what it holds). One host sync."""
+    n examples weighs n, so an uneven last batch counts for what it holds). One host sync.
+
+    ``across_ranks=True`` under torch.distributed (every rank must call it): the averages
+    are over the examples of all ranks, the same number on every rank."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch in data:
-        n = batch_size(batch)
+        n = leading_dim(batch)
         for k, v in evaluate_step(state, batch).items():
             sums[k] = sums[k] + v * n if k in sums else v * n
         count += n
+    if across_ranks and distributed.world_size() > 1:
+        local = ({k: v.detach().cpu() for k, v in sums.items()}, count)
+        sums, count = {}, 0
+        for rank_sums, rank_count in distributed.all_gather_object(local):
+            for k, v in rank_sums.items():
+                sums[k] = sums[k] + v if k in sums else v
+            count += rank_count
     if count == 0:
         raise ValueError("evaluate got no batches: the validation data is empty")
     return {k: to_python(v / count) for k, v in sums.items()}
@@ -260,6 +272,57 @@ def _load_resume(resume: str | os.PathLike, hooks: Sequence[Hook]):
     return checkpoint.read_latest(where)
 
 
+def _read_resume(loop: Loop, resume: str | os.PathLike) -> tuple[Path, dict] | None:
+    """Find and read the checkpoint to resume from, restore its state into ``loop.state``
+    and return ``(path, loop state dict)``; None to start afresh."""
+    found = _load_resume(resume, loop.hooks)
+    if found is None:
+        return None
+    path, contents = found
+    if "loop" not in contents["extra"]:
+        raise checkpoint.CheckpointError(
+            f"{path} holds a state but no training position (it was not written by "
+            "hooks.Checkpoint): load it with loopkit.checkpoint.load and call fit without resume"
+        )
+    written_by = contents["extra"]["loop"].get("world_size", 1)
+    if written_by != distributed.world_size():
+        raise distributed.DistributedError(
+            f"checkpoint {path} was written by a run of {written_by} process(es), this run "
+            f"has {distributed.world_size()}: the data position and each rank's shard of the "
+            "data depend on it. Resume with the same number of processes, or load only the "
+            "state (loopkit.checkpoint.load(path, like=state)) and start a new fit without "
+            "resume."
+        )
+    loop.state = checkpoint.restore(contents["state"], loop.state, f"checkpoint {path}")
+    return path, contents["extra"]["loop"]
+
+
+def _resume(loop: Loop, resume: str | os.PathLike, data_parallel: bool) -> None:
+    """Restore the state and position to resume from. Under data parallelism only rank 0
+    reads the checkpoint (no shared filesystem needed); it sends the position and hook
+    states to the others, and ``fit`` then broadcasts its state."""
+    if not data_parallel:
+        found = _read_resume(loop, resume)
+    else:
+        try:
+            found = _read_resume(loop, resume) if distributed.is_main() else None
+            error = None
+        except Exception as e:  # every rank must learn that rank 0 failed, or they hang
+            found, error = None, e
+        shared = distributed.broadcast_object(
+            (found, None if error is None else f"{type(error).__name__}: {error}")
+        )
+        if error is not None:
+            raise error
+        found, message = shared
+        if message is not None:
+            raise distributed.DistributedError(f"rank 0 could not resume: {message}")
+    if found is not None:
+        path, saved = found
+        loop.load_state_dict(saved)
+        loop.resumed_from = path
+
+
 def fit(
     step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
     state: TrainState,
@@ -295,21 +358,13 @@ def fit(
     _check_reiterable(data, epochs)
     loop = Loop(state, list(hooks), epochs, _epoch_length(data, steps_per_epoch), max_steps)
     loop.resuming = resume is not None
+    data_parallel = getattr(step, "data_parallel", False) and distributed.world_size() > 1
     if resume is not None:
-        if (reason := data_lib.why_not_resumable(data)) is not None:
+        if distributed.is_main() and (reason := data_lib.why_not_resumable(data)) is not None:
             warnings.warn(f"fit(resume=...) may not resume exactly: {reason}", stacklevel=2)
-        found = _load_resume(resume, loop.hooks)
-        if found is not None:
-            path, contents = found
-            loop.state = checkpoint.restore(contents["state"], state, f"checkpoint {path}")
-            if "loop" not in contents["extra"]:
-                raise checkpoint.CheckpointError(
-                    f"{path} holds a state but no training position (it was not written by "
-                    "hooks.Checkpoint): load it with loopkit.checkpoint.load and call fit "
-                    "without resume"
-                )
-            loop.load_state_dict(contents["extra"]["loop"])
-            loop.resumed_from = path
+        _resume(loop, resume, data_parallel)
+    if data_parallel:  # every rank continues from rank 0's state
+        loop.state = distributed.broadcast(loop.state)
     loop.step = int(loop.state.step)
     loop.emit("on_fit_start")
     while not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from loopkit import checkpoint, optim
+from loopkit import checkpoint, distributed, optim
 from loopkit.driver import Hook, Loop, evaluate, plain_data, to_python
 from loopkit.state import TrainState
 
@@ -44,7 +44,9 @@ def _due_step(loop: Loop, every_steps: int | None) -> bool:
 class Validate(Hook):
     """Every ``every`` epochs (and in the final epoch) and/or every ``every_steps`` steps,
     run ``evaluate_step`` over ``data``, put the example-weighted means in ``loop.logs`` as
-    ``"{prefix}/{name}"`` and fire ``on_validation_end``."""
+    ``"{prefix}/{name}"`` and fire ``on_validation_end``. Under torch.distributed the means
+    are over the examples of all ranks (each may validate its own shard), the same on every
+    rank (``across_ranks=False``: each rank's own)."""
 
     def __init__(
         self,
@@ -54,8 +56,10 @@ class Validate(Hook):
         every: int | None = 1,
         every_steps: int | None = None,
         prefix: str = "val",
+        across_ranks: bool = True,
     ):
         self.evaluate_step, self.data, self.prefix = evaluate_step, data, prefix
+        self.across_ranks = across_ranks
         self.every = _every(every, "every")
         self.every_steps = _every(every_steps, "every_steps")
 
@@ -68,7 +72,9 @@ class Validate(Hook):
             self.run(loop)
 
     def run(self, loop: Loop) -> None:
-        results = evaluate(self.evaluate_step, loop.state, self.data)
+        results = evaluate(
+            self.evaluate_step, loop.state, self.data, across_ranks=self.across_ranks
+        )
         loop.logs.update({f"{self.prefix}/{k}": v for k, v in results.items()})
         loop.emit("on_validation_end")
 
@@ -135,7 +141,8 @@ class Checkpoint(Hook):
         return self.directory / f"step-{step:09d}"
 
     def on_fit_start(self, loop: Loop) -> None:
-        checkpoint.clean_temporaries(self.directory)
+        if distributed.is_main():
+            checkpoint.clean_temporaries(self.directory)
 
     def on_step_end(self, loop: Loop) -> None:
         if _due_step(loop, self.every_steps):
@@ -158,8 +165,10 @@ class Checkpoint(Hook):
         self.records = [r for r in self.records if r["name"] != path.name] + [record]
         meta = metadata or {"epoch": loop.epoch, "step": loop.step, "logs": dict(loop.logs)}
         extra = {"loop": loop.state_dict()}
-        checkpoint.save(path, loop.state, plain_data(meta, "metadata"), extra=extra)
+        if distributed.is_main():  # one writer; the state is the same on every rank
+            checkpoint.save(path, loop.state, plain_data(meta, "metadata"), extra=extra)
         self._prune()
+        distributed.barrier()
         return path
 
     def _ranked(self) -> list[dict[str, Any]]:
@@ -176,7 +185,8 @@ class Checkpoint(Hook):
         if self.keep_best is not None:
             keep |= {r["name"] for r in self._ranked()[: self.best_n]}
         for r in [r for r in self.records if r["name"] not in keep]:
-            checkpoint.remove(self.directory / r["name"])
+            if distributed.is_main():
+                checkpoint.remove(self.directory / r["name"])
         self.records = [r for r in self.records if r["name"] in keep]
 
 
@@ -199,7 +209,7 @@ class ProgressBar(Hook):
             desc=f"epoch {loop.epoch + 1}{total}",
             unit="step",
             leave=False,
-            disable=None,  # None: off when not a TTY
+            disable=None if distributed.is_main() else True,  # None: off when not a TTY
             file=self.file or sys.stderr,
             dynamic_ncols=True,
         )
@@ -218,6 +228,8 @@ class ProgressBar(Hook):
 
     def on_epoch_end(self, loop: Loop) -> None:
         self.bar.close()
+        if not distributed.is_main():
+            return
         total = "" if loop.epochs is None else f"/{loop.epochs}"
         parts = [f"epoch {loop.epoch + 1}{total}", f"step {loop.step}"]
         for k, v in loop.logs.items():
@@ -299,11 +311,12 @@ class NaNGuard(Hook):
             )
         loop.skip_step()
         self.skipped.append(loop.step + 1)
+        done = "skipped that step"
         if self.action == "stop":
             loop.should_stop = True
-            warnings.warn(f"{message}: stopped training, keeping the state before it", stacklevel=2)
-        else:
-            warnings.warn(f"{message}: skipped that step", stacklevel=2)
+            done = "stopped training, keeping the state before it"
+        if distributed.is_main():
+            warnings.warn(f"{message}: {done}", stacklevel=2)
 
 
 class ReduceLROnPlateau(Hook):
@@ -422,6 +435,8 @@ class _FileLogger(Hook):
         self.path, self.append = Path(directory) / filename, append
 
     def on_fit_start(self, loop: Loop) -> None:
+        if not distributed.is_main():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if loop.resuming and self.path.exists():
             self.rewrite(_records_before(self.read(), loop.epoch))
@@ -429,6 +444,8 @@ class _FileLogger(Hook):
             self.path.unlink(missing_ok=True)
 
     def on_epoch_end(self, loop: Loop) -> None:
+        if not distributed.is_main():
+            return
         record = {"epoch": loop.epoch, "step": loop.step}
         record.update({k: to_python(v) for k, v in loop.logs.items()})
         self.write(record)
@@ -513,6 +530,8 @@ class TensorBoardLogger(Hook):
         self.writer: Any = None
 
     def on_fit_start(self, loop: Loop) -> None:
+        if not distributed.is_main():
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -524,10 +543,13 @@ class TensorBoardLogger(Hook):
         self.writer = SummaryWriter(str(self.directory), purge_step=purge)
 
     def on_epoch_end(self, loop: Loop) -> None:
+        if self.writer is None:
+            return
         for k, v in loop.logs.items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 self.writer.add_scalar(k, v, global_step=loop.step)
         self.writer.flush()
 
     def on_fit_end(self, loop: Loop) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
