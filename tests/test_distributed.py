@@ -77,3 +77,15 @@ def test_sharded_batches_concatenate_to_the_global_batches():
                                             world_size=4)] == [3]  # fmt: skip
     with pytest.raises(ValueError, match="rank"):
         lk.data.Batches(x, batch_size=3, rank=2, world_size=2)
+
+
+def test_the_torchrun_example_runs_and_resumes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command = [*torchrun, "examples/ddp_digits.py", "--fast", "--out", str(tmp_path)]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "2 processes, 44 steps of 64 examples; validation accuracy" in first.stdout
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "2 processes, 44 steps" in again.stdout  # resumed a finished run: nothing to do
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
