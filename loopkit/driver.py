@@ -147,7 +147,7 @@ class Loop:
         hooks = {}
         for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
             if (s := hook.state_dict()) is not None:
-                hooks[key] = s
+                hooks[key] = _checkpointable(s, f"{key}.state_dict()")
         return {
             "epoch": self.epoch,
             "batch": self.batch,
@@ -184,6 +184,25 @@ def plain_data(value: Any, where: str) -> Any:
         f"{where} holds a {type(value).__name__}, which a checkpoint cannot store: log "
         "numbers, strings, lists or dicts"
     )
+
+
+def _checkpointable(value: Any, where: str) -> Any:
+    """``value`` unchanged if ``torch.load(weights_only=True)`` can load it back (tensors,
+    numbers, strings, None and dicts/lists/tuples of them); otherwise a TypeError naming
+    ``where``, raised before anything is written."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _checkpointable(k, f"{where} key")
+            _checkpointable(v, f"{where}[{k!r}]")
+    elif isinstance(value, list | tuple) and type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            _checkpointable(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, bool | int | float | str | torch.Tensor)):
+        raise TypeError(
+            f"{where} holds a {type(value).__name__}, which a checkpoint cannot store (it "
+            "loads with weights_only=True): return tensors, numbers, strings, lists or dicts"
+        )
+    return value
 
 
 def to_python(value: Any) -> Any:
@@ -248,9 +267,14 @@ def _epoch_length(data: Iterable, steps_per_epoch: int | None) -> int | None:
     return length if steps_per_epoch is None else min(length, steps_per_epoch)
 
 
-def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path | None:
+def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path:
     """The directory (or checkpoint) ``resume`` names."""
     if resume != "latest":
+        if not isinstance(resume, str | os.PathLike):
+            raise TypeError(
+                f'resume must be "latest", a checkpoint directory or a checkpoint path, got '
+                f"{resume!r}"
+            )
         return Path(resume)
     directories = {d for h in hooks if (d := h.checkpoint_directory()) is not None}
     if len(directories) != 1:
@@ -332,7 +356,7 @@ def fit(
     max_steps: int | None = None,
     steps_per_epoch: int | None = None,
     hooks: Sequence[Hook] = (),
-    resume: str | os.PathLike | None = None,
+    resume: str | os.PathLike | bool | None = None,
 ) -> TrainState:
     """Train with ``state, metrics = step(state, batch)`` and return the final state.
 
@@ -341,7 +365,7 @@ def fit(
     limit is given) and/or until ``state.step`` reaches ``max_steps``; ``steps_per_epoch``
     caps each pass (and defines the epoch for endless data).
 
-    ``resume`` is ``"latest"`` (the newest good checkpoint of the
+    ``resume`` is ``"latest"`` (or True: the newest good checkpoint of the
     :class:`~loopkit.hooks.Checkpoint` hook; start afresh if there is none), a checkpoint
     directory (its newest good checkpoint; a damaged newer one is reported and skipped), or
     one checkpoint. ``state`` must then be built with the same model and optimizer as the
@@ -357,9 +381,10 @@ def fit(
         raise ValueError("fit(max_steps=...) got data with no batches: it would never end")
     _check_reiterable(data, epochs)
     loop = Loop(state, list(hooks), epochs, _epoch_length(data, steps_per_epoch), max_steps)
-    loop.resuming = resume is not None
+    resume = "latest" if resume is True else resume
+    loop.resuming = resume is not None and resume is not False
     data_parallel = getattr(step, "data_parallel", False) and distributed.world_size() > 1
-    if resume is not None:
+    if loop.resuming:
         if distributed.is_main() and (reason := data_lib.why_not_resumable(data)) is not None:
             warnings.warn(f"fit(resume=...) may not resume exactly: {reason}", stacklevel=2)
         _resume(loop, resume, data_parallel)

@@ -260,7 +260,7 @@ class Timer(Hook):
         self.steps = 0
 
     def on_epoch_start(self, loop: Loop) -> None:
-        self.start, self.steps, self.first_step = time.perf_counter(), 0, loop.step
+        self.start, self.steps = time.perf_counter(), 0
 
     def on_step_end(self, loop: Loop) -> None:
         self.steps += 1

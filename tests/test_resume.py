@@ -199,13 +199,13 @@ def test_resume_latest_without_checkpoints_starts_afresh_and_a_stopped_run_stays
         def on_step_end(self, loop):
             loop.should_stop = loop.step == 4
 
-    def once():
+    def once(resume):
         hooks = [StopAt4(), lk.hooks.Checkpoint(tmp_path)]
         return lk.fit(step, lk.TrainState.create(model, opt), data, epochs=5, hooks=hooks,
-                      resume="latest")  # fmt: skip
+                      resume=resume)  # fmt: skip
 
-    assert int(once().step) == 4
-    assert int(once().step) == 4  # resumed: the stop is part of the saved run
+    assert int(once("latest").step) == 4
+    assert int(once(True).step) == 4  # resumed: the stop is part of the saved run
 
 
 def test_resume_errors(tmp_path):
@@ -269,3 +269,22 @@ def test_a_sigkilled_run_resumes_bitwise_identically(tmp_path):
         assert (directory / "metrics.jsonl").read_text() == straight_log
         records = [json.loads(r) for r in straight_log.splitlines()]
         assert all("val/loss" in r for r in records)
+
+
+def test_a_hook_state_a_checkpoint_cannot_hold_is_refused_before_writing(tmp_path):
+    import numpy as np
+
+    class Odd(lk.Hook):
+        def state_dict(self):
+            return {"best": np.float32(1.0)}
+
+    model = nn.Linear(5, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 5), torch.randint(0, 2, (4,)))]
+    with pytest.raises(TypeError, match=r"Odd.state_dict\(\)\['best'\] holds a float32"):
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+               hooks=[Odd(), lk.hooks.Checkpoint(tmp_path)])  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match='resume must be "latest"'):
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+               resume=3)  # fmt: skip
