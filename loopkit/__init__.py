@@ -8,8 +8,9 @@ state = fit(step, state, loader, epochs=10, hooks=[...])
 
 __version__ = "0.1.0"
 
-from loopkit import checkpoint, data, hooks, optim, tree
+from loopkit import checkpoint, data, ensemble, hooks, optim, tree
 from loopkit.driver import Hook, Loop, evaluate, fit
+from loopkit.ensemble import ensemble_step
 from loopkit.errors import CompileError, LossError, StepError
 from loopkit.rng import rng_for, rng_scope
 from loopkit.state import TrainState
@@ -29,6 +30,8 @@ __all__ = [
     "checkpoint",
     "compile",
     "data",
+    "ensemble",
+    "ensemble_step",
     "eval_step",
     "evaluate",
     "fit",

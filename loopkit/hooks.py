@@ -110,7 +110,9 @@ class ProgressBar(Hook):
     def on_step_end(self, loop: Loop) -> None:
         self.bar.update(1)
         if loop.step % self.refresh == 0 and "loss" in loop.metrics and not self.bar.disable:
-            self.bar.set_postfix(loss=f"{to_python(loop.metrics['loss']):.4f}", refresh=False)
+            loss = to_python(loop.metrics["loss"])  # a list for an ensemble (one per member)
+            shown = " ".join(f"{v:.4f}" for v in loss) if isinstance(loss, list) else f"{loss:.4f}"
+            self.bar.set_postfix(loss=shown, refresh=False)
 
     def on_epoch_end(self, loop: Loop) -> None:
         self.bar.close()
