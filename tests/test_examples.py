@@ -23,3 +23,32 @@ def test_maml_fast(capsys):
     result = load_example("maml_sinusoid").main(iterations=30, meta_batch=5, fast=True)
     assert result["after"][1] < result["before"][1]
     assert "query MSE" in capsys.readouterr().out
+
+
+def test_digits_cnn_fast(capsys):
+    result = load_example("digits_cnn").main(epochs=2, compile=False)
+    assert result["accuracy"] > 0.7
+
+
+def test_dp_digits_fast(capsys):
+    results = load_example("dp_digits").main(epochs=2)
+    assert results["non-private SGD"] > 0.8 and results["DP-SGD"] > 0.3
+    assert "DP-SGD: validation accuracy" in capsys.readouterr().out
+
+
+def test_ensemble_sweep_fast(tmp_path, capsys):
+    plot = tmp_path / "sweep.png"
+    result = load_example("ensemble_sweep").main(members=4, epochs=2, compile=False, plot=str(plot))
+    assert result["curves"].shape == (2 * 22, 4)
+    assert plot.stat().st_size > 0
+    assert max(result["accuracy"]) > 0.8
+    assert "best lr" in capsys.readouterr().out
+
+
+def test_char_transformer_fast(capsys):
+    result = load_example("char_transformer").main(
+        steps=60, context=32, dim=32, layers=1, heads=2, batch_size=16,
+        compile=False, max_chars=50_000, sample_chars=100,
+    )  # fmt: skip
+    assert result["val_loss"] < result["uniform"]
+    assert result["sample"].startswith("def ") and len(result["sample"]) == 104
