@@ -135,7 +135,7 @@ if __name__ == "__main__":
     parser.add_argument("--fast", action="store_true", help="tiny and eager (for CI)")
     args = parser.parse_args()
     if args.fast:
-        main(steps=args.steps or 60, context=32, dim=32, layers=1, heads=2, batch_size=16,
-             compile=False, max_chars=50_000, sample_chars=100)  # fmt: skip
+        main(steps=args.steps or 30, context=32, dim=32, layers=1, heads=2, batch_size=16,
+             compile=False, max_chars=20_000, sample_chars=100)  # fmt: skip
     else:
         main(steps=args.steps or 1500)

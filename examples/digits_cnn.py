@@ -61,6 +61,6 @@ def main(epochs: int = 10, compile: bool = True) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--fast", action="store_true", help="2 epochs, eager (for CI)")
+    parser.add_argument("--fast", action="store_true", help="1 epoch, eager (for CI)")
     args = parser.parse_args()
-    main(epochs=args.epochs or (2 if args.fast else 10), compile=not args.fast)
+    main(epochs=args.epochs or (1 if args.fast else 10), compile=not args.fast)

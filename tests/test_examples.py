@@ -26,8 +26,8 @@ def test_maml_fast(capsys):
 
 
 def test_digits_cnn_fast(capsys):
-    result = load_example("digits_cnn").main(epochs=2, compile=False)
-    assert result["accuracy"] > 0.7
+    result = load_example("digits_cnn").main(epochs=1, compile=False)
+    assert result["accuracy"] > 0.5
 
 
 def test_dp_digits_fast(capsys):
@@ -47,8 +47,8 @@ def test_ensemble_sweep_fast(tmp_path, capsys):
 
 def test_char_transformer_fast(capsys):
     result = load_example("char_transformer").main(
-        steps=60, context=32, dim=32, layers=1, heads=2, batch_size=16,
-        compile=False, max_chars=50_000, sample_chars=100,
+        steps=30, context=32, dim=32, layers=1, heads=2, batch_size=16,
+        compile=False, max_chars=20_000, sample_chars=100,
     )  # fmt: skip
     assert result["val_loss"] < result["uniform"]
     assert result["sample"].startswith("def ") and len(result["sample"]) == 104
