@@ -7,7 +7,7 @@ gradient flows through the inner updates (second order: torch.func.grad of a fun
 itself calls torch.func.grad). The outer step is an ordinary `lk.train_step`: its loss_fn
 reads the params from `net.params` and runs the inner loop.
 
-    python examples/maml_sinusoid.py          # ~1-2 min on a laptop CPU
+    python examples/maml_sinusoid.py          # ~2-3 min on a laptop CPU
     python examples/maml_sinusoid.py --fast   # a few seconds
 """
 
@@ -64,7 +64,7 @@ def meta_loss(model, params, tasks, inner: optim.Transform, steps: int) -> torch
     return vmap(one_task)(*tasks).mean()
 
 
-def main(iterations: int = 2000, meta_batch: int = 25, k_shot: int = 10, inner_steps: int = 1,
+def main(iterations: int = 1000, meta_batch: int = 25, k_shot: int = 10, inner_steps: int = 1,
          inner_lr: float = 0.01, fast: bool = False) -> dict:  # fmt: skip
     torch.manual_seed(0)
     model = make_model()
@@ -103,5 +103,5 @@ if __name__ == "__main__":
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--fast", action="store_true", help="a few iterations (for CI)")
     args = parser.parse_args()
-    iterations = args.iterations or (30 if args.fast else 2000)
+    iterations = args.iterations or (30 if args.fast else 1000)
     main(iterations=iterations, meta_batch=5 if args.fast else 25, fast=args.fast)
