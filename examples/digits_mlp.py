@@ -102,13 +102,15 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
     state = lk.fit(step, state, train, epochs=epochs, hooks=[
         lk.hooks.Validate(evaluate, val),
         lk.hooks.Checkpoint(out, keep_last=2),
+        lk.hooks.JSONLLogger(out),
         lk.hooks.ProgressBar(),
     ])  # fmt: skip
     seconds = time.perf_counter() - start
     final = lk.evaluate(evaluate, state, val)
     print(
         f"trained {int(state.step)} steps in {seconds:.1f} s (including the compile); "
-        f"validation accuracy {final['acc']:.4f}; checkpoint {lk.checkpoint.latest(out)}"
+        f"validation accuracy {final['acc']:.4f}; checkpoint {lk.checkpoint.latest(out)}; "
+        f"curves: python -m loopkit plot {out}"
     )
 
     batches = list(train)

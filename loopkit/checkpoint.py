@@ -1,18 +1,37 @@
-"""Atomic checkpoints of a TrainState: write to a temporary file, fsync, rename.
+"""Atomic, verified checkpoints of a TrainState.
 
-A checkpoint is a ``torch.save`` of ``{"format", "state": {path: tensor}, "metadata"}``,
-where ``path`` names each leaf of the state (``.params['fc.weight']``, ``.opt_state[1]...``)
-and ``metadata`` is a JSON string (versions, time, the caller's metrics).
-Loading uses ``torch.load(weights_only=True)`` (a checkpoint never runs code) and checks
-every leaf against the state it is loaded into, so a checkpoint of another model or
-optimizer fails with the mismatched names and shapes instead of loading wrongly.
+A checkpoint is a directory::
+
+    step-000000100/
+        state.pt     torch.save({"format", "state": {path: tensor}, "extra", "metadata"})
+        COMMITTED    JSON {"format", "sha256", "bytes"} of state.pt, written last
+
+``path`` names each leaf of the state (``.params['fc.weight']``, ``.opt_state[1]...``),
+``extra`` holds what the driver needs to resume (data position, hook states: tensors and
+plain containers only) and ``metadata`` is a JSON string (versions, time, the caller's
+metrics).
+
+Writing goes to a hidden temporary directory: ``state.pt`` is written, flushed and fsynced,
+then the ``COMMITTED`` marker with its checksum, then the directory is renamed into place
+and its parent fsynced. Listings only show directories with a marker, so a checkpoint
+whose writer died part-way is never offered, and a file truncated or altered afterwards
+fails its checksum (:class:`CorruptCheckpointError`). Loading uses
+``torch.load(weights_only=True)``: a checkpoint never runs code. Every leaf is checked
+against the state it is loaded into, so a checkpoint of another model or optimizer fails
+with the mismatched names and shapes (:class:`CheckpointError`) instead of loading wrongly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
+import shutil
 import time
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +40,18 @@ import torch
 from loopkit.state import TrainState
 from loopkit.tree import flatten_with_names, tree_unflatten
 
-FORMAT = "loopkit.checkpoint/1"
-SUFFIX = ".ckpt"
+FORMAT = "loopkit.checkpoint/2"
+STATE_FILE = "state.pt"
+MARKER = "COMMITTED"
+_STEP_NAME = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the given state."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint that is incomplete, damaged or not a plain-tensor checkpoint."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -38,48 +63,135 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def save(path: str | os.PathLike, state: TrainState, metadata: dict | None = None) -> Path:
-    """Write ``state`` to ``path`` atomically: a reader sees the old file or the new one,
-    never a partial write. Returns the path."""
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _hidden(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _metadata_json(metadata: dict | None) -> str:
     from loopkit import __version__
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    leaves, _ = flatten_with_names(state)
     meta = {"loopkit": __version__, "torch": str(torch.__version__), "time": time.time()}
     try:
-        meta_json = json.dumps({**(metadata or {}), **meta})
+        return json.dumps({**(metadata or {}), **meta})
     except TypeError as e:
         raise TypeError(
             f"checkpoint metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}"
         ) from e
-    payload = {"format": FORMAT, "state": leaves, "metadata": meta_json}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save(
+    path: str | os.PathLike,
+    state: TrainState,
+    metadata: dict | None = None,
+    *,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``state`` as the checkpoint directory ``path``, atomically: a reader sees the
+    old checkpoint or the new one, never a partial one. ``extra`` (tensors and plain
+    containers) is stored alongside for :func:`read`. Returns ``path``.
+
+    Replacing an existing checkpoint of the same name moves the old one aside first; if the
+    process dies between that move and the rename, that name is missing (the old copy is in
+    a hidden ``.<name>.old-*`` directory) but every other checkpoint is intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "state": flatten_with_names(state)[0],
+        "extra": extra or {},
+        "metadata": _metadata_json(metadata),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    marker = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    tmp = _hidden(path, "tmp")
+    old = None
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp.mkdir()
+        _write_synced(tmp / STATE_FILE, data)
+        _write_synced(tmp / MARKER, json.dumps(marker).encode())
+        _fsync_dir(tmp)
+        if path.exists():
+            old = _hidden(path, "old")
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+                old = None
+            raise
+        _fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+def remove(path: str | os.PathLike) -> None:
+    """Delete a checkpoint: it is renamed to a hidden name first (so it is never listed
+    half-deleted), then removed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = _hidden(path, "del")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def read(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's contents, ``{"format", "state", "metadata"}``, loaded with
-    ``weights_only=True``."""
+    """A checkpoint's contents, ``{"format", "state", "extra", "metadata"}``, after checking
+    its commit marker and checksum, loaded with ``weights_only=True``.
+
+    Raises :class:`CorruptCheckpointError` for a checkpoint that is uncommitted, truncated,
+    altered, or holds anything but tensors and plain containers (such as pickled code)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        raise CorruptCheckpointError(
+            f"{path} is a file, not a loopkit checkpoint (a directory with {STATE_FILE} and "
+            f"{MARKER}, as written by loopkit.checkpoint.save)"
+        )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        marker = json.loads((path / MARKER).read_text())
+        expected, size = marker["sha256"], marker["bytes"]
     except FileNotFoundError:
-        raise
+        raise CorruptCheckpointError(
+            f"checkpoint {path} has no {MARKER} marker: its writer was interrupted before it "
+            "finished, so it is incomplete"
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"checkpoint {path} has a damaged {MARKER} marker: {e}") from e
+    try:
+        data = (path / STATE_FILE).read_bytes()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"checkpoint {path} lacks {STATE_FILE}") from None
+    if len(data) != size or hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt: {STATE_FILE} ({len(data)} bytes) does not match the "
+            f"checksum committed with it ({size} bytes); it was truncated or altered"
+        )
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt?): {e}"
+        raise CorruptCheckpointError(
+            f"checkpoint {path} was refused by torch.load(weights_only=True), which loads only "
+            f"tensors and plain containers and never runs code: {e}"
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a loopkit checkpoint (expected format {FORMAT})")
+        raise CorruptCheckpointError(
+            f"{path} is not a loopkit checkpoint (expected format {FORMAT})"
+        )
     return {**payload, "metadata": json.loads(payload["metadata"])}
 
 
@@ -87,14 +199,13 @@ def _is_rng(name: str) -> bool:
     return name.startswith(".rng[")
 
 
-def load(path: str | os.PathLike, like: TrainState) -> TrainState:
-    """Load the checkpoint at ``path`` into a state shaped like ``like`` (same model and
-    optimizer); each tensor goes to the device of its counterpart in ``like``.
+def restore(saved: dict[str, Any], like: TrainState, source: Any = "checkpoint") -> TrainState:
+    """The state whose leaves are ``saved`` (the ``"state"`` of :func:`read`), shaped like
+    ``like``; each tensor goes to the device of its counterpart in ``like``.
 
     Generator states are per device (``rng['cpu']``, ``rng['cuda:0']``): a device's state
     that the checkpoint lacks keeps ``like``'s (e.g. a CPU checkpoint resumed on a GPU),
     and one that ``like`` has no device for is dropped. Everything else must match."""
-    saved = read(path)["state"]
     want, spec = flatten_with_names(like)
     problems = [f"missing {k}" for k in want if k not in saved and not _is_rng(k)]
     problems += [f"unexpected {k}" for k in saved if k not in want and not _is_rng(k)]
@@ -110,7 +221,7 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise CheckpointError(
-            f"checkpoint {path} does not match this state (another model or optimizer?):\n"
+            f"{source} does not match this state (another model or optimizer?):\n"
             f"  {shown}{more}\nBuild the state with the same model and optimizer as the run "
             "that wrote the checkpoint."
         )
@@ -124,15 +235,77 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
     return tree_unflatten([restored(k, ref) for k, ref in want.items()], spec)
 
 
+def load(path: str | os.PathLike, like: TrainState) -> TrainState:
+    """Load the checkpoint at ``path`` into a state shaped like ``like`` (same model and
+    optimizer); see :func:`restore`."""
+    return restore(read(path)["state"], like, source=f"checkpoint {path}")
+
+
+def step_of(path: Path) -> int | None:
+    """The step in a ``step-<n>`` checkpoint name, or None."""
+    match = _STEP_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Committed checkpoints in ``directory``, oldest first (temporary files are ignored)."""
+    """Committed ``step-<n>`` checkpoints in ``directory``, oldest (lowest step) first.
+    Uncommitted, temporary and half-deleted ones are not listed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+    found = [
+        p
+        for p in directory.iterdir()
+        if step_of(p) is not None and p.is_dir() and (p / MARKER).exists()
+    ]
+    return sorted(found, key=step_of)
 
 
 def latest(directory: str | os.PathLike) -> Path | None:
-    """The newest committed checkpoint in ``directory``, or None."""
+    """The newest committed checkpoint in ``directory``, or None (it is not read: see
+    :func:`read_latest` to skip damaged ones)."""
     found = checkpoints(directory)
     return found[-1] if found else None
+
+
+def read_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, read(path))`` of the newest checkpoint in ``directory`` that reads
+    correctly, or None if there is none. A damaged newer one is reported with a warning
+    and skipped (never deleted); if every checkpoint is damaged, the error lists them."""
+    errors = []
+    for path in reversed(checkpoints(directory)):
+        try:
+            contents = read(path)
+        except CorruptCheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            warnings.warn(
+                f"skipped {len(errors)} damaged checkpoint(s); resuming from {path}:\n  "
+                + "\n  ".join(errors),
+                stacklevel=2,
+            )
+        return path, contents
+    if errors:
+        raise CorruptCheckpointError(
+            f"every checkpoint in {directory} is damaged:\n  " + "\n  ".join(errors)
+        )
+    return None
+
+
+def clean_temporaries(directory: str | os.PathLike) -> None:
+    """Tidy what writers killed part-way left in ``directory``: temporary directories are
+    removed, and a checkpoint moved aside for a replacement that never arrived is put back
+    (or removed, if its name is taken). Call it only when no other process writes there."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        match = re.fullmatch(r"\.(step-\d+)\.(tmp|old|del)-\d+-[0-9a-f]{8}", p.name)
+        if match is None:
+            continue
+        original = directory / match.group(1)
+        if match.group(2) == "old" and (p / MARKER).exists() and not original.exists():
+            os.rename(p, original)
+        else:
+            shutil.rmtree(p, ignore_errors=True)

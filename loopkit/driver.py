@@ -1,22 +1,36 @@
 """The epoch driver: ``fit`` iterates batches, calls the step and lets hooks do the rest.
 
-Hook order is list order, at every event. Each event calls the method of that name on every
-hook that has it: ``on_fit_start``, ``on_epoch_start``, ``on_step_end``, ``on_epoch_end``,
-``on_validation_end`` (fired by :class:`~loopkit.hooks.Validate`) and ``on_fit_end``, each
-with the :class:`Loop`. A hook stops training by setting ``loop.should_stop = True``.
+Events, in the order they happen: ``on_fit_start``; per epoch ``on_epoch_start``, then
+``on_step_end`` after each step, then ``on_epoch_end``; ``on_validation_end`` whenever a
+:class:`~loopkit.hooks.Validate` has put fresh ``val/...`` numbers in the logs; and
+``on_fit_end``. Each event calls the method of that name on every hook that has it, in list
+order, with the :class:`Loop`. A hook stops training by setting ``loop.should_stop = True``
+(the epoch is then closed as usual: its logs, validation and checkpoint still happen).
 
 Step metrics stay on the device: the driver adds them up per epoch with tensor ops and
-reduces them to floats once, at the end of the epoch (``loop.logs["train/<name>"]``).
+reduces them to floats once, at the end of the epoch (``loop.logs["train/<name>"]``), so
+``fit`` itself never waits for the device inside an epoch.
+
+Resuming: a checkpoint written by :class:`~loopkit.hooks.Checkpoint` holds the state, the
+data position (epoch, batches taken in it), the epoch's partial metric sums, the logs and
+history, and every hook's ``state_dict()``. ``fit(..., resume=...)`` restores all of it and
+replays the data from that position, so a resumed run is bitwise identical to one never
+interrupted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from loopkit import checkpoint
+from loopkit import data as data_lib
 from loopkit.state import TrainState
 from loopkit.tree import tree_leaves
 
@@ -24,7 +38,11 @@ Metrics = dict[str, torch.Tensor]
 
 
 class Hook:
-    """Base class for hooks: override the events you need; all default to doing nothing."""
+    """Base class for hooks: override the events you need; all default to doing nothing.
+
+    A hook with state that must survive a resume (counters, best values) returns it from
+    ``state_dict()`` (tensors, numbers, strings, lists, dicts) and takes it back in
+    ``load_state_dict()``."""
 
     def on_fit_start(self, loop: Loop) -> None: ...
     def on_epoch_start(self, loop: Loop) -> None: ...
@@ -33,37 +51,133 @@ class Hook:
     def on_validation_end(self, loop: Loop) -> None: ...
     def on_fit_end(self, loop: Loop) -> None: ...
 
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+    def checkpoint_directory(self) -> Path | None:
+        """Where this hook writes checkpoints (``fit(resume="latest")`` looks there)."""
+        return None
+
 
 @dataclasses.dataclass
 class Loop:
     """What hooks see: the current state and where training is.
 
     ``step`` is the number of steps taken (a host int mirroring ``state.step``), ``epoch``
-    the current epoch (from 0), ``metrics`` the last step's metrics (on device), ``logs``
-    the floats reduced so far this epoch (``train/...``, ``val/...``) and ``history`` one
-    ``logs`` dict per finished epoch.
+    the current epoch (from 0) and ``batch`` the batches drawn in it so far; ``metrics``
+    are the last step's metrics (on device), ``logs`` the floats reduced so far this epoch
+    (``train/...``, ``val/...``) and ``history`` one ``logs`` dict per finished epoch.
+    ``resuming`` is True when ``fit`` was asked to resume, and ``resumed_from`` the
+    checkpoint it resumed from (None when there was none yet).
     """
 
     state: TrainState
     hooks: Sequence[Hook]
-    epochs: int
+    epochs: int | None
     steps_per_epoch: int | None
+    max_steps: int | None = None
     step: int = 0
     epoch: int = 0
+    batch: int = 0
     metrics: Metrics = dataclasses.field(default_factory=dict)
     logs: dict[str, Any] = dataclasses.field(default_factory=dict)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     should_stop: bool = False
+    resuming: bool = False
+    resumed_from: Path | None = None
+    sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    taken: int = 0
+    _after: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    _previous: TrainState | None = None
+    _skipped: bool = False
+
+    @property
+    def steps_done(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
 
     @property
     def final_epoch(self) -> bool:
-        """True in the last epoch: the last of ``epochs``, or one a hook asked to stop."""
-        return self.epoch + 1 >= self.epochs or self.should_stop
+        """True in the last epoch: the last of ``epochs``, the one reaching ``max_steps``,
+        or one a hook asked to stop."""
+        last = self.epochs is not None and self.epoch + 1 >= self.epochs
+        return last or self.steps_done or self.should_stop
 
     def emit(self, event: str) -> None:
         """Call ``event`` on every hook, in list order."""
         for hook in self.hooks:
             getattr(hook, event, lambda loop: None)(self)
+
+    def skip_step(self) -> None:
+        """Undo the step just taken (from ``on_step_end``): the state goes back to what it
+        was before it and its metrics are left out of the epoch's means. The batch stays
+        consumed."""
+        if self._previous is None:
+            raise RuntimeError("skip_step() can only be called from on_step_end")
+        if not self._skipped:
+            self.state, self.step, self._skipped = self._previous, self.step - 1, True
+
+    def after_event(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once every hook has seen the current step or epoch end (a checkpoint
+        then captures what all hooks did, wherever it sits in the list)."""
+        self._after.append(fn)
+
+    def _run_after(self) -> None:
+        pending, self._after = self._after, []
+        for fn in pending:
+            fn()
+
+    def _hook_keys(self) -> list[str]:
+        seen: dict[str, int] = {}
+        keys = []
+        for hook in self.hooks:
+            name = type(hook).__name__
+            keys.append(f"{name}#{seen.get(name, 0)}" if name in seen else name)
+            seen[name] = seen.get(name, 0) + 1
+        return keys
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the TrainState that a resumed run needs to carry on exactly."""
+        hooks = {}
+        for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
+            if (s := hook.state_dict()) is not None:
+                hooks[key] = s
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "taken": self.taken,
+            "sums": dict(self.sums),
+            "logs": plain_data(self.logs, "loop.logs"),
+            "history": plain_data(self.history, "loop.history"),
+            "stopped": self.should_stop,
+            "hooks": hooks,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.epoch, self.batch, self.taken = saved["epoch"], saved["batch"], saved["taken"]
+        self.sums, self.logs, self.history = saved["sums"], saved["logs"], saved["history"]
+        self.should_stop = saved["stopped"]
+        for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
+            if key in saved["hooks"]:
+                hook.load_state_dict(saved["hooks"][key])
+
+
+def plain_data(value: Any, where: str) -> Any:
+    """``value`` with tensors and numpy numbers turned into Python numbers, so it pickles
+    into a ``weights_only`` checkpoint; anything else is an error naming ``where``."""
+    if isinstance(value, dict):
+        return {k: plain_data(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, torch.Tensor) or hasattr(value, "item"):
+        return to_python(torch.as_tensor(value))
+    raise TypeError(
+        f"{where} holds a {type(value).__name__}, which a checkpoint cannot store: log "
+        "numbers, strings, lists or dicts"
+    )
 
 
 def to_python(value: Any) -> Any:
@@ -98,13 +212,52 @@ def evaluate(
     return {k: to_python(v / count) for k, v in sums.items()}
 
 
-def _check_reiterable(data: Iterable, epochs: int) -> None:
-    if epochs > 1 and iter(data) is data:
+def _check_reiterable(data: Iterable, epochs: int | None) -> None:
+    if (epochs is None or epochs > 1) and iter(data) is data:
         raise TypeError(
             f"fit(epochs={epochs}) needs data it can iterate once per epoch, but got a one-shot "
             f"iterator ({type(data).__name__}). Pass a list, a DataLoader, a loopkit.data.Batches, "
-            "or an object whose __iter__ starts a fresh pass."
+            "a loopkit.data.Reiterable(make), or an object whose __iter__ starts a fresh pass."
         )
+
+
+def _check_count(value: int | None, name: str, least: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least} or None, got {value!r}")
+
+
+def _epoch_length(data: Iterable, steps_per_epoch: int | None) -> int | None:
+    try:
+        length = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return steps_per_epoch
+    return length if steps_per_epoch is None else min(length, steps_per_epoch)
+
+
+def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path | None:
+    """The directory (or checkpoint) ``resume`` names."""
+    if resume != "latest":
+        return Path(resume)
+    directories = {d for h in hooks if (d := h.checkpoint_directory()) is not None}
+    if len(directories) != 1:
+        found = "none" if not directories else ", ".join(map(str, sorted(directories)))
+        raise ValueError(
+            'fit(resume="latest") looks in the directory of the Checkpoint hook, but the hooks '
+            f"have {found}: pass resume=<checkpoint directory or checkpoint path> instead"
+        )
+    return directories.pop()
+
+
+def _load_resume(resume: str | os.PathLike, hooks: Sequence[Hook]):
+    """``(path, contents)`` of the checkpoint to resume from, or None to start afresh."""
+    where = _resume_candidates(resume, hooks)
+    if (where / checkpoint.STATE_FILE).exists() or (where / checkpoint.MARKER).exists():
+        return where, checkpoint.read(where)  # one named checkpoint: no fallback
+    if resume != "latest" and not where.is_dir():
+        raise FileNotFoundError(f"fit(resume={str(resume)!r}): no such checkpoint or directory")
+    return checkpoint.read_latest(where)
 
 
 def fit(
@@ -112,41 +265,82 @@ def fit(
     state: TrainState,
     data: Iterable,
     *,
-    epochs: int = 1,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    steps_per_epoch: int | None = None,
     hooks: Sequence[Hook] = (),
+    resume: str | os.PathLike | None = None,
 ) -> TrainState:
-    """Train for ``epochs`` passes over ``data`` with ``state, metrics = step(state, batch)``
-    and return the final state. ``data`` is any re-iterable of batches; if it has
-    ``set_epoch`` it is called before each pass (as for a ``DistributedSampler``)."""
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    """Train with ``state, metrics = step(state, batch)`` and return the final state.
+
+    ``data`` is any re-iterable of batches; before each pass its epoch is set
+    (:func:`loopkit.data.set_epoch`). Training runs for ``epochs`` passes (1 if neither
+    limit is given) and/or until ``state.step`` reaches ``max_steps``; ``steps_per_epoch``
+    caps each pass (and defines the epoch for endless data).
+
+    ``resume`` is ``"latest"`` (the newest good checkpoint of the
+    :class:`~loopkit.hooks.Checkpoint` hook; start afresh if there is none), a checkpoint
+    directory (its newest good checkpoint; a damaged newer one is reported and skipped), or
+    one checkpoint. ``state`` must then be built with the same model and optimizer as the
+    run that wrote it. Both limits count from the start of the original run; a run that a
+    hook stopped stays stopped.
+    """
+    _check_count(epochs, "epochs", 0)
+    _check_count(max_steps, "max_steps", 0)
+    _check_count(steps_per_epoch, "steps_per_epoch", 1)
+    if epochs is None and max_steps is None:
+        epochs = 1
+    if epochs is None and _epoch_length(data, steps_per_epoch) == 0:
+        raise ValueError("fit(max_steps=...) got data with no batches: it would never end")
     _check_reiterable(data, epochs)
-    try:
-        steps_per_epoch = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = None
-    loop = Loop(state, list(hooks), epochs, steps_per_epoch, step=int(state.step))
+    loop = Loop(state, list(hooks), epochs, _epoch_length(data, steps_per_epoch), max_steps)
+    loop.resuming = resume is not None
+    if resume is not None:
+        if (reason := data_lib.why_not_resumable(data)) is not None:
+            warnings.warn(f"fit(resume=...) may not resume exactly: {reason}", stacklevel=2)
+        found = _load_resume(resume, loop.hooks)
+        if found is not None:
+            path, contents = found
+            loop.state = checkpoint.restore(contents["state"], state, f"checkpoint {path}")
+            if "loop" not in contents["extra"]:
+                raise checkpoint.CheckpointError(
+                    f"{path} holds a state but no training position (it was not written by "
+                    "hooks.Checkpoint): load it with loopkit.checkpoint.load and call fit "
+                    "without resume"
+                )
+            loop.load_state_dict(contents["extra"]["loop"])
+            loop.resumed_from = path
+    loop.step = int(loop.state.step)
     loop.emit("on_fit_start")
-    for epoch in range(epochs):
-        if loop.should_stop:
-            break
-        loop.epoch, loop.logs = epoch, {}
-        if hasattr(data, "set_epoch"):
-            data.set_epoch(epoch)
-        loop.emit("on_epoch_start")
-        sums: dict[str, torch.Tensor] = {}
-        taken = 0
-        for batch in data:
-            loop.state, loop.metrics = step(loop.state, batch)
-            loop.step += 1
-            taken += 1
-            for k, v in loop.metrics.items():
-                sums[k] = sums[k] + v if k in sums else v
-            loop.emit("on_step_end")
-            if loop.should_stop:
-                break
-        loop.logs.update({f"train/{k}": to_python(v / taken) for k, v in sums.items()})
-        loop.emit("on_epoch_end")
-        loop.history.append(dict(loop.logs, epoch=epoch, step=loop.step))
+    while not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs):
+        _run_epoch(step, loop, data, steps_per_epoch)
     loop.emit("on_fit_end")
     return loop.state
+
+
+def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int | None) -> None:
+    data_lib.set_epoch(data, loop.epoch)
+    if loop.batch == 0:
+        loop.logs, loop.sums, loop.taken = {}, {}, 0
+    loop.emit("on_epoch_start")
+    more = steps_per_epoch is None or loop.batch < steps_per_epoch
+    for batch in data_lib.iter_from(data, loop.batch) if more else ():
+        loop._previous, loop._skipped = loop.state, False
+        loop.state, loop.metrics = step(loop.state, batch)
+        loop.step += 1
+        loop.batch += 1
+        loop.emit("on_step_end")
+        if not loop._skipped:
+            loop.taken += 1
+            for k, v in loop.metrics.items():
+                loop.sums[k] = loop.sums[k] + v if k in loop.sums else v
+        loop._previous = None
+        loop._run_after()
+        if loop.should_stop or loop.steps_done or loop.batch == steps_per_epoch:
+            break
+    if loop.taken:
+        loop.logs.update({f"train/{k}": to_python(v / loop.taken) for k, v in loop.sums.items()})
+    loop.emit("on_epoch_end")
+    loop.history.append(dict(loop.logs, epoch=loop.epoch, step=loop.step))
+    loop.epoch, loop.batch, loop.taken, loop.sums = loop.epoch + 1, 0, 0, {}
+    loop._run_after()

@@ -8,7 +8,9 @@ The layout:
 
 - ``params``, ``buffers``, ``opt_state``: each leaf stacked to ``[K, *shape]``. A number
   learning rate lives in the optimizer state as a tensor, so stacking states built with
-  different lrs (or :func:`set_hyperparams`) gives each member its own lr: a sweep.
+  different lrs (or :func:`set_hyperparams`) gives each member its own lr: a sweep. With
+  ``optim.inject_hyperparams`` the other hyperparameters (weight decay, betas, ...) are
+  tensors in the state too, and sweep the same way.
 - ``rng``: each generator state stacked to ``[K, n]``: every member keeps its own stream.
 - ``step``: one shared scalar (the members step together).
 
@@ -40,7 +42,9 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from loopkit.optim.base import Transform
+from loopkit.optim.hyperparams import hyperparams as optim_hyperparams
 from loopkit.optim.hyperparams import learning_rates, set_learning_rate
+from loopkit.optim.hyperparams import set_hyperparams as optim_set_hyperparams
 from loopkit.rng import _device_key, rng_scope
 from loopkit.state import TrainState
 from loopkit.step import EvalStep, TrainStep, _Step, _training, compile_step
@@ -184,47 +188,47 @@ def create(
 
 def hyperparams(state: TrainState) -> dict[str, list[torch.Tensor]]:
     """The per-member hyperparameters held in an ensemble state's optimizer state:
-    ``{"lr": [tensor of shape [K], ...]}`` (one entry per lr in the state)."""
+    ``{"lr": [...], "weight_decay": [...], ...}``, each a list with one ``[K, ...]`` tensor
+    per place in the state that holds it (the lrs of ``optim.learning_rates``, then those
+    of every ``optim.inject_hyperparams``)."""
     size(state)
-    return {"lr": learning_rates(state.opt_state)}
+    out: dict[str, list[torch.Tensor]] = {"lr": learning_rates(state.opt_state)}
+    for site in optim_hyperparams(state.opt_state):
+        for name, value in site.items():
+            if name != "lr":  # an injected lr is already among learning_rates
+                out.setdefault(name, []).append(value)
+    return out
 
 
-def set_hyperparams(state: TrainState, **values: Sequence[float] | torch.Tensor) -> TrainState:
+def set_hyperparams(state: TrainState, **values: Sequence[Any] | torch.Tensor) -> TrainState:
     """A copy of ensemble ``state`` whose member k uses ``values[name][k]``.
 
     ``lr=[...]`` sets every learning rate in the optimizer state (as
-    :func:`loopkit.optim.set_learning_rate` does for one model). Only the lr is held as a
-    tensor by loopkit's optimizers today; other hyperparameters (weight decay, betas) need
-    ``optim.inject_hyperparams``, and raise a ValueError saying so until it is available.
+    :func:`loopkit.optim.set_learning_rate` does for one model). Any other hyperparameter
+    (``weight_decay=[...]``, ``betas=[(0.9, 0.999), ...]``, ``momentum``, ``eps``...) must be
+    held as a tensor, i.e. the optimizer built with ``optim.inject_hyperparams``; it is set
+    with :func:`loopkit.optim.set_hyperparams`. Each value has a leading dimension ``K``.
     """
     k = size(state)
     opt_state = state.opt_state
     for name, value in values.items():
         value = torch.as_tensor(value, dtype=torch.float64)
-        if value.shape != (k,):
+        if value.ndim == 0 or value.shape[0] != k:
             raise ValueError(
-                f"{name} needs one value per member: shape [{k}], got {list(value.shape)}"
+                f"{name} needs one value per member: a leading dimension of {k}, got shape "
+                f"{list(value.shape)}"
             )
         if name == "lr":
             opt_state = set_learning_rate(opt_state, value)
+        elif not optim_hyperparams(opt_state):
+            raise ValueError(
+                f"cannot sweep {name!r}: this optimizer holds it as a Python number. Build it "
+                f"with optim.inject_hyperparams, e.g. optim.inject_hyperparams(optim.adamw)"
+                f"(lr=1e-3, weight_decay=0.01), so that {name} is a tensor in its state."
+            )
         else:
-            opt_state = _set_injected(opt_state, name, value)
+            opt_state = optim_set_hyperparams(opt_state, **{name: value})
     return state.replace(opt_state=opt_state)
-
-
-def _set_injected(opt_state: Any, name: str, value: torch.Tensor) -> Any:
-    """Per-member values for a hyperparameter other than lr: the hook for
-    ``optim.inject_hyperparams`` (numbers held as tensors in the optimizer state)."""
-    from loopkit import optim
-
-    setter = getattr(optim, "set_hyperparams", None)
-    if setter is None:
-        raise ValueError(
-            f"cannot sweep {name!r}: only the learning rate is held in the optimizer state "
-            "as a tensor. Sweep lr, or build the optimizer with optim.inject_hyperparams "
-            "(when available) so that its other hyperparameters are tensors too."
-        )
-    return setter(opt_state, **{name: value})
 
 
 # --- the vmapped steps ---------------------------------------------------------------------

@@ -7,10 +7,13 @@ read its ``val/...`` metrics (checkpointing, printing).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import sys
+import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,78 +22,176 @@ import torch
 from tqdm.auto import tqdm
 
 from loopkit import checkpoint, optim
-from loopkit.driver import Hook, Loop, evaluate, to_python
+from loopkit.driver import Hook, Loop, evaluate, plain_data, to_python
 from loopkit.state import TrainState
 
 
-def _every(every: int, name: str) -> int:
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"{name} must be a positive integer, got {every!r}")
+def _every(every: int | None, name: str) -> int | None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {every!r}")
     return every
 
 
+def _due_epoch(loop: Loop, every: int | None) -> bool:
+    """At an epoch end: every ``every`` epochs, and always in the final epoch."""
+    return (every is not None and (loop.epoch + 1) % every == 0) or loop.final_epoch
+
+
+def _due_step(loop: Loop, every_steps: int | None) -> bool:
+    return every_steps is not None and loop.step % every_steps == 0
+
+
 class Validate(Hook):
-    """Every ``every`` epochs, run ``evaluate_step`` over ``data`` and put the
-    example-weighted means in ``loop.logs`` as ``"{prefix}/{name}"``; then fire
-    ``on_validation_end``."""
+    """Every ``every`` epochs (and in the final epoch) and/or every ``every_steps`` steps,
+    run ``evaluate_step`` over ``data``, put the example-weighted means in ``loop.logs`` as
+    ``"{prefix}/{name}"`` and fire ``on_validation_end``."""
 
     def __init__(
         self,
         evaluate_step: Callable[[TrainState, Any], dict],
         data: Iterable,
         *,
-        every: int = 1,
+        every: int | None = 1,
+        every_steps: int | None = None,
         prefix: str = "val",
     ):
         self.evaluate_step, self.data, self.prefix = evaluate_step, data, prefix
         self.every = _every(every, "every")
+        self.every_steps = _every(every_steps, "every_steps")
+
+    def on_step_end(self, loop: Loop) -> None:
+        if _due_step(loop, self.every_steps):
+            self.run(loop)
 
     def on_epoch_end(self, loop: Loop) -> None:
-        if (loop.epoch + 1) % self.every and not loop.final_epoch:
-            return
+        if _due_epoch(loop, self.every):
+            self.run(loop)
+
+    def run(self, loop: Loop) -> None:
         results = evaluate(self.evaluate_step, loop.state, self.data)
         loop.logs.update({f"{self.prefix}/{k}": v for k, v in results.items()})
         loop.emit("on_validation_end")
 
 
 class Checkpoint(Hook):
-    """Every ``every`` epochs (and in the final epoch, also when a hook stopped training),
-    save the state atomically to ``directory/step-<step>.ckpt`` with the epoch's logs as
-    metadata. With ``keep_last=N`` only the newest N checkpoints this hook wrote are kept;
-    an older one is deleted only after the new one is written, and files it did not write
-    are never touched."""
+    """Save the state, the data position and every hook's state to
+    ``directory/step-<step>`` (see :mod:`loopkit.checkpoint`): every ``every`` epochs,
+    every ``every_steps`` steps, and at the end of the final epoch (also when a hook
+    stopped training). It saves once every hook has seen the event, so its place in the
+    hook list does not matter. ``fit(..., resume="latest")`` resumes from here.
+
+    Retention (both policies at once, like orbax's latest + best): ``keep_last=N`` keeps the
+    N newest; ``keep_best="val/loss"`` keeps the ``best_n`` with the lowest value of that
+    log (``mode="max"``: highest; checkpoints saved when it was not logged, or NaN, never
+    count as best). With either policy the newest checkpoint is always kept, and an old one
+    is deleted only after the new one is committed. Only checkpoints this hook (or the run
+    it resumed) wrote are ever deleted; ``saved`` and ``best`` say which are on disk.
+    """
 
     def __init__(
-        self, directory: str | os.PathLike, *, every: int = 1, keep_last: int | None = None
+        self,
+        directory: str | os.PathLike,
+        *,
+        every: int | None = 1,
+        every_steps: int | None = None,
+        keep_last: int | None = None,
+        keep_best: str | None = None,
+        mode: str = "min",
+        best_n: int = 1,
     ):
-        if keep_last is not None and keep_last < 1:
-            raise ValueError(f"keep_last must be a positive integer or None, got {keep_last}")
-        self.directory, self.keep_last = Path(directory), keep_last
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(best_n, int) or best_n < 1:
+            raise ValueError(f"best_n must be a positive integer, got {best_n!r}")
+        self.directory, self.keep_last, self.keep_best = Path(directory), keep_last, keep_best
+        self.mode, self.best_n = mode, best_n
         self.every = _every(every, "every")
-        self.saved: list[Path] = []
+        self.every_steps = _every(every_steps, "every_steps")
+        self.records: list[dict[str, Any]] = []  # {"name", "step", "value"}, oldest first
+
+    @property
+    def saved(self) -> list[Path]:
+        """The checkpoints this hook keeps, oldest first."""
+        return [self.directory / r["name"] for r in self.records]
+
+    @property
+    def best(self) -> Path | None:
+        """The best checkpoint by ``keep_best`` (None without one)."""
+        ranked = self._ranked()
+        return self.directory / ranked[0]["name"] if ranked else None
+
+    def checkpoint_directory(self) -> Path:
+        return self.directory
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": [dict(r) for r in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = [dict(r) for r in state["records"]]
 
     def path_for(self, step: int) -> Path:
-        return self.directory / f"step-{step:09d}{checkpoint.SUFFIX}"
+        return self.directory / f"step-{step:09d}"
+
+    def on_fit_start(self, loop: Loop) -> None:
+        checkpoint.clean_temporaries(self.directory)
+
+    def on_step_end(self, loop: Loop) -> None:
+        if _due_step(loop, self.every_steps):
+            self._save_after(loop)
 
     def on_epoch_end(self, loop: Loop) -> None:
-        if (loop.epoch + 1) % self.every == 0 or loop.final_epoch:
-            self.save(loop)
+        if _due_epoch(loop, self.every):
+            self._save_after(loop)
 
-    def save(self, loop: Loop) -> Path:
+    def _save_after(self, loop: Loop) -> None:
         meta = {"epoch": loop.epoch, "step": loop.step, "logs": dict(loop.logs)}
-        path = checkpoint.save(self.path_for(loop.step), loop.state, meta)
-        self.saved = [p for p in self.saved if p != path] + [path]
-        if self.keep_last is not None:
-            stale, self.saved = self.saved[: -self.keep_last], self.saved[-self.keep_last :]
-            for old in stale:
-                old.unlink(missing_ok=True)
+        value = loop.logs.get(self.keep_best) if self.keep_best else None
+        loop.after_event(lambda: self.save(loop, meta, value))
+
+    def save(self, loop: Loop, metadata: dict | None = None, value: Any = None) -> Path:
+        """Write a checkpoint of ``loop`` now and apply the retention policy."""
+        path = self.path_for(loop.step)
+        value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        record = {"name": path.name, "step": loop.step, "value": value}
+        self.records = [r for r in self.records if r["name"] != path.name] + [record]
+        meta = metadata or {"epoch": loop.epoch, "step": loop.step, "logs": dict(loop.logs)}
+        extra = {"loop": loop.state_dict()}
+        checkpoint.save(path, loop.state, plain_data(meta, "metadata"), extra=extra)
+        self._prune()
         return path
+
+    def _ranked(self) -> list[dict[str, Any]]:
+        scored = [r for r in self.records if r["value"] is not None]
+        sign = 1.0 if self.mode == "min" else -1.0
+        return sorted(scored, key=lambda r: (sign * r["value"], r["step"]))
+
+    def _prune(self) -> None:
+        if self.keep_last is None and self.keep_best is None:
+            return
+        keep = {self.records[-1]["name"]}
+        if self.keep_last is not None:
+            keep |= {r["name"] for r in self.records[-self.keep_last :]}
+        if self.keep_best is not None:
+            keep |= {r["name"] for r in self._ranked()[: self.best_n]}
+        for r in [r for r in self.records if r["name"] not in keep]:
+            checkpoint.remove(self.directory / r["name"])
+        self.records = [r for r in self.records if r["name"] in keep]
+
+
+def _format(value: float | list, spec: str) -> str:
+    """A number, or the members' numbers of an ensemble (a list), formatted with ``spec``."""
+    if isinstance(value, list):
+        return " ".join(format(v, spec) for v in value)
+    return format(value, spec)
 
 
 class ProgressBar(Hook):
-    """A tqdm bar per epoch showing the loss (read from the device every ``refresh`` steps,
-    so it costs one sync per ``refresh`` steps), and a summary line of ``loop.logs`` at each
-    epoch's end. The bar is hidden when the output is not a terminal; the lines are not."""
+    """A tqdm bar per epoch showing steps/s, the loss and the lr (read from the device every
+    ``refresh`` steps, so it costs one sync per ``refresh`` steps), and a summary line of
+    ``loop.logs`` at each epoch's end. The bar is hidden when the output is not a terminal;
+    the lines are not."""
 
     def __init__(self, *, refresh: int = 10, file: Any = None):
         self.refresh = _every(refresh, "refresh")
@@ -98,9 +199,12 @@ class ProgressBar(Hook):
         self.bar: Any = None
 
     def on_epoch_start(self, loop: Loop) -> None:
+        total = "" if loop.epochs is None else f"/{loop.epochs}"
         self.bar = tqdm(
             total=loop.steps_per_epoch,
-            desc=f"epoch {loop.epoch + 1}/{loop.epochs}",
+            initial=loop.batch,
+            desc=f"epoch {loop.epoch + 1}{total}",
+            unit="step",
             leave=False,
             disable=None,  # None: off when not a TTY
             file=self.file or sys.stderr,
@@ -109,17 +213,104 @@ class ProgressBar(Hook):
 
     def on_step_end(self, loop: Loop) -> None:
         self.bar.update(1)
-        if loop.step % self.refresh == 0 and "loss" in loop.metrics and not self.bar.disable:
-            loss = to_python(loop.metrics["loss"])  # a list for an ensemble (one per member)
-            shown = " ".join(f"{v:.4f}" for v in loss) if isinstance(loss, list) else f"{loss:.4f}"
-            self.bar.set_postfix(loss=shown, refresh=False)
+        if loop.step % self.refresh or self.bar.disable:
+            return
+        shown = {}
+        if "loss" in loop.metrics:
+            shown["loss"] = _format(to_python(loop.metrics["loss"]), ".4f")
+        lrs = optim.learning_rates(loop.state.opt_state)
+        if lrs:
+            shown["lr"] = _format(to_python(lrs[0]), ".3g")
+        self.bar.set_postfix(shown, refresh=False)
 
     def on_epoch_end(self, loop: Loop) -> None:
         self.bar.close()
-        parts = [f"epoch {loop.epoch + 1}/{loop.epochs}", f"step {loop.step}"]
+        total = "" if loop.epochs is None else f"/{loop.epochs}"
+        parts = [f"epoch {loop.epoch + 1}{total}", f"step {loop.step}"]
         for k, v in loop.logs.items():
-            parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
         tqdm.write("  ".join(parts), file=self.file or sys.stdout)
+
+
+class LearningRateMonitor(Hook):
+    """Put the learning rate of the last step in ``loop.logs`` at each epoch end: ``"lr"``,
+    or ``"lr/0"``, ``"lr/1"``, ... with several parameter groups (list loggers after it)."""
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        lrs = [float(lr) for lr in optim.learning_rates(loop.state.opt_state)]
+        if len(lrs) == 1:
+            loop.logs["lr"] = lrs[0]
+        else:
+            loop.logs.update({f"lr/{i}": lr for i, lr in enumerate(lrs)})
+
+
+class Timer(Hook):
+    """Put the epoch's wall time and throughput in ``loop.logs``: ``time/epoch_s``,
+    ``time/steps_per_s`` and, when batches have a leading dimension, ``time/examples_per_s``.
+    The driver has already waited for the device when ``on_epoch_end`` runs; list the
+    Timer first so validation is not counted."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.steps = 0
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        self.start, self.steps, self.first_step = time.perf_counter(), 0, loop.step
+
+    def on_step_end(self, loop: Loop) -> None:
+        self.steps += 1
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        elapsed = time.perf_counter() - self.start
+        loop.logs["time/epoch_s"] = elapsed
+        if self.steps and elapsed > 0:
+            loop.logs["time/steps_per_s"] = self.steps / elapsed
+
+
+class NaNGuard(Hook):
+    """Check each step's ``monitor`` metric (the loss) for NaN or infinity. On a non-finite
+    value, with ``action=``:
+
+    - ``"stop"``: undo that step (the state is the one before it) and stop training;
+    - ``"skip"``: undo that step and go on with the next batch;
+    - ``"raise"``: raise ``FloatingPointError``.
+
+    Each case names the step, epoch and batch. Reading the metric costs one host sync per
+    step. List it first, so later hooks see the undone step."""
+
+    def __init__(self, monitor: str = "loss", *, action: str = "stop"):
+        if action not in ("stop", "skip", "raise"):
+            raise ValueError(f"action must be 'stop', 'skip' or 'raise', got {action!r}")
+        self.monitor, self.action = monitor, action
+        self.skipped: list[int] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": list(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = list(state["skipped"])
+
+    def on_step_end(self, loop: Loop) -> None:
+        if self.monitor not in loop.metrics:
+            raise KeyError(
+                f"NaNGuard watches the metric {self.monitor!r}, which the step does not return "
+                f"(it returns {sorted(loop.metrics)}): pass NaNGuard(monitor=...)"
+            )
+        if bool(torch.isfinite(torch.as_tensor(loop.metrics[self.monitor])).all()):
+            return
+        where = f"step {loop.step} (epoch {loop.epoch}, batch {loop.batch - 1})"
+        message = f"{self.monitor} is {to_python(loop.metrics[self.monitor])} at {where}"
+        if self.action == "raise":
+            raise FloatingPointError(
+                f"{message}. Lower the lr, clip gradients (clip_norm=...), or check the batch."
+            )
+        loop.skip_step()
+        self.skipped.append(loop.step + 1)
+        if self.action == "stop":
+            loop.should_stop = True
+            warnings.warn(f"{message}: stopped training, keeping the state before it", stacklevel=2)
+        else:
+            warnings.warn(f"{message}: skipped that step", stacklevel=2)
 
 
 class ReduceLROnPlateau(Hook):
@@ -128,13 +319,20 @@ class ReduceLROnPlateau(Hook):
     optimizer's learning rates by the change of its lr, as torch's ``ReduceLROnPlateau``
     does after ``scheduler.step(metric)``. List it after the :class:`Validate` it reads.
 
-    The optimizer must take a number lr (a schedule would recompute its own); with several
-    parameter groups each lr is scaled by the same ratio.
+    The optimizer must take a number lr or an injected one
+    (:func:`loopkit.optim.inject_hyperparams`): a schedule would recompute its own. With
+    several parameter groups each lr is scaled by the same ratio.
     """
 
     def __init__(self, plateau: Any, monitor: str = "val/loss"):
         self.plateau, self.monitor = plateau, monitor
         self.state: Any = None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.state is None else self.state._asdict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = type(self.plateau.init(torch.device("cpu")))(**state)
 
     def on_fit_start(self, loop: Loop) -> None:
         if self.state is None:
@@ -162,10 +360,11 @@ class ReduceLROnPlateau(Hook):
 
 class EarlyStopping(Hook):
     """Stop when ``monitor`` (a key of ``loop.logs``, e.g. ``"val/loss"``) has not improved
-    for ``patience`` consecutive checks. A check happens at each epoch end where the metric
-    is logged (list this hook after the :class:`Validate` that logs it). Improvement means
-    ``value < best - min_delta`` (``mode="min"``) or ``value > best + min_delta``
-    (``"max"``); a NaN or infinite value never improves."""
+    for ``patience`` consecutive checks. A check happens after each validation that logs
+    the metric, and at each epoch end where it is logged but no validation checked it
+    (``train/...`` metrics); list this hook after the :class:`Validate` it reads.
+    Improvement means ``value < best - min_delta`` (``mode="min"``) or
+    ``value > best + min_delta`` (``"max"``); a NaN or infinite value never improves."""
 
     def __init__(self, monitor: str = "val/loss", *, mode: str = "min", patience: int = 5,
                  min_delta: float = 0.0):  # fmt: skip
@@ -178,6 +377,13 @@ class EarlyStopping(Hook):
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.wait = 0
+        self.checked = False  # by a validation in the current epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait, "checked": self.checked}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait, self.checked = state["best"], state["wait"], state["checked"]
 
     def improved(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -188,9 +394,7 @@ class EarlyStopping(Hook):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def on_epoch_end(self, loop: Loop) -> None:
-        if self.monitor not in loop.logs:
-            return
+    def check(self, loop: Loop) -> None:
         value = float(loop.logs[self.monitor])
         if self.improved(value):
             self.best, self.wait = value, 0
@@ -199,31 +403,76 @@ class EarlyStopping(Hook):
             if self.wait >= self.patience:
                 loop.should_stop = True
 
+    def on_validation_end(self, loop: Loop) -> None:
+        if self.monitor in loop.logs:
+            self.check(loop)
+            self.checked = True
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if self.monitor in loop.logs and not self.checked:
+            self.check(loop)
+        self.checked = False
+
+
+def _records_before(records: list[dict], epoch: int) -> list[dict]:
+    return [r for r in records if int(r["epoch"]) < epoch]
+
 
 class _FileLogger(Hook):
-    """Appends one record per epoch (``epoch``, ``step`` and ``loop.logs``) to a file in
-    ``directory``, flushed at once so a crash loses nothing already written."""
+    """Writes one record per epoch (``epoch``, ``step`` and ``loop.logs``) to a file in
+    ``directory``, flushed at once so a crash loses nothing already written. A new run
+    starts a new file (``append=True`` keeps what is there, as Keras' CSVLogger). When
+    ``fit`` resumes, the records of the epochs the resumed run will redo are dropped, so
+    the file ends up as an uninterrupted run's."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str):
-        self.path = Path(directory) / filename
+    def __init__(self, directory: str | os.PathLike, filename: str, append: bool):
+        self.path, self.append = Path(directory) / filename, append
 
     def on_fit_start(self, loop: Loop) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if loop.resuming and self.path.exists():
+            self.rewrite(_records_before(self.read(), loop.epoch))
+        elif not self.append:
+            self.path.unlink(missing_ok=True)
 
     def on_epoch_end(self, loop: Loop) -> None:
         record = {"epoch": loop.epoch, "step": loop.step}
         record.update({k: to_python(v) for k, v in loop.logs.items()})
         self.write(record)
 
+    def read(self) -> list[dict]:
+        raise NotImplementedError
+
+    def rewrite(self, records: list[dict]) -> None:
+        raise NotImplementedError
+
     def write(self, record: dict) -> None:
         raise NotImplementedError
+
+    def _replace(self, text: str) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 class JSONLLogger(_FileLogger):
     """``directory/metrics.jsonl``: one JSON object per epoch."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str = "metrics.jsonl"):
-        super().__init__(directory, filename)
+    def __init__(
+        self, directory: str | os.PathLike, filename: str = "metrics.jsonl", *, append=False
+    ):
+        super().__init__(directory, filename, append)
+
+    def read(self) -> list[dict]:
+        lines = self.path.read_text().splitlines()
+        # a line cut short by a crash is not a record
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def rewrite(self, records: list[dict]) -> None:
+        self._replace("".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -234,22 +483,58 @@ class CSVLogger(_FileLogger):
     """``directory/metrics.csv``: one row per epoch. When a later epoch logs a new column
     (validation every few epochs), the file is rewritten with the wider header."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str = "metrics.csv"):
-        super().__init__(directory, filename)
+    def __init__(
+        self, directory: str | os.PathLike, filename: str = "metrics.csv", *, append=False
+    ):
+        super().__init__(directory, filename, append)
+
+    def read(self) -> list[dict]:
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def rewrite(self, records: list[dict]) -> None:
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows(records)
+        self._replace(text.getvalue())
 
     def write(self, record: dict) -> None:
-        rows = []
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
+        rows = self.read() if self.path.exists() else []
         columns = list(dict.fromkeys([*(rows[0].keys() if rows else []), *record]))
         if rows and list(rows[0].keys()) == columns:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, columns).writerow(record)
-            return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows([*rows, record])
-        os.replace(tmp, self.path)
+        else:
+            self.rewrite([*rows, record])
+
+
+class TensorBoardLogger(Hook):
+    """Write ``loop.logs`` as TensorBoard scalars at each epoch end (x axis: the step), with
+    ``torch.utils.tensorboard`` (install the ``tensorboard`` extra). A resumed run purges
+    the events its interrupted predecessor wrote after the checkpoint."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.writer: Any = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                "TensorBoardLogger needs the tensorboard package: "
+                "pip install 'loopkit[tensorboard]'"
+            ) from e
+        purge = loop.step + 1 if loop.resuming else None
+        self.writer = SummaryWriter(str(self.directory), purge_step=purge)
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        for k, v in loop.logs.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                self.writer.add_scalar(k, v, global_step=loop.step)
+        self.writer.flush()
+
+    def on_fit_end(self, loop: Loop) -> None:
+        self.writer.close()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -55,6 +55,11 @@ def assert_member_equals(member, state, tol):
 def test_member_equals_a_separate_run(spec, opt_name_kwargs, lr_factors, shared_batch, seed, dtype):
     """Each member has its own initialisation (seed), its own lr (an lr sweep), its own
     Dropout masks (from its own rng) and, without shared_batch, its own data."""
+    # BatchNorm over 2-3 units turns the 1-ulp difference between batched (vmap: bmm) and
+    # unbatched (mm) matmul rounding into ~1e-4 relative after a few sign-like Adam steps:
+    # on such a model the plain step differs from torch's own loop by as much (1.3e-6 abs on
+    # the example hypothesis found). float64 still covers those models (to 1e-10).
+    assume(dtype == torch.float64 or not spec.batchnorm or min(spec.widths, default=4) >= 4)
     name, kwargs = opt_name_kwargs
     k = len(lr_factors)
     seeds = [seed + i for i in range(k)]
@@ -252,9 +257,9 @@ def test_member_count_mismatches_are_rejected():
     model = nn.Linear(3, 2)
     opt = optim.sgd(lr=0.1)
     state = ensemble.create(lambda: nn.Linear(3, 2), opt, seeds=[0, 1])
-    with pytest.raises(ValueError, match=r"one value per member: shape \[2\], got \[3\]"):
+    with pytest.raises(ValueError, match=r"one value per member: a leading dimension of 2, got"):
         ensemble.set_hyperparams(state, lr=[0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match="weight_decay.*inject_hyperparams"):
+    with pytest.raises(ValueError, match="sweep 'weight_decay'.*optim.inject_hyperparams"):
         ensemble.set_hyperparams(state, weight_decay=[0.1, 0.2])
     step = lk.ensemble_step(lk.train_step(model, loss_fn, opt), shared_batch=False)
     with pytest.raises(ValueError, match=r"leading member dimension of 2, got shape \[5, 3\]"):
@@ -280,3 +285,47 @@ def test_other_random_ops_in_an_eager_ensemble_are_rejected():
 def test_ensemble_step_needs_a_loopkit_step():
     with pytest.raises(TypeError, match="lk.train_step or lk.eval_step"):
         lk.ensemble_step(lambda s, b: (s, {}))
+
+
+@given(
+    kwargs=st.lists(
+        st.fixed_dictionaries(
+            dict(
+                lr=st.floats(1e-4, 0.05),
+                betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
+                weight_decay=st.sampled_from([0.0, 1e-2, 0.1]),
+                eps=st.sampled_from([1e-8, 1e-3]),
+            )
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_sweep_of_injected_hyperparams_equals_separate_runs(kwargs, seed):
+    """Per-member lr, betas, weight decay and eps through optim.inject_hyperparams; member k
+    equals a separate run of plain optim.adamw with member k's numbers."""
+    spec = MLPSpec(4, (10,), 3, "tanh", batchnorm=False, dropout=0.2)
+    k = len(kwargs)
+    seeds = [seed + i for i in range(k)]
+    models = [build_mlp(spec, s) for s in seeds]
+    injected = optim.inject_hyperparams(optim.adamw)(**kwargs[0])
+    state = ensemble.stack(
+        [lk.TrainState.create(m, injected, seed=s) for m, s in zip(models, seeds, strict=True)]
+    )
+    state = ensemble.set_hyperparams(
+        state,
+        **{name: [kw[name] for kw in kwargs] for name in ("lr", "betas", "weight_decay", "eps")},
+    )
+    torch.testing.assert_close(
+        ensemble.hyperparams(state)["betas"][0],
+        torch.tensor([kw["betas"] for kw in kwargs], dtype=torch.float64),
+    )
+    step = lk.ensemble_step(lk.train_step(models[0], loss_fn, injected))
+    batches = make_batches(spec, [8, 8, 8], seed)
+    for batch in batches:
+        state, _ = step(state, batch)
+    for i, member in enumerate(ensemble.unstack(state)):
+        ref, _ = separate_run(models[i], optim.adamw(**kwargs[i]), seeds[i], batches)
+        for name in ref.params:
+            torch.testing.assert_close(member.params[name], ref.params[name], **FP32)

@@ -3,6 +3,8 @@
 Every optimizer is a :class:`Transform` ``(init, update)``; ``chain`` composes them and
 ``apply_updates`` adds the result to the params. See :mod:`loopkit.optim.transforms` for the
 building blocks and :mod:`loopkit.optim.schedules` for learning-rate schedules.
+:func:`inject_hyperparams` keeps an optimizer's hyperparameters as tensors in its state
+(:func:`hyperparams` reads them, :func:`set_hyperparams` changes them).
 """
 
 from loopkit.optim import schedules
@@ -22,7 +24,14 @@ from loopkit.optim.aliases import (
     sgd,
 )
 from loopkit.optim.base import Transform, apply_updates, chain, identity
-from loopkit.optim.hyperparams import learning_rates, set_learning_rate
+from loopkit.optim.hyperparams import (
+    InjectState,
+    hyperparams,
+    inject_hyperparams,
+    learning_rates,
+    set_hyperparams,
+    set_learning_rate,
+)
 from loopkit.optim.transforms import (
     adafactor_update,
     add_decayed_weights,
@@ -55,6 +64,7 @@ from loopkit.optim.wrappers import (
 )
 
 __all__ = [
+    "InjectState",
     "Transform",
     "accumulate",
     "adadelta",
@@ -75,7 +85,9 @@ __all__ = [
     "ema",
     "freeze",
     "global_norm",
+    "hyperparams",
     "identity",
+    "inject_hyperparams",
     "learning_rates",
     "masked",
     "multi_transform",
@@ -96,6 +108,7 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rprop",
     "schedules",
+    "set_hyperparams",
     "set_learning_rate",
     "set_to_zero",
     "sgd",

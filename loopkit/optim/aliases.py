@@ -1,5 +1,11 @@
 """torch.optim's optimizers as chains of transforms, with torch's argument names, defaults
-and validation. ``lr`` may be a float or a schedule ``step -> lr``."""
+and validation. ``lr`` may be a float or a schedule ``step -> lr``.
+
+Every numeric hyperparameter may also be a 0-dim tensor: it is then used as it is at every
+update, unvalidated (no host sync), and the chain keeps every link it could need (a tensor
+``momentum`` always has a momentum buffer, a tensor ``weight_decay`` always a decay that is a
+no-op at 0). That is how :func:`~loopkit.optim.inject_hyperparams` passes the current
+values; structure (``amsgrad``, ``nesterov``, ``centered``, ``maximize``...) stays Python."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import torch
 from loopkit.optim.base import Transform, chain
 from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
+    Hyper,
     adafactor_update,
     add_decayed_weights,
     asgd_update,
@@ -53,18 +60,36 @@ def _checked(tx: Transform) -> Transform:
     return Transform(init, update)
 
 
-def _lr(lr: Any, invalid: Callable[[float], bool]) -> float | Schedule:
-    """A schedule as it is, or the lr as a float (numbers and one-element tensors, as
-    torch.optim accepts them), rejected with torch's message where ``invalid(lr)``."""
+def _lr(lr: Any, invalid: Callable[[float], bool]) -> Hyper | Schedule:
+    """A schedule or a one-element tensor as it is (a 0-dim view, read at every update, as
+    torch reads a tensor lr), or the lr as a float, rejected with torch's message where
+    ``invalid(lr)``."""
     if callable(lr):
         return lr
     if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        lr = lr.item()
+        return lr.reshape(())
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a number or a schedule (callable step -> lr), got {lr!r}")
     if invalid(float(lr)):
         raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
     return float(lr)
+
+
+def _num(value: Any) -> Hyper:
+    """A hyperparameter as a float, or a tensor (injected) as it is."""
+    return value if isinstance(value, torch.Tensor) else float(value)
+
+
+def _check(name: str, value: Any, valid: Callable[[float], bool]) -> None:
+    """torch's ``Invalid <name> value`` error where ``valid(value)`` fails; a tensor
+    (injected, validated once as a number by inject_hyperparams) is not checked."""
+    if not isinstance(value, torch.Tensor) and not valid(value):
+        raise ValueError(f"Invalid {name} value: {value}")
+
+
+def _fixed(value: Any) -> bool:
+    """Whether ``value`` is a plain number (a tensor or a schedule may change each step)."""
+    return not (callable(value) or isinstance(value, torch.Tensor))
 
 
 def sgd(
@@ -80,12 +105,12 @@ def sgd(
     then ``b = momentum * b + (1 - dampening) * g``); ``g = g + momentum * b`` (nesterov) or
     ``g = b``; ``p -= lr * g``. ``maximize`` negates the gradient first."""
     lr = _lr(lr, lambda v: v < 0.0)  # torch.optim.SGD's check (a NaN lr passes it)
-    scheduled = callable(momentum)  # e.g. schedules.one_cycle_momentum
-    if not scheduled and momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-    if nesterov and ((not scheduled and momentum <= 0) or dampening != 0):
+    varying = not _fixed(momentum)  # a schedule (one_cycle_momentum) or injected
+    _check("momentum", momentum, lambda v: callable(v) or v >= 0.0)
+    _check("weight_decay", weight_decay, lambda v: v >= 0.0)
+    if nesterov and (
+        (_fixed(momentum) and momentum <= 0) or (_fixed(dampening) and dampening != 0)
+    ):
         raise ValueError(
             "Nesterov momentum requires a momentum and zero dampening: "
             f"got momentum={momentum}, dampening={dampening}"
@@ -93,30 +118,28 @@ def sgd(
     return _checked(
         chain(
             *([negate()] if maximize else []),
-            add_decayed_weights(weight_decay),
-            *([trace(momentum, dampening, nesterov)] if scheduled or momentum != 0 else []),
+            add_decayed_weights(_num(weight_decay)),
+            *([trace(momentum, _num(dampening), nesterov)] if varying or momentum != 0 else []),
             scale_by_learning_rate(lr),
         )
     )
 
 
-def _beta1(betas: tuple) -> float | Schedule:
+def _beta1(betas: tuple) -> Hyper | Schedule:
     """betas[0] as a float, or as it is if it is a schedule (cycled like OneCycleLR does)."""
-    return betas[0] if callable(betas[0]) else float(betas[0])
+    return betas[0] if callable(betas[0]) else _num(betas[0])
 
 
 def _check_adam(betas, eps, weight_decay) -> None:
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    _check("epsilon", eps, lambda v: 0.0 <= v)
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
         if i == 0 and callable(b):
             continue  # a beta1 schedule (OneCycleLR-style cycling)
-        if not 0.0 <= b < 1.0:
+        if _fixed(b) and not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
 
 
 def adam(
@@ -133,7 +156,7 @@ def adam(
     decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    adaptive = scale_by_adam(_beta1(betas), float(betas[1]), float(eps), amsgrad)
+    adaptive = scale_by_adam(_beta1(betas), _num(betas[1]), _num(eps), amsgrad)
     return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize)
 
 
@@ -146,18 +169,13 @@ def _adaptive(
 ) -> Transform:
     """``[negate] -> L2 decay -> direction -> -lr``, or with decoupled decay (AdamW-style,
     ``p -= lr * weight_decay * p``) ``[negate] -> direction -> decay -> -lr``."""
-    decay = add_decayed_weights(weight_decay)
+    decay = add_decayed_weights(_num(weight_decay))
     core = [direction, decay] if decoupled else [decay, direction]
     return _checked(chain(*([negate()] if maximize else []), *core, scale_by_learning_rate(lr)))
 
 
 def _negative_or_nan(v: float) -> bool:  # the lr check of most torch.optim classes
     return not 0.0 <= v
-
-
-def _check(name: str, value: float, ok: bool) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name} value: {value}")
 
 
 def adamw(
@@ -190,13 +208,13 @@ def rmsprop(
     :func:`scale_by_rms`; with momentum ``b = momentum * b + x`` and ``p -= lr * b``,
     otherwise ``p -= lr * x``."""
     lr = _lr(lr, _negative_or_nan)
-    _check("epsilon", eps, 0.0 <= eps)
-    _check("momentum", momentum, 0.0 <= momentum)
-    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
-    _check("alpha", alpha, 0.0 <= alpha)
-    direction = scale_by_rms(float(alpha), float(eps), centered)
-    if momentum > 0:
-        direction = chain(direction, trace(float(momentum)))
+    _check("epsilon", eps, lambda v: 0.0 <= v)
+    _check("momentum", momentum, lambda v: 0.0 <= v)
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    _check("alpha", alpha, lambda v: 0.0 <= v)
+    direction = scale_by_rms(_num(alpha), _num(eps), centered)
+    if not _fixed(momentum) or momentum > 0:
+        direction = chain(direction, trace(_num(momentum)))
     return _adaptive(direction, lr, weight_decay, False, maximize)
 
 
@@ -212,11 +230,11 @@ def adagrad(
     """torch.optim.Adagrad: ``g += weight_decay * p``; ``s += g^2``;
     ``p -= lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)``. Dense gradients only."""
     lr = _lr(lr, _negative_or_nan)
-    _check("lr_decay", lr_decay, 0.0 <= lr_decay)
-    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
-    _check("initial_accumulator_value", initial_accumulator_value, 0.0 <= initial_accumulator_value)
-    _check("epsilon", eps, 0.0 <= eps)
-    direction = scale_by_adagrad(float(lr_decay), float(initial_accumulator_value), float(eps))
+    _check("lr_decay", lr_decay, lambda v: 0.0 <= v)
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    _check("initial_accumulator_value", initial_accumulator_value, lambda v: 0.0 <= v)
+    _check("epsilon", eps, lambda v: 0.0 <= v)
+    direction = scale_by_adagrad(_num(lr_decay), _num(initial_accumulator_value), _num(eps))
     return _adaptive(direction, lr, weight_decay, False, maximize)
 
 
@@ -231,7 +249,7 @@ def adamax(
     """torch.optim.Adamax: ``g += weight_decay * p``, then :func:`scale_by_adamax`, ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    direction = scale_by_adamax(_beta1(betas), float(betas[1]), float(eps))
+    direction = scale_by_adamax(_beta1(betas), _num(betas[1]), _num(eps))
     return _adaptive(direction, lr, weight_decay, False, maximize)
 
 
@@ -249,8 +267,8 @@ def nadam(
     :func:`scale_by_nadam`, then ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    _check("momentum_decay", momentum_decay, 0.0 <= momentum_decay)
-    direction = scale_by_nadam(_beta1(betas), float(betas[1]), float(eps), float(momentum_decay))
+    _check("momentum_decay", momentum_decay, lambda v: 0.0 <= v)
+    direction = scale_by_nadam(_beta1(betas), _num(betas[1]), _num(eps), _num(momentum_decay))
     return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
 
 
@@ -267,7 +285,7 @@ def radam(
     :func:`scale_by_radam`, then ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    direction = scale_by_radam(_beta1(betas), float(betas[1]), float(eps))
+    direction = scale_by_radam(_beta1(betas), _num(betas[1]), _num(eps))
     return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
 
 
@@ -282,10 +300,10 @@ def adadelta(
     """torch.optim.Adadelta: ``g += weight_decay * p``, then :func:`scale_by_adadelta`,
     then ``-lr``."""
     lr = _lr(lr, _negative_or_nan)
-    _check("rho", rho, 0.0 <= rho <= 1.0)
-    _check("epsilon", eps, 0.0 <= eps)
-    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
-    direction = scale_by_adadelta(float(rho), float(eps))
+    _check("rho", rho, lambda v: 0.0 <= v <= 1.0)
+    _check("epsilon", eps, lambda v: 0.0 <= v)
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    direction = scale_by_adadelta(_num(rho), _num(eps))
     return _adaptive(direction, lr, weight_decay, False, maximize)
 
 
@@ -300,10 +318,10 @@ def rprop(
     ``etas[1]`` while the gradient keeps its sign and shrink by ``etas[0]`` when it flips
     (:func:`scale_by_rprop`). As in torch, a schedule only sets the initial step size."""
     lr = _lr(lr, _negative_or_nan)
-    if not 0.0 < etas[0] < 1.0 < etas[1]:
+    if all(map(_fixed, etas)) and not 0.0 < etas[0] < 1.0 < etas[1]:
         raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
     first = float(lr(torch.tensor(0))) if callable(lr) else lr
-    core = scale_by_rprop(first, (float(etas[0]), float(etas[1])), tuple(map(float, step_sizes)))
+    core = scale_by_rprop(first, tuple(map(_num, etas)), tuple(map(_num, step_sizes)))
     return _checked(chain(*([negate()] if maximize else []), core))
 
 
@@ -319,10 +337,10 @@ def asgd(
     """torch.optim.ASGD: ``g += weight_decay * p``, then :func:`asgd_update` (SGD with a
     decaying step ``eta`` and a running average of the params in ``opt_state[-1].ax``)."""
     lr = _lr(lr, _negative_or_nan)
-    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
-    core = asgd_update(lr, float(lambd), float(alpha), float(t0))
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    core = asgd_update(lr, _num(lambd), _num(alpha), _num(t0))
     return _checked(
-        chain(*([negate()] if maximize else []), add_decayed_weights(weight_decay), core)
+        chain(*([negate()] if maximize else []), add_decayed_weights(_num(weight_decay)), core)
     )
 
 
@@ -338,13 +356,13 @@ def adafactor(
     """torch.optim.Adafactor: factored second moments for 2+-dim params, relative step
     sizes and update clipping (:func:`adafactor_update`). Params must be a dict."""
     lr = _lr(lr, _negative_or_nan)
-    _check("beta2_decay", beta2_decay, beta2_decay <= 0.0)
+    _check("beta2_decay", beta2_decay, lambda v: v <= 0.0)
     if eps[0] is not None:
-        _check("epsilon1", eps[0], 0.0 <= eps[0])
-    _check("epsilon2", eps[1], 0.0 <= eps[1])
-    _check("clipping threshold d", d, 1.0 <= d)
-    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
-    core = adafactor_update(lr, float(beta2_decay), eps, float(d), float(weight_decay))
+        _check("epsilon1", eps[0], lambda v: 0.0 <= v)
+    _check("epsilon2", eps[1], lambda v: 0.0 <= v)
+    _check("clipping threshold d", d, lambda v: 1.0 <= v)
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    core = adafactor_update(lr, _num(beta2_decay), eps, _num(d), _num(weight_decay))
     return _checked(chain(*([negate()] if maximize else []), core))
 
 
@@ -363,9 +381,13 @@ def muon(
     ``p -= lr * weight_decay * p``, then ``-lr``. Give other params another optimizer with
     :func:`~loopkit.optim.multi_transform`."""
     lr = _lr(lr, _negative_or_nan)
-    _check("momentum", momentum, 0.0 <= momentum)
-    _check("weight_decay", weight_decay, 0.0 <= weight_decay)
+    _check("momentum", momentum, lambda v: 0.0 <= v)
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
     direction = scale_by_muon(
-        float(momentum), nesterov, tuple(ns_coefficients), float(eps), int(ns_steps), adjust_lr_fn
+        _num(momentum), nesterov, tuple(ns_coefficients), _num(eps), int(ns_steps), adjust_lr_fn
     )
     return _adaptive(direction, lr, weight_decay, True, False)
+
+
+# Arguments that fix muon's structure (the Newton-Schulz loop): never injected.
+muon.static_args = ("ns_coefficients", "ns_steps")

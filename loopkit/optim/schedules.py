@@ -99,12 +99,6 @@ def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 0.1) -> Sc
     return linear(lr, start_factor=start_factor, end_factor=1.0, total_iters=warmup_steps)
 
 
-def as_schedule(lr: float | Schedule) -> Schedule:
-    """A number (or one-element tensor) becomes :func:`constant`; a callable is taken to be a
-    schedule already (it may return a tensor or a number)."""
-    return lr if callable(lr) else constant(float(lr))
-
-
 # --- torch.optim.lr_scheduler, one function per class ---------------------------------------------
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from loopkit.optim.base import Transform, zeros_like_tree
-from loopkit.optim.schedules import Schedule, as_schedule
+from loopkit.optim.schedules import Schedule
 from loopkit.tree import PyTree, check_same_keys, flatten_with_names, tree_leaves, tree_map
 
 
@@ -28,9 +28,12 @@ def _count(params: PyTree) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-def _at(value: float | Schedule, count: torch.Tensor) -> float | torch.Tensor:
-    """A hyperparameter's value for the update after ``count`` updates: a number as it is, a
-    schedule evaluated (float64), as a torch scheduler that cycles momentum sets it."""
+Hyper = float | torch.Tensor  # a number, or a 0-dim tensor (an injected hyperparameter)
+
+
+def _at(value: Hyper | Schedule, count: torch.Tensor) -> Hyper:
+    """A hyperparameter's value for the update after ``count`` updates: a number or tensor as
+    it is, a schedule evaluated (float64), as a torch scheduler that cycles momentum sets it."""
     if callable(value):
         return torch.as_tensor(value(count), dtype=torch.float64, device=count.device)
     return value
@@ -41,6 +44,19 @@ def _s(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
     bias corrections, schedules and the lr would otherwise promote a 0-dim param's math and
     state to float64 (for larger tensors torch already computes in their dtype)."""
     return value.to(like.dtype) if isinstance(value, torch.Tensor) else value
+
+
+def _full_like(p: torch.Tensor, value: Hyper) -> torch.Tensor:
+    """``torch.full_like(p, value)`` for a number or a 0-dim tensor ``value``."""
+    return torch.zeros_like(p) + _s(value, p)
+
+
+def _addcmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value: Hyper) -> torch.Tensor:
+    """``x + value * a * b``: ``Tensor.addcmul`` for a number ``value`` (torch's op), the same
+    product written out for a tensor one (addcmul's ``value`` must be a number)."""
+    if isinstance(value, torch.Tensor):
+        return x + value.to(a.dtype) * a * b
+    return x.addcmul(a, b, value=value)
 
 
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
@@ -63,16 +79,23 @@ def negate() -> Transform:
     )
 
 
-def add_decayed_weights(weight_decay: float) -> Transform:
+def add_decayed_weights(weight_decay: Hyper) -> Transform:
     """``g <- g + weight_decay * p``: L2 regularisation (coupled weight decay), or decoupled
-    decay when placed after the adaptive scaling and before the learning rate."""
+    decay when placed after the adaptive scaling and before the learning rate. A tensor
+    ``weight_decay`` (injected) is applied where it is non-zero: at 0 the update passes
+    through unchanged, as torch skips the decay then."""
+    injected = isinstance(weight_decay, torch.Tensor)
+
+    def decay(gi, pi):
+        decayed = gi + _s(weight_decay, gi) * pi
+        return torch.where(weight_decay != 0, decayed, gi) if injected else decayed
 
     def update(g, state, params=None):
-        if weight_decay == 0:
+        if not injected and weight_decay == 0:
             return g, state
         params = _need_params(params, "add_decayed_weights")
         check_same_keys(g, params, "grads", "params")
-        return tree_map(lambda gi, pi: gi + weight_decay * pi, g, params), state
+        return tree_map(decay, g, params), state
 
     return Transform(lambda params: (), update)
 
@@ -83,7 +106,7 @@ class TraceState(NamedTuple):
     momentum_buffer: PyTree
 
 
-def trace(momentum: float | Schedule, dampening: float = 0.0, nesterov: bool = False) -> Transform:
+def trace(momentum: Hyper | Schedule, dampening: Hyper = 0.0, nesterov: bool = False) -> Transform:
     """SGD momentum, as torch.optim.SGD: the first buffer is the raw update,
     ``b_1 = g_1``; then ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``;
     output ``g_t + momentum * b_t`` if nesterov else ``b_t``. ``momentum`` may be a schedule
@@ -96,11 +119,13 @@ def trace(momentum: float | Schedule, dampening: float = 0.0, nesterov: bool = F
 
     def update(g, state, params=None):
         momentum_t = _at(momentum, state.count)
-        active = torch.as_tensor(momentum_t != 0, device=state.count.device)
+        active = momentum_t != 0
+        if not isinstance(active, torch.Tensor):
+            active = torch.tensor(active, device=state.count.device)
         first = ~state.initialized & active
 
         def buf(gi, bi):
-            moved = bi * _s(momentum_t, gi) + (1 - dampening) * gi
+            moved = bi * _s(momentum_t, gi) + _s(1 - dampening, gi) * gi
             return torch.where(first, gi, torch.where(active, moved, bi))
 
         def output(gi, bi):
@@ -121,7 +146,7 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(
-    b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+    b1: Hyper | Schedule = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, amsgrad: bool = False
 ) -> Transform:
     """Adam's direction, bias-corrected as torch.optim.Adam (t counts from 1)::
 
@@ -150,7 +175,7 @@ def scale_by_adam(
         bias_correction2_sqrt = (1 - b2**t).sqrt()
         exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
         exp_avg_sq = tree_map(
-            lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
+            lambda v, gi: _addcmul(v * _s(b2, v), gi, gi, 1 - b2), state.exp_avg_sq, g
         )
         if amsgrad:
             max_sq = tree_map(torch.maximum, state.max_exp_avg_sq, exp_avg_sq)
@@ -159,7 +184,7 @@ def scale_by_adam(
             max_sq, second = (), exp_avg_sq
 
         def direction(m, v):
-            denom = (v.sqrt() / _s(bias_correction2_sqrt, v)).add(eps)
+            denom = v.sqrt() / _s(bias_correction2_sqrt, v) + _s(eps, v)
             return m / denom / _s(bias_correction1, m)
 
         out = tree_map(direction, exp_avg, second)
@@ -173,26 +198,37 @@ class ScaleByLearningRateState(NamedTuple):
     lr: torch.Tensor  # the lr of the most recent update (the first one's before any update)
 
 
-def scale_by_learning_rate(lr: float | Schedule) -> Transform:
-    """``g <- -lr_t * g``: ``lr_t = schedule(t)`` for a schedule (t: updates made so far), or
-    for a number the lr held in the state.
+def _lr_at(lr: Hyper | Schedule, state_lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The lr of the update after ``count`` updates: a schedule's value, a tensor lr itself
+    (injected: its current value), or for a number the lr kept in the state."""
+    if callable(lr):
+        return torch.as_tensor(lr(count), dtype=torch.float64, device=count.device)
+    if isinstance(lr, torch.Tensor):
+        return lr.to(torch.float64)
+    return state_lr
+
+
+def _first_lr(lr: Hyper | Schedule, count: torch.Tensor) -> torch.Tensor:
+    value = lr(count) if callable(lr) else lr
+    return torch.as_tensor(value, dtype=torch.float64, device=count.device)
+
+
+def scale_by_learning_rate(lr: Hyper | Schedule) -> Transform:
+    """``g <- -lr_t * g``: ``lr_t = schedule(t)`` for a schedule (t: updates made so far), the
+    tensor itself for a 0-dim tensor lr, or for a number the lr held in the state.
 
     The state keeps the current lr as a float64 tensor, so loggers can read it on device.
     With a number, that tensor *is* the lr: replace it (:func:`loopkit.optim.set_learning_rate`)
     to change the lr, e.g. on a plateau; a compiled step takes the new value without
-    recompiling."""
-    constant = not callable(lr)
-    schedule = as_schedule(lr)
-
-    def lr_at(count: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(schedule(count), dtype=torch.float64, device=count.device)
+    recompiling. A tensor lr is read at every update, as torch reads a tensor lr;
+    :func:`~loopkit.optim.inject_hyperparams` passes its current lr this way."""
 
     def init(params):
         count = _count(params)
-        return ScaleByLearningRateState(count, lr_at(count))
+        return ScaleByLearningRateState(count, _first_lr(lr, count))
 
     def update(g, state, params=None):
-        lr_t = state.lr if constant else lr_at(state.count)
+        lr_t = _lr_at(lr, state.lr, state.count)
         out = tree_map(lambda gi: gi * _s(-lr_t, gi), g)
         return out, ScaleByLearningRateState(state.count + 1, lr_t)
 
@@ -265,7 +301,7 @@ class ScaleByRmsState(NamedTuple):
     grad_avg: PyTree  # () unless centered
 
 
-def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False) -> Transform:
+def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False) -> Transform:
     """RMSprop's direction, as torch.optim.RMSprop::
 
     v = alpha v + (1 - alpha) g^2        mean = lerp(mean, g, 1 - alpha) if centered
@@ -277,14 +313,14 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False)
 
     def update(g, state, params=None):
         square_avg = tree_map(
-            lambda v, gi: v.mul(alpha).addcmul(gi, gi, value=1 - alpha), state.square_avg, g
+            lambda v, gi: _addcmul(v * _s(alpha, v), gi, gi, 1 - alpha), state.square_avg, g
         )
         if centered:
-            grad_avg = tree_map(lambda m, gi: torch.lerp(m, gi, 1 - alpha), state.grad_avg, g)
+            grad_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - alpha), state.grad_avg, g)
             avg = tree_map(lambda v, m: v.addcmul(m, m, value=-1).sqrt(), square_avg, grad_avg)
         else:
             grad_avg, avg = (), tree_map(torch.sqrt, square_avg)
-        out = tree_map(lambda gi, a: gi / (a + eps), g, avg)
+        out = tree_map(lambda gi, a: gi / (a + _s(eps, a)), g, avg)
         return out, ScaleByRmsState(square_avg, grad_avg)
 
     return Transform(init, update)
@@ -296,7 +332,7 @@ class ScaleByAdagradState(NamedTuple):
 
 
 def scale_by_adagrad(
-    lr_decay: float = 0.0, initial_accumulator_value: float = 0.0, eps: float = 1e-10
+    lr_decay: Hyper = 0.0, initial_accumulator_value: Hyper = 0.0, eps: Hyper = 1e-10
 ) -> Transform:
     """Adagrad's direction, as torch.optim.Adagrad (t counts from 1)::
 
@@ -304,14 +340,14 @@ def scale_by_adagrad(
     """
 
     def init(params):
-        sums = tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
+        sums = tree_map(lambda p: _full_like(p, initial_accumulator_value), params)
         return ScaleByAdagradState(_count(params), sums)
 
     def update(g, state, params=None):
         count = state.count + 1
         decay = 1 + (count.to(torch.float64) - 1) * lr_decay
         sums = tree_map(lambda s, gi: s.addcmul(gi, gi, value=1), state.sum, g)
-        out = tree_map(lambda gi, s: gi / (s.sqrt() + eps) / _s(decay, gi), g, sums)
+        out = tree_map(lambda gi, s: gi / (s.sqrt() + _s(eps, s)) / _s(decay, gi), g, sums)
         return out, ScaleByAdagradState(count, sums)
 
     return Transform(init, update)
@@ -323,7 +359,7 @@ class ScaleByAdamaxState(NamedTuple):
     exp_inf: PyTree
 
 
-def scale_by_adamax(b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+def scale_by_adamax(b1: Hyper | Schedule = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Transform:
     """Adamax's direction, as torch.optim.Adamax (t counts from 1)::
 
     m = lerp(m, g, 1 - b1)      u = max(b2 u, |g| + eps)      out = m / u / (1 - b1^t)
@@ -337,7 +373,9 @@ def scale_by_adamax(b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 
         b1_t = _at(b1, state.count)  # a schedule: OneCycleLR/CyclicLR cycle betas[0]
         bias_correction = 1 - b1_t ** count.to(torch.float64)
         exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
-        exp_inf = tree_map(lambda u, gi: torch.maximum(u * b2, gi.abs() + eps), state.exp_inf, g)
+        exp_inf = tree_map(
+            lambda u, gi: torch.maximum(u * _s(b2, u), gi.abs() + _s(eps, gi)), state.exp_inf, g
+        )
         out = tree_map(lambda m, u: m / u / _s(bias_correction, m), exp_avg, exp_inf)
         return out, ScaleByAdamaxState(count, exp_avg, exp_inf)
 
@@ -352,7 +390,7 @@ class ScaleByNadamState(NamedTuple):
 
 
 def scale_by_nadam(
-    b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum_decay: float = 4e-3
+    b1: Hyper | Schedule = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, momentum_decay: Hyper = 4e-3
 ) -> Transform:
     """NAdam's direction, as torch.optim.NAdam (t counts from 1)::
 
@@ -385,11 +423,11 @@ def scale_by_nadam(
         coef_avg = mu_next / (1.0 - mu_product_next)
         exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
         exp_avg_sq = tree_map(
-            lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
+            lambda v, gi: _addcmul(v * _s(b2, v), gi, gi, 1 - b2), state.exp_avg_sq, g
         )
 
         def direction(gi, m, v):
-            denom = v.div(_s(bias_correction2, v)).sqrt() + eps
+            denom = v.div(_s(bias_correction2, v)).sqrt() + _s(eps, v)
             return gi / denom * _s(coef_grad, gi) + m / denom * _s(coef_avg, m)
 
         out = tree_map(direction, g, exp_avg, exp_avg_sq)
@@ -398,7 +436,7 @@ def scale_by_nadam(
     return Transform(init, update)
 
 
-def scale_by_radam(b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+def scale_by_radam(b1: Hyper | Schedule = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Transform:
     """RAdam's direction, as torch.optim.RAdam (t counts from 1)::
 
     m, v as Adam          rho_inf = 2 / (1 - b2) - 1
@@ -427,12 +465,12 @@ def scale_by_radam(b1: float | Schedule = 0.9, b2: float = 0.999, eps: float = 1
         rectify = rho_t > 5.0
         exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
         exp_avg_sq = tree_map(
-            lambda v, gi: v.mul(b2).addcmul(gi, gi, value=1 - b2), state.exp_avg_sq, g
+            lambda v, gi: _addcmul(v * _s(b2, v), gi, gi, 1 - b2), state.exp_avg_sq, g
         )
 
         def direction(m, v):
             corrected = m / _s(bias_correction1, m)
-            adaptive = _s(bias_correction2.sqrt(), v) / (v.sqrt() + eps)
+            adaptive = _s(bias_correction2.sqrt(), v) / (v.sqrt() + _s(eps, v))
             return torch.where(rectify, corrected * adaptive * _s(rect, m), corrected)
 
         out = tree_map(direction, exp_avg, exp_avg_sq)
@@ -446,7 +484,7 @@ class ScaleByAdadeltaState(NamedTuple):
     acc_delta: PyTree
 
 
-def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
+def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> Transform:
     """Adadelta's direction, as torch.optim.Adadelta::
 
     v = rho v + (1 - rho) g^2      d = sqrt(a + eps) / sqrt(v + eps) * g
@@ -458,16 +496,16 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
 
     def update(g, state, params=None):
         square_avg = tree_map(
-            lambda v, gi: v.mul(rho).addcmul(gi, gi, value=1 - rho), state.square_avg, g
+            lambda v, gi: _addcmul(v * _s(rho, v), gi, gi, 1 - rho), state.square_avg, g
         )
         delta = tree_map(
-            lambda a, v, gi: (a + eps).sqrt() / (v + eps).sqrt() * gi,
+            lambda a, v, gi: (a + _s(eps, a)).sqrt() / (v + _s(eps, v)).sqrt() * gi,
             state.acc_delta,
             square_avg,
             g,
         )
         acc_delta = tree_map(
-            lambda a, d: a.mul(rho).addcmul(d, d, value=1 - rho), state.acc_delta, delta
+            lambda a, d: _addcmul(a * _s(rho, a), d, d, 1 - rho), state.acc_delta, delta
         )
         return delta, ScaleByAdadeltaState(square_avg, acc_delta)
 
@@ -480,9 +518,9 @@ class ScaleByRpropState(NamedTuple):
 
 
 def scale_by_rprop(
-    lr: float = 1e-2,
-    etas: tuple[float, float] = (0.5, 1.2),
-    step_sizes: tuple[float, float] = (1e-6, 50.0),
+    lr: Hyper = 1e-2,
+    etas: tuple[Hyper, Hyper] = (0.5, 1.2),
+    step_sizes: tuple[Hyper, Hyper] = (1e-6, 50.0),
 ) -> Transform:
     """Rprop's update (already signed and scaled), as torch.optim.Rprop::
 
@@ -497,18 +535,20 @@ def scale_by_rprop(
 
     def init(params):
         return ScaleByRpropState(
-            zeros_like_tree(params), tree_map(lambda p: torch.full_like(p, lr), params)
+            zeros_like_tree(params), tree_map(lambda p: _full_like(p, lr), params)
         )
 
     def update(g, state, params=None):
         sign = tree_map(lambda gi, prev: gi.mul(prev).sign(), g, state.prev)
         factor = tree_map(
-            lambda s: (
-                torch.ones_like(s).masked_fill(s.gt(0), eta_plus).masked_fill(s.lt(0), eta_minus)
+            lambda s: torch.where(
+                s.gt(0), _s(eta_plus, s), torch.where(s.lt(0), _s(eta_minus, s), s.new_ones(()))
             ),
             sign,
         )
-        step_size = tree_map(lambda st, f: (st * f).clamp(lo, hi), state.step_size, factor)
+        step_size = tree_map(
+            lambda st, f: (st * f).clamp(_s(lo, st), _s(hi, st)), state.step_size, factor
+        )
         g = tree_map(lambda gi, s: gi.masked_fill(s.lt(0), 0), g, sign)
         out = tree_map(lambda gi, st: -(gi.sign() * st), g, step_size)
         return out, ScaleByRpropState(g, step_size)
@@ -525,7 +565,7 @@ class AsgdState(NamedTuple):
 
 
 def asgd_update(
-    lr: float | Schedule = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6
+    lr: Hyper | Schedule = 1e-2, lambd: Hyper = 1e-4, alpha: Hyper = 0.75, t0: Hyper = 1e6
 ) -> Transform:
     """Averaged SGD's update, as torch.optim.ASGD (t counts from 1)::
 
@@ -536,13 +576,10 @@ def asgd_update(
     ``eta`` and ``mu`` are kept in torch's scalar dtype (float32 unless the default dtype
     is float64), as torch.optim does. The averaged params are ``state.ax``.
     """
-    schedule = as_schedule(lr)
-
-    constant = not callable(lr)
 
     def init(params):
         count = _count(params)
-        first_lr = torch.as_tensor(schedule(count), dtype=torch.float64, device=count.device)
+        first_lr = _first_lr(lr, count)
         dtype = _scalar_dtype()
         return AsgdState(
             count,
@@ -562,10 +599,7 @@ def asgd_update(
         ax = tree_map(
             lambda a, pn: torch.where(averaging, a + (pn - a) * _s(state.mu, a), pn), state.ax, new
         )
-        if constant:
-            lr_t = state.lr
-        else:
-            lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
+        lr_t = _lr_at(lr, state.lr, state.count)
         next_eta = lr_t / (1 + lambd * lr_t * t) ** alpha
         next_mu = 1 / torch.clamp(t - t0, min=1)
         out = tree_map(lambda pn, p: pn - p, new, params)
@@ -584,11 +618,11 @@ class AdafactorState(NamedTuple):
 
 
 def adafactor_update(
-    lr: float | Schedule = 1e-2,
-    beta2_decay: float = -0.8,
-    eps: tuple[float | None, float] = (None, 1e-3),
-    d: float = 1.0,
-    weight_decay: float = 0.0,
+    lr: Hyper | Schedule = 1e-2,
+    beta2_decay: Hyper = -0.8,
+    eps: tuple[Hyper | None, Hyper] = (None, 1e-3),
+    d: Hyper = 1.0,
+    weight_decay: Hyper = 0.0,
 ) -> Transform:
     """Adafactor's update (lr, decay and clipping included), as torch.optim.Adafactor::
 
@@ -602,8 +636,6 @@ def adafactor_update(
     ``eps1`` defaults to the machine epsilon of the first param's dtype: torch resolves it
     once per group and reuses it for the other params. Params must be a dict.
     """
-    schedule = as_schedule(lr)
-    constant = not callable(lr)
     eps1, eps2 = eps
 
     def init(params):
@@ -618,7 +650,7 @@ def adafactor_update(
         count = _count(params)
         return AdafactorState(
             count,
-            torch.as_tensor(schedule(count), dtype=torch.float64, device=count.device),
+            _first_lr(lr, count),
             {k: factor(p, -1) for k, p in params.items() if p.dim() > 1},
             {k: factor(p, -2) for k, p in params.items() if p.dim() > 1},
             {k: torch.zeros_like(p) for k, p in params.items() if p.dim() <= 1},
@@ -629,10 +661,7 @@ def adafactor_update(
         check_same_keys(g, params, "grads", "params")
         count = state.count + 1
         t = count.to(torch.float64)
-        if constant:
-            lr_t = state.lr
-        else:
-            lr_t = torch.as_tensor(schedule(state.count), dtype=torch.float64, device=t.device)
+        lr_t = _lr_at(lr, state.lr, state.count)
         w = t**beta2_decay
         first_dtype = next(iter(params.values())).dtype if params else torch.float32
         e1 = torch.finfo(first_dtype).eps if eps1 is None else eps1
@@ -646,11 +675,12 @@ def adafactor_update(
                 col_mean = torch.linalg.vector_norm(gi, dim=-2, keepdim=True).square() / gi.size(-2)
                 row_var[k] = torch.lerp(state.row_var[k], row_mean, wk)
                 col_var[k] = torch.lerp(state.col_var[k], col_mean, wk)
-                v = (row_var[k] @ col_var[k]) / row_var[k].mean(dim=-2, keepdim=True).clamp(min=e1)
+                row_avg = row_var[k].mean(dim=-2, keepdim=True)
+                v = (row_var[k] @ col_var[k]) / row_avg.clamp(min=_s(e1, row_avg))
             else:
                 variance[k] = torch.lerp(state.variance[k], gi * gi, wk)
                 v = variance[k]
-            u = v.clamp(min=e1 * e1).rsqrt() * gi
+            u = v.clamp(min=_s(e1 * e1, v)).rsqrt() * gi
             numel_sqrt = p.numel() ** 0.5
             alpha = torch.clamp(p.norm(2).to(torch.float64) / numel_sqrt, min=eps2) * rho
             denom = torch.clamp(u.norm(2).to(torch.float64) / (numel_sqrt * d), min=1.0)
@@ -662,7 +692,7 @@ def adafactor_update(
 
 
 def _newton_schulz(
-    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: Hyper
 ):
     """Muon's quintic Newton-Schulz orthogonalisation, in bfloat16 as torch.optim.Muon does:
     ``X = G / ||G||``; ``steps`` times ``A = X X^T``, ``X = a X + (b A + c A^2) X``."""
@@ -671,7 +701,8 @@ def _newton_schulz(
     tall = g.size(0) > g.size(1)
     if tall:
         x = x.T
-    x = x / x.norm().clamp(min=eps)
+    norm = x.norm()
+    x = x / norm.clamp(min=_s(eps, norm))
     for _ in range(steps):
         gram = x @ x.T
         gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
@@ -684,10 +715,10 @@ class ScaleByMuonState(NamedTuple):
 
 
 def scale_by_muon(
-    momentum: float = 0.95,
+    momentum: Hyper = 0.95,
     nesterov: bool = True,
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
-    eps: float = 1e-7,
+    eps: Hyper = 1e-7,
     ns_steps: int = 5,
     adjust_lr_fn: str | None = None,
 ) -> Transform:
@@ -724,8 +755,8 @@ def scale_by_muon(
         return ScaleByMuonState(zeros_like_tree(params))
 
     def update(g, state, params=None):
-        buf = tree_map(lambda b, gi: torch.lerp(b, gi, 1 - momentum), state.momentum_buffer, g)
-        x = tree_map(lambda gi, b: torch.lerp(gi, b, momentum), g, buf) if nesterov else buf
+        buf = tree_map(lambda b, gi: _lerp(b, gi, 1 - momentum), state.momentum_buffer, g)
+        x = tree_map(lambda gi, b: _lerp(gi, b, momentum), g, buf) if nesterov else buf
         out = tree_map(
             lambda xi: (
                 _newton_schulz(xi, ns_coefficients, ns_steps, eps).to(xi.dtype) * ratio(xi.shape)

@@ -1,0 +1,5 @@
+import sys
+
+from loopkit.cli import main
+
+sys.exit(main())

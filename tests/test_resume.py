@@ -1,0 +1,271 @@
+"""Exact resume: a run interrupted anywhere and resumed equals one never interrupted."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import loopkit as lk
+from loopkit import checkpoint, optim
+from tests.helpers import loss_fn
+from tests.test_fit import assert_states_equal
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing(step, after):
+    """``step`` that raises on its ``after + 1``-th call: a crash between two steps."""
+    calls = [0]
+
+    def wrapped(state, batch):
+        calls[0] += 1
+        if calls[0] > after:
+            raise Crash
+        return step(state, batch)
+
+    return wrapped
+
+
+class History(lk.Hook):
+    def on_fit_end(self, loop):
+        self.history = [dict(h) for h in loop.history]
+
+
+def setup(cfg, directory):
+    """Model, step and a fresh hook list for one run of configuration ``cfg``."""
+    g = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(cfg["n"], 5, generator=g)
+    y = (x[:, 0] + torch.randn(cfg["n"], generator=g) > 0).long()  # noisy: plateaus happen
+    torch.manual_seed(cfg["seed"])
+    layers = [nn.Linear(5, 12)]
+    layers += [nn.BatchNorm1d(12)] if cfg["batchnorm"] else []
+    layers += [nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 2)]
+    model = nn.Sequential(*layers)
+    opt = optim.adamw(lr=optim.schedules.cosine_annealing(5e-2, T_max=50), weight_decay=0.05)
+    plateau = optim.schedules.reduce_on_plateau(1.0, factor=0.5, patience=1)
+    lr_opt = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lr=0.1, momentum=0.9))
+    opt = lr_opt if cfg["plateau"] else opt
+    n_val = max(4, cfg["n"] // 4)
+    val = lk.data.Batches(x[:n_val], y[:n_val], batch_size=3)
+    train = lk.data.Batches(x[n_val:], y[n_val:], batch_size=cfg["batch"], shuffle=True,
+                            seed=cfg["seed"], drop_last=cfg["drop_last"])  # fmt: skip
+    history = History()
+    hooks = [
+        lk.hooks.Validate(lk.eval_step(model, loss_fn), val, every_steps=cfg["val_steps"]),
+        *([lk.hooks.ReduceLROnPlateau(plateau)] if cfg["plateau"] else []),
+        lk.hooks.EarlyStopping("val/loss", patience=cfg["patience"]),
+        lk.hooks.JSONLLogger(directory),
+        lk.hooks.CSVLogger(directory),
+        lk.hooks.Checkpoint(
+            directory / "ckpt", every=cfg["every"], every_steps=cfg["every_steps"], keep_last=2
+        ),  # fmt: skip
+        history,
+    ]
+    state = lk.TrainState.create(model, opt, seed=cfg["seed"])
+    return lk.train_step(model, loss_fn, opt), state, train, hooks, history
+
+
+def run(cfg, directory, crash_after=None, resume=None):
+    step, state, train, hooks, history = setup(cfg, directory)
+    if crash_after is not None:
+        step = crashing(step, crash_after)
+    limits = {"epochs": cfg["epochs"], "max_steps": cfg["max_steps"]}
+    final = lk.fit(step, state, train, hooks=hooks, resume=resume, **limits)
+    return final, history.history
+
+
+def files(directory):
+    return (directory / "metrics.jsonl").read_text(), (directory / "metrics.csv").read_text()
+
+
+configs = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**16),
+        "n": st.integers(30, 64),
+        "batch": st.integers(3, 8),
+        "drop_last": st.booleans(),
+        "batchnorm": st.booleans(),
+        "plateau": st.booleans(),
+        "epochs": st.integers(1, 5),
+        "max_steps": st.none() | st.integers(5, 40),
+        "val_steps": st.none() | st.integers(1, 5),
+        "patience": st.integers(2, 4),
+        "every": st.none() | st.integers(1, 2),
+        "every_steps": st.none() | st.integers(1, 3),
+    }
+)
+
+
+@settings(max_examples=25)
+@given(cfg=configs, crash=st.floats(0, 1), crashes=st.integers(1, 2))
+def test_an_interrupted_run_resumes_bitwise_identically(tmp_path_factory, cfg, crash, crashes):
+    """Crash between two steps (mid-epoch, at an epoch end, right after a checkpoint: the
+    crash point is random), once or twice, then resume from the latest checkpoint: the
+    final state, the history and the log files equal an uninterrupted run's, bit for bit.
+    Dropout, shuffling, BatchNorm, validation, early stopping and plateau lr changes are
+    all in play; their state comes back from the checkpoint."""
+    if cfg["batchnorm"] and cfg["batch"] < 4:
+        cfg["batch"] = 4  # a size-1 last batch would make BatchNorm raise in both runs
+    if cfg["batchnorm"]:
+        cfg["drop_last"] = True
+    straight_dir = tmp_path_factory.mktemp("straight")
+    straight, straight_history = run(cfg, straight_dir)
+    total = int(straight.step)
+
+    directory = tmp_path_factory.mktemp("resumed")
+    done = 0
+    for _ in range(crashes):
+        crash_after = int(crash * total)
+        try:
+            run(cfg, directory, crash_after=crash_after, resume="latest" if done else None)
+        except Crash:
+            pass
+        done += 1
+        crash = (crash + 1) / 2  # a later crash the second time
+    resumed, resumed_history = run(cfg, directory, resume="latest")
+
+    assert_states_equal(resumed, straight)
+    assert resumed_history == straight_history
+    assert files(directory) == files(straight_dir)
+
+
+def test_resume_equals_straight_with_a_dataloader_and_an_epoch_sampler(tmp_path):
+    x, y = torch.randn(30, 5), torch.randint(0, 2, (30,))
+    dataset = torch.utils.data.TensorDataset(x, y)
+
+    def once(directory, crash_after=None, resume=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2))
+        opt = optim.adam(lr=1e-2)
+        step = lk.train_step(model, loss_fn, opt)
+        step = step if crash_after is None else crashing(step, crash_after)
+        sampler = lk.data.EpochSampler(len(dataset), seed=3)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
+        hook = lk.hooks.Checkpoint(directory, every_steps=3)
+        return lk.fit(step, lk.TrainState.create(model, opt, seed=0), loader, epochs=3,
+                      hooks=[hook], resume=resume)  # fmt: skip
+
+    straight = once(tmp_path / "a")
+    with pytest.raises(Crash):
+        once(tmp_path / "b", crash_after=13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an EpochSampler needs no warning
+        resumed = once(tmp_path / "b", resume="latest")
+    assert_states_equal(resumed, straight)
+
+
+def test_resume_warns_about_data_it_cannot_replay(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    opt = optim.sgd(lr=0.1)
+    dataset = torch.utils.data.TensorDataset(torch.randn(8, 5), torch.randint(0, 2, (8,)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)
+    step = lk.train_step(model, loss_fn, opt)
+    hooks = [lk.hooks.Checkpoint(tmp_path)]
+    with pytest.warns(UserWarning, match="RandomSampler.*EpochSampler"):
+        lk.fit(step, lk.TrainState.create(model, opt), loader, hooks=hooks, resume="latest")
+
+    class Mine:
+        def __iter__(self):
+            return iter([(torch.randn(4, 5), torch.randint(0, 2, (4,)))])
+
+    with pytest.warns(UserWarning, match="cannot tell whether a Mine replays"):
+        lk.fit(step, lk.TrainState.create(model, opt), Mine(), hooks=hooks, resume="latest")
+
+
+def test_resume_latest_without_checkpoints_starts_afresh_and_a_stopped_run_stays_stopped(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 5), torch.randint(0, 2, (4,)))] * 3
+    step = lk.train_step(model, loss_fn, opt)
+
+    class StopAt4(lk.Hook):
+        def on_step_end(self, loop):
+            loop.should_stop = loop.step == 4
+
+    def once():
+        hooks = [StopAt4(), lk.hooks.Checkpoint(tmp_path)]
+        return lk.fit(step, lk.TrainState.create(model, opt), data, epochs=5, hooks=hooks,
+                      resume="latest")  # fmt: skip
+
+    assert int(once().step) == 4
+    assert int(once().step) == 4  # resumed: the stop is part of the saved run
+
+
+def test_resume_errors(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    opt = optim.sgd(lr=0.1)
+    state = lk.TrainState.create(model, opt)
+    data = [(torch.randn(4, 5), torch.randint(0, 2, (4,)))]
+    step = lk.train_step(model, loss_fn, opt)
+    with pytest.raises(ValueError, match='resume="latest".*Checkpoint hook.*none'):
+        lk.fit(step, state, data, resume="latest")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        lk.fit(step, state, data, resume=tmp_path / "nope")
+    checkpoint.save(tmp_path / "plain", state)
+    with pytest.raises(checkpoint.CheckpointError, match="no training position"):
+        lk.fit(step, state, data, resume=tmp_path / "plain")
+    lk.fit(step, state, data, hooks=[lk.hooks.Checkpoint(tmp_path / "run")])
+    other = lk.TrainState.create(nn.Linear(5, 3), opt)
+    with pytest.raises(checkpoint.CheckpointError, match=r"weight.*\[2, 5\].*\[3, 5\]"):
+        lk.fit(step, other, data, resume=tmp_path / "run")
+
+
+def sigkill_run(directory, kill_at):
+    """Start the worker's training run and SIGKILL it once it has printed ``step kill_at``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.workers", "fit", str(directory)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:
+        if line.strip() == f"step {kill_at}":
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def finish(directory, resume):
+    args = [sys.executable, "-m", "tests.workers", "fit", str(directory)]
+    subprocess.run(args + (["--resume"] if resume else []), cwd=ROOT, check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def test_a_sigkilled_run_resumes_bitwise_identically(tmp_path):
+    """The worker trains (BatchNorm, Dropout, shuffling, validation, early stopping, a JSONL
+    log, a checkpoint every 2 steps); it is SIGKILLed after a random step, then the same
+    command with --resume finishes it. Final state and log equal an unkilled run's."""
+    finish(tmp_path / "straight", resume=False)
+    straight_log = (tmp_path / "straight" / "metrics.jsonl").read_text()
+    total = len(straight_log.splitlines())
+    assert total >= 3
+    trials = 3 if settings.default.max_examples > 50 else 1
+    for trial, kill_at in enumerate(random.Random(0).sample(range(1, 5 * total), trials)):
+        directory = tmp_path / f"killed{trial}"
+        sigkill_run(directory, kill_at)
+        finish(directory, resume=True)
+        a = checkpoint.read(tmp_path / "straight" / "final")["state"]
+        b = checkpoint.read(directory / "final")["state"]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        assert (directory / "metrics.jsonl").read_text() == straight_log
+        records = [json.loads(r) for r in straight_log.splitlines()]
+        assert all("val/loss" in r for r in records)
