@@ -8,9 +8,11 @@ state = fit(step, state, loader, epochs=10, hooks=[...])
 
 __version__ = "0.1.0"
 
-from loopkit import checkpoint, data, distributed, hooks, optim, tree
+from loopkit import checkpoint, data, distributed, ensemble, hooks, optim, privacy, tree
 from loopkit.driver import Hook, Loop, evaluate, fit
+from loopkit.ensemble import ensemble_step
 from loopkit.errors import CompileError, LossError, StepError
+from loopkit.privacy import dp_train_step, per_sample_grads
 from loopkit.rng import rng_for, rng_scope
 from loopkit.state import TrainState
 from loopkit.step import EvalStep, Net, TrainStep, eval_step, train_step
@@ -30,11 +32,16 @@ __all__ = [
     "compile",
     "data",
     "distributed",
+    "dp_train_step",
+    "ensemble",
+    "ensemble_step",
     "eval_step",
     "evaluate",
     "fit",
     "hooks",
     "optim",
+    "per_sample_grads",
+    "privacy",
     "rng_for",
     "rng_scope",
     "train_step",

@@ -190,6 +190,13 @@ class Checkpoint(Hook):
         self.records = [r for r in self.records if r["name"] in keep]
 
 
+def _format(value: float | list, spec: str) -> str:
+    """A number, or the members' numbers of an ensemble (a list), formatted with ``spec``."""
+    if isinstance(value, list):
+        return " ".join(format(v, spec) for v in value)
+    return format(value, spec)
+
+
 class ProgressBar(Hook):
     """A tqdm bar per epoch showing steps/s, the loss and the lr (read from the device every
     ``refresh`` steps, so it costs one sync per ``refresh`` steps), and a summary line of
@@ -220,10 +227,10 @@ class ProgressBar(Hook):
             return
         shown = {}
         if "loss" in loop.metrics:
-            shown["loss"] = f"{to_python(loop.metrics['loss']):.4f}"
+            shown["loss"] = _format(to_python(loop.metrics["loss"]), ".4f")
         lrs = optim.learning_rates(loop.state.opt_state)
         if lrs:
-            shown["lr"] = f"{float(lrs[0]):.3g}"
+            shown["lr"] = _format(to_python(lrs[0]), ".3g")
         self.bar.set_postfix(shown, refresh=False)
 
     def on_epoch_end(self, loop: Loop) -> None:
