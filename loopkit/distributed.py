@@ -24,6 +24,7 @@ generator advances identically on every rank.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -162,14 +163,16 @@ def broadcast(state: TrainState, src: int = 0) -> TrainState:
 
 
 def _mean_across_ranks(group: Any) -> Callable:
-    """The step's sync: each rank's gradients, metrics and float buffers, weighted by its
-    batch size, summed across ranks with one coalesced all-reduce, divided by the total."""
+    """The step's sync: each rank's gradients, metrics and the change the forward made to
+    each float buffer, weighted by its batch size, summed across ranks with one coalesced
+    all-reduce and divided by the total. Averaging the change (not the buffer) leaves a
+    buffer no forward touches exactly as it was."""
     import torch.distributed._functional_collectives as funcol
 
-    def sync(grads: dict, metrics: dict, buffers: dict, batch: Any):
+    def sync(grads: dict, metrics: dict, before: dict, buffers: dict, batch: Any):
         n = leading_dim(batch)
-        floats = {k: v for k, v in buffers.items() if v.is_floating_point()}
-        trees = (grads, metrics, floats)
+        changes = {k: v - before[k] for k, v in buffers.items() if v.is_floating_point()}
+        trees = (grads, metrics, changes)
         flat = [(i, k) for i, tree in enumerate(trees) for k in tree]
         device = next(iter(grads.values())).device
         weight = torch.tensor(float(n), dtype=torch.float32, device=device)
@@ -179,7 +182,8 @@ def _mean_across_ranks(group: Any) -> Callable:
         out: tuple[dict, dict, dict] = ({}, {}, {})
         for (i, k), value in zip(flat, reduced[:-1], strict=True):
             out[i][k] = (value / total.to(value.dtype)).to(trees[i][k].dtype)
-        return out[0], out[1], {**buffers, **out[2]}
+        moved = {k: before[k] + change for k, change in out[2].items()}
+        return out[0], out[1], {**buffers, **moved}
 
     return sync
 
@@ -207,11 +211,46 @@ def train_step(
         clip_norm=clip_norm,
         compile=compile,
         sync=_mean_across_ranks(group),
-        rng_fold=_rank_or_error,
+        prepare=_Prepare(),
         **compile_kwargs,
     )
 
 
-def _rank_or_error() -> int:
-    require()
-    return rank()
+class _Prepare:
+    """Called before each data-parallel step: checks the process group; on the first call,
+    that every rank holds the same state (a step on different states would silently train
+    different models); returns the rank to fold the random draws with."""
+
+    def __init__(self) -> None:
+        self.checked = False
+
+    def __call__(self, state: TrainState) -> int:
+        require()
+        if not self.checked:
+            check_replicated(state)
+            self.checked = True
+        return rank()
+
+
+def _digest(t: torch.Tensor) -> str:
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_replicated(state: TrainState) -> None:
+    """Raise :class:`DistributedError` on every rank unless all ranks hold the same
+    ``state`` (same structure, bitwise equal tensors, compared through checksums)."""
+    if world_size() == 1:
+        return
+    check_same_structure(state)
+    leaves, _ = flatten_with_names(state)
+    sums = {k: _digest(v) for k, v in leaves.items() if isinstance(v, torch.Tensor)}
+    every = all_gather_object(sums)
+    differ = [k for k in sums if any(other[k] != sums[k] for other in every)]
+    if differ:
+        raise DistributedError(
+            f"the ranks hold different states ({', '.join(differ[:5])} differ): a "
+            "data-parallel step needs the same state everywhere. loopkit.fit broadcasts "
+            "rank 0's state for a step built by loopkit.distributed.train_step; in your own "
+            "loop, call state = loopkit.distributed.broadcast(state) first."
+        )

@@ -99,6 +99,11 @@ class Loop:
     _skipped: bool = False
 
     @property
+    def step_skipped(self) -> bool:
+        """True from the moment a hook undid the current step (:meth:`skip_step`)."""
+        return self._skipped
+
+    @property
     def steps_done(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
@@ -293,6 +298,7 @@ def _load_resume(resume: str | os.PathLike, hooks: Sequence[Hook]):
         return where, checkpoint.read(where)  # one named checkpoint: no fallback
     if resume != "latest" and not where.is_dir():
         raise FileNotFoundError(f"fit(resume={str(resume)!r}): no such checkpoint or directory")
+    checkpoint.clean_temporaries(where)  # puts back a checkpoint a killed save moved aside
     return checkpoint.read_latest(where)
 
 
@@ -347,6 +353,30 @@ def _resume(loop: Loop, resume: str | os.PathLike, data_parallel: bool) -> None:
         loop.resumed_from = path
 
 
+def _is_data_parallel(step: Any) -> bool:
+    """Whether ``step`` (or a function it wraps, ``functools.wraps``-style) was built by
+    :func:`loopkit.distributed.train_step`."""
+    while step is not None:
+        if getattr(step, "data_parallel", False):
+            return True
+        step = getattr(step, "__wrapped__", None)
+    return False
+
+
+def _check_ranks_agree(data: Iterable, steps_per_epoch, epochs, max_steps) -> None:
+    """Every rank must take as many steps per epoch, or the collectives inside the step
+    would pair up wrongly (or wait forever)."""
+    mine = (_epoch_length(data, steps_per_epoch), epochs, max_steps)
+    every = distributed.all_gather_object(mine)
+    if any(theirs != every[0] for theirs in every):
+        shown = ", ".join(f"rank {r}: {e}" for r, e in enumerate(every))
+        raise distributed.DistributedError(
+            "the ranks disagree on (batches per epoch, epochs, max_steps): "
+            f"{shown}. Give every rank an equal share of the data, e.g. "
+            "loopkit.data.Batches(..., rank=r, world_size=w), and the same limits."
+        )
+
+
 def fit(
     step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
     state: TrainState,
@@ -357,6 +387,7 @@ def fit(
     steps_per_epoch: int | None = None,
     hooks: Sequence[Hook] = (),
     resume: str | os.PathLike | bool | None = None,
+    data_parallel: bool | None = None,
 ) -> TrainState:
     """Train with ``state, metrics = step(state, batch)`` and return the final state.
 
@@ -370,7 +401,13 @@ def fit(
     directory (its newest good checkpoint; a damaged newer one is reported and skipped), or
     one checkpoint. ``state`` must then be built with the same model and optimizer as the
     run that wrote it. Both limits count from the start of the original run; a run that a
-    hook stopped stays stopped.
+    hook stopped stays stopped. A run that ended on ``max_steps`` closed its last epoch, so
+    raising ``max_steps`` later continues with the next epoch.
+
+    ``data_parallel`` (default: whether ``step`` was built by
+    :func:`loopkit.distributed.train_step`, also through ``functools.wraps`` wrappers) makes
+    ``fit`` check that the ranks take as many steps, resume on rank 0 and broadcast rank 0's
+    state at the start.
     """
     _check_count(epochs, "epochs", 0)
     _check_count(max_steps, "max_steps", 0)
@@ -383,7 +420,11 @@ def fit(
     loop = Loop(state, list(hooks), epochs, _epoch_length(data, steps_per_epoch), max_steps)
     resume = "latest" if resume is True else resume
     loop.resuming = resume is not None and resume is not False
-    data_parallel = getattr(step, "data_parallel", False) and distributed.world_size() > 1
+    if data_parallel is None:
+        data_parallel = _is_data_parallel(step)
+    data_parallel = data_parallel and distributed.world_size() > 1
+    if data_parallel:
+        _check_ranks_agree(data, steps_per_epoch, epochs, max_steps)
     if loop.resuming:
         if distributed.is_main() and (reason := data_lib.why_not_resumable(data)) is not None:
             warnings.warn(f"fit(resume=...) may not resume exactly: {reason}", stacklevel=2)
@@ -392,7 +433,10 @@ def fit(
         loop.state = distributed.broadcast(loop.state)
     loop.step = int(loop.state.step)
     loop.emit("on_fit_start")
-    while not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs):
+    # an epoch the checkpoint left open is always closed, even if no step is left to take
+    while loop.batch > 0 or (
+        not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs)
+    ):
         _run_epoch(step, loop, data, steps_per_epoch)
     loop.emit("on_fit_end")
     return loop.state
@@ -404,6 +448,7 @@ def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int 
         loop.logs, loop.sums, loop.taken = {}, {}, 0
     loop.emit("on_epoch_start")
     more = steps_per_epoch is None or loop.batch < steps_per_epoch
+    more = more and not (loop.should_stop or loop.steps_done)
     for batch in data_lib.iter_from(data, loop.batch) if more else ():
         loop._previous, loop._skipped = loop.state, False
         loop.state, loop.metrics = step(loop.state, batch)

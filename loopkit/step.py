@@ -111,22 +111,22 @@ class _Step:
         model: nn.Module,
         pure: Callable,
         compiled: Callable | None = None,
-        rng_fold: Callable[[], int] | None = None,
+        prepare: Callable[[TrainState], int] | None = None,
     ):
         self.model = model
         self.pure = pure  # the uncompiled function; also used to explain compile failures
         self.fn = compiled or pure
         self.compiled = compiled is not None
-        self.rng_fold = rng_fold
+        self.prepare = prepare
         self._modules = list(model.modules())
 
     @property
     def data_parallel(self) -> bool:
         """True for a step built by :func:`loopkit.distributed.train_step`."""
-        return self.rng_fold is not None
+        return self.prepare is not None
 
     def compiled_with(self, fn: Callable) -> _Step:
-        return type(self)(self.model, self.pure, fn, self.rng_fold)
+        return type(self)(self.model, self.pure, fn, self.prepare)
 
     def _call(self, state: TrainState, args: tuple) -> Any:
         try:
@@ -169,7 +169,7 @@ class TrainStep(_Step):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         args = (state.params, state.buffers, state.opt_state, state.step, batch)
-        fold = self.rng_fold() if self.rng_fold is not None else None
+        fold = self.prepare(state) if self.prepare is not None else None
         with _training(self.model, self._modules, True), rng_scope(state.rng, fold) as rng:
             params, buffers, opt_state, step, metrics = self._call(state, args)
         return TrainState(params, buffers, opt_state, step, rng), metrics
@@ -198,7 +198,7 @@ def train_step(
     clip_norm: float | None = None,
     compile: bool = False,
     sync: Callable | None = None,
-    rng_fold: Callable[[], int] | None = None,
+    prepare: Callable[[TrainState], int] | None = None,
     **compile_kwargs: Any,
 ) -> TrainStep:
     """Build the pure training step for ``model``.
@@ -212,10 +212,11 @@ def train_step(
     state's ``rng``. ``compile=True`` compiles it with :func:`loopkit.compile`
     (``compile_kwargs`` go there).
 
-    ``sync`` and ``rng_fold`` are where data parallelism plugs in (see
+    ``sync`` and ``prepare`` are where data parallelism plugs in (see
     :func:`loopkit.distributed.train_step`, which sets them): ``sync(grads, metrics,
-    buffers, batch) -> (grads, metrics, buffers)`` runs inside the step right after the
-    gradient, and ``rng_fold()`` gives the number the random draws are folded with.
+    buffers_before, buffers, batch) -> (grads, metrics, buffers)`` runs inside the step
+    right after the gradient, and ``prepare(state)``, called before each step outside the
+    compiled code, returns the number the step's random draws are folded with.
     """
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm}")
@@ -224,6 +225,7 @@ def train_step(
     def train(params, buffers, opt_state, step, batch):
         # functional_call updates BatchNorm statistics in place: give it copies, and pass
         # them as an input of the differentiated function, as torch.func requires.
+        before = buffers
         buffers = {k: v.clone() if k in buffer_names else v for k, v in buffers.items()}
 
         def objective(p, b):
@@ -234,13 +236,13 @@ def train_step(
         grads, (loss, (aux, buffers)) = grad_and_value(objective, has_aux=True)(params, buffers)
         metrics = {"loss": loss.detach(), **aux}
         if sync is not None:
-            grads, metrics, buffers = sync(grads, metrics, buffers, batch)
+            grads, metrics, buffers = sync(grads, metrics, before, buffers, batch)
         if clip_norm is not None:
             grads, metrics["grad_norm"] = clip_by_global_norm_with_norm(grads, float(clip_norm))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return apply_updates(params, updates), buffers, opt_state, step + 1, metrics
 
-    return _maybe_compile(TrainStep(model, train, rng_fold=rng_fold), compile, compile_kwargs)
+    return _maybe_compile(TrainStep(model, train, prepare=prepare), compile, compile_kwargs)
 
 
 def eval_step(

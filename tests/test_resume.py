@@ -288,3 +288,63 @@ def test_a_hook_state_a_checkpoint_cannot_hold_is_refused_before_writing(tmp_pat
     with pytest.raises(TypeError, match='resume must be "latest"'):
         lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
                resume=3)  # fmt: skip
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "hook"])
+def test_a_crash_after_the_last_step_checkpoint_still_closes_the_epoch(tmp_path, stop):
+    """The run ends mid-epoch (max_steps, or a hook's stop) right after a step checkpoint,
+    and is killed before the epoch closes: the resumed run closes it, so the history and
+    the log equal the uninterrupted run's."""
+
+    class StopAt6(lk.Hook):
+        def on_step_end(self, loop):
+            loop.should_stop = loop.should_stop or loop.step == 6
+
+    class CrashAtEpochEnd(lk.Hook):
+        def on_epoch_end(self, loop):
+            if loop.step == 6:
+                raise Crash
+
+    def once(directory, crash=False, resume=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2))
+        opt = optim.adam(lr=1e-2)
+        x, y = torch.randn(40, 5), torch.randint(0, 2, (40,))
+        history = History()
+        hooks = [*([CrashAtEpochEnd()] if crash else []), *([StopAt6()] if stop == "hook" else []),
+                 lk.hooks.JSONLLogger(directory), history,
+                 lk.hooks.Checkpoint(directory / "ckpt", every_steps=2)]  # fmt: skip
+        limits = {"max_steps": 6} if stop == "max_steps" else {"epochs": 3}
+        state = lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+                       lk.data.Batches(x, y, batch_size=8, shuffle=True), hooks=hooks,
+                       resume=resume, **limits)  # fmt: skip
+        return state, history.history
+
+    straight, straight_history = once(tmp_path / "a")
+    with pytest.raises(Crash):
+        once(tmp_path / "b", crash=True)
+    resumed, resumed_history = once(tmp_path / "b", resume="latest")
+    assert_states_equal(resumed, straight)
+    assert resumed_history == straight_history and len(straight_history) == 2
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == (
+        tmp_path / "a" / "metrics.jsonl"
+    ).read_text()
+
+
+def test_resume_puts_back_a_checkpoint_a_killed_replacement_moved_aside(tmp_path):
+    """checkpoint.save over an existing name moves the old one aside before renaming the
+    new one in; a kill between the two leaves it hidden. Resuming puts it back."""
+    import os
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 5), torch.randint(0, 2, (4,)))] * 2
+    step = lk.train_step(model, loss_fn, opt)
+    lk.fit(step, lk.TrainState.create(model, opt), data, hooks=[lk.hooks.Checkpoint(tmp_path)])
+    only = lk.checkpoint.latest(tmp_path)
+    os.rename(only, tmp_path / f".{only.name}.old-1-0123abcd")
+    assert lk.checkpoint.checkpoints(tmp_path) == []
+    state = lk.fit(step, lk.TrainState.create(model, opt), data, epochs=1,
+                   hooks=[lk.hooks.Checkpoint(tmp_path)], resume="latest")  # fmt: skip
+    assert int(state.step) == 2 and lk.checkpoint.checkpoints(tmp_path) == [only]
