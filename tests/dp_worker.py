@@ -8,6 +8,7 @@ name of each check that passed to OUT/rank<r>.txt. Any failure exits non-zero.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -86,13 +87,13 @@ def run(directory: Path, crash_after: int | None = None, resume=None):
     step = lk.distributed.train_step(model, loss_fn, opt)
     calls = [0]
 
+    @functools.wraps(step)  # fit still sees the data-parallel step inside
     def crashing(state, batch):
         calls[0] += 1
         if crash_after is not None and calls[0] > crash_after:
             raise KeyboardInterrupt
         return step(state, batch)
 
-    crashing.data_parallel = True
     train = lk.data.Batches(x[:20], y[:20], batch_size=4, shuffle=True, seed=2, drop_last=True,
                             rank=RANK, world_size=WORLD)  # fmt: skip
     val = lk.data.Batches(x[20:], y[20:], batch_size=2, rank=RANK, world_size=WORLD)
@@ -156,7 +157,36 @@ def errors(old: Path) -> None:
         raise AssertionError("no error")
     except lk.distributed.DistributedError as e:
         assert "disagree on the state's structure" in str(e) and "[16, 5]" in str(e), e
+    x, y = data()
+    uneven = [(x[:4], y[:4])] * (2 + RANK)  # rank 1 has one batch more
+    try:
+        lk.fit(step, lk.TrainState.create(model, opt), uneven)
+        raise AssertionError("no error")
+    except lk.distributed.DistributedError as e:
+        assert "disagree on (batches per epoch" in str(e) and "rank 1: (3," in str(e), e
+    try:  # an own loop that forgot to broadcast
+        mine = lk.TrainState.create(mlp(RANK), opt)
+        lk.distributed.train_step(model, loss_fn, opt)(mine, (x[:4], y[:4]))
+        raise AssertionError("no error")
+    except lk.distributed.DistributedError as e:
+        assert "ranks hold different states" in str(e) and "broadcast" in str(e), e
     passed("errors")
+
+
+def buffers_stay_replicated() -> None:
+    """BatchNorm statistics are averaged across ranks; a buffer no forward changes is left
+    exactly as it was (its change, zero, is what is averaged)."""
+    model = mlp(0, batchnorm=True)
+    model.register_buffer("table", torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    opt = optim.sgd(lr=0.1)
+    x, y = data()
+    shard = lk.data.Batches(x, y, batch_size=3, shuffle=True, rank=RANK, world_size=WORLD)
+    state = lk.fit(lk.distributed.train_step(model, loss_fn, opt),
+                   lk.TrainState.create(model, opt), shard, epochs=5)  # fmt: skip
+    assert torch.equal(state.buffers["table"], model.table)
+    assert not torch.equal(state.buffers["1.running_mean"], model[1].running_mean)
+    assert same_on_every_rank(state.buffers)
+    passed("buffers stay replicated")
 
 
 if __name__ == "__main__":
@@ -166,6 +196,7 @@ if __name__ == "__main__":
     resumes_exactly()
     dropout_differs_across_ranks()
     errors(Path(sys.argv[2]))
+    buffers_stay_replicated()
     if "--compile" in sys.argv:
         equals_single_process(compile=True)
     dist.barrier()

@@ -18,6 +18,7 @@ CHECKS = [
     "resumes exactly",
     "dropout differs across ranks",
     "errors",
+    "buffers stay replicated",
     "equals single process (compiled)",
 ]
 
