@@ -43,7 +43,7 @@ from loopkit.tree import flatten_with_names, tree_unflatten
 FORMAT = "loopkit.checkpoint/2"
 STATE_FILE = "state.pt"
 MARKER = "COMMITTED"
-_STEP_NAME = re.compile(r"step-(\d+)")
+_STEP_NAME = re.compile(r"step-(\d+)(?:-(\d+))?")
 
 
 class CheckpointError(ValueError):
@@ -170,12 +170,12 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path} has no {MARKER} marker: its writer was interrupted before it "
             "finished, so it is incomplete"
         ) from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"checkpoint {path} has a damaged {MARKER} marker: {e}") from e
     try:
         data = (path / STATE_FILE).read_bytes()
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"checkpoint {path} lacks {STATE_FILE}") from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from e
     if len(data) != size or hashlib.sha256(data).hexdigest() != expected:
         raise CorruptCheckpointError(
             f"checkpoint {path} is corrupt: {STATE_FILE} ({len(data)} bytes) does not match the "
@@ -242,14 +242,21 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
 
 
 def step_of(path: Path) -> int | None:
-    """The step in a ``step-<n>`` checkpoint name, or None."""
-    match = _STEP_NAME.fullmatch(path.name)
+    """The step in a ``step-<n>`` (or ``step-<n>-<version>``) checkpoint name, or None."""
+    match = _STEP_NAME.fullmatch(Path(path).name)
     return int(match.group(1)) if match else None
 
 
+def _order(path: Path) -> tuple[int, int]:
+    match = _STEP_NAME.fullmatch(path.name)
+    assert match is not None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
 def checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Committed ``step-<n>`` checkpoints in ``directory``, oldest (lowest step) first.
-    Uncommitted, temporary and half-deleted ones are not listed."""
+    """Committed ``step-<n>`` checkpoints in ``directory``, oldest first: by step, then by
+    version (``step-<n>-<k>``, a later save at the same step). Uncommitted, temporary and
+    half-deleted ones are not listed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -258,7 +265,7 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
         for p in directory.iterdir()
         if step_of(p) is not None and p.is_dir() and (p / MARKER).exists()
     ]
-    return sorted(found, key=step_of)
+    return sorted(found, key=_order)
 
 
 def latest(directory: str | os.PathLike) -> Path | None:
@@ -301,7 +308,7 @@ def clean_temporaries(directory: str | os.PathLike) -> None:
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        match = re.fullmatch(r"\.(step-\d+)\.(tmp|old|del)-\d+-[0-9a-f]{8}", p.name)
+        match = re.fullmatch(r"\.(step-[\d-]+)\.(tmp|old|del)-\d+-[0-9a-f]{8}", p.name)
         if match is None:
             continue
         original = directory / match.group(1)

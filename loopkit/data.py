@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +31,12 @@ class Batches:
     global RNG. :func:`loopkit.fit` calls :meth:`set_epoch` before each epoch (the
     ``DistributedSampler`` convention); iterating without it replays epoch 0's order.
     Each batch is a tuple of tensors (a single tensor when one was given).
+
+    Data parallel: with ``world_size=W`` the order is cut into global batches of
+    ``batch_size * W`` examples and rank ``rank`` gets its contiguous share of each, so the
+    ranks' batches, concatenated in rank order, are the batches of the same ``Batches``
+    with ``batch_size * W`` and no sharding. A last global batch of fewer examples is split
+    as evenly as possible; one with fewer examples than ranks is dropped.
     """
 
     def __init__(
@@ -41,6 +46,8 @@ class Batches:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if not tensors:
             raise ValueError("Batches needs at least one tensor")
@@ -50,19 +57,26 @@ class Batches:
             raise ValueError(f"all tensors must have the same first dimension, got {shapes}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        if drop_last and n < batch_size:
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
             raise ValueError(
-                f"drop_last=True with {n} examples < batch_size={batch_size}: no batch"
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        if drop_last and n < batch_size * world_size:
+            raise ValueError(
+                f"drop_last=True with {n} examples < batch_size={batch_size} x world_size="
+                f"{world_size}: no batch"
             )
         self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = self.tensors[0].shape[0]
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, size = self.tensors[0].shape[0], self.batch_size * self.world_size
+        tail = n % size
+        return n // size + (1 if tail >= self.world_size and not self.drop_last else 0)
 
     def order(self) -> torch.Tensor:
         """The example indices of the current epoch, in the order they are served."""
@@ -74,9 +88,9 @@ class Batches:
 
     def iter_from(self, start: int) -> Iterator:
         """The current epoch's batches from batch ``start`` on (resuming mid-epoch)."""
-        order = self.order()
+        order, size = self.order(), self.batch_size * self.world_size
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * size : (i + 1) * size].tensor_split(self.world_size)[self.rank]
             batch = tuple(t[idx.to(t.device)] for t in self.tensors)
             yield batch[0] if len(batch) == 1 else batch
 

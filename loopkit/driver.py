@@ -11,6 +11,11 @@ Step metrics stay on the device: the driver adds them up per epoch with tensor o
 reduces them to floats once, at the end of the epoch (``loop.logs["train/<name>"]``), so
 ``fit`` itself never waits for the device inside an epoch.
 
+Under ``torch.distributed`` with a data-parallel step
+(:func:`loopkit.distributed.train_step`), every rank runs ``fit`` with the same hooks:
+``fit`` broadcasts rank 0's state at the start, only rank 0 reads a checkpoint to resume
+from, and the hooks that write files or print do so on rank 0 only.
+
 Resuming: a checkpoint written by :class:`~loopkit.hooks.Checkpoint` holds the state, the
 data position (epoch, batches taken in it), the epoch's partial metric sums, the logs and
 history, and every hook's ``state_dict()``. ``fit(..., resume=...)`` restores all of it and
@@ -29,10 +34,10 @@ from typing import Any
 
 import torch
 
-from loopkit import checkpoint
+from loopkit import checkpoint, distributed
 from loopkit import data as data_lib
 from loopkit.state import TrainState
-from loopkit.tree import tree_leaves
+from loopkit.tree import leading_dim
 
 Metrics = dict[str, torch.Tensor]
 
@@ -94,6 +99,11 @@ class Loop:
     _skipped: bool = False
 
     @property
+    def step_skipped(self) -> bool:
+        """True from the moment a hook undid the current step (:meth:`skip_step`)."""
+        return self._skipped
+
+    @property
     def steps_done(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
@@ -142,7 +152,7 @@ class Loop:
         hooks = {}
         for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
             if (s := hook.state_dict()) is not None:
-                hooks[key] = s
+                hooks[key] = _checkpointable(s, f"{key}.state_dict()")
         return {
             "epoch": self.epoch,
             "batch": self.batch,
@@ -151,6 +161,7 @@ class Loop:
             "logs": plain_data(self.logs, "loop.logs"),
             "history": plain_data(self.history, "loop.history"),
             "stopped": self.should_stop,
+            "world_size": distributed.world_size(),
             "hooks": hooks,
         }
 
@@ -180,6 +191,25 @@ def plain_data(value: Any, where: str) -> Any:
     )
 
 
+def _checkpointable(value: Any, where: str) -> Any:
+    """``value`` unchanged if ``torch.load(weights_only=True)`` can load it back (tensors,
+    numbers, strings, None and dicts/lists/tuples of them); otherwise a TypeError naming
+    ``where``, raised before anything is written."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _checkpointable(k, f"{where} key")
+            _checkpointable(v, f"{where}[{k!r}]")
+    elif isinstance(value, list | tuple) and type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            _checkpointable(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, bool | int | float | str | torch.Tensor)):
+        raise TypeError(
+            f"{where} holds a {type(value).__name__}, which a checkpoint cannot store (it "
+            "loads with weights_only=True): return tensors, numbers, strings, lists or dicts"
+        )
+    return value
+
+
 def to_python(value: Any) -> Any:
     """A metric tensor as a float (scalar) or nested list; other values unchanged."""
     if isinstance(value, torch.Tensor):
@@ -187,26 +217,32 @@ def to_python(value: Any) -> Any:
     return value
 
 
-def batch_size(batch: Any) -> int:
-    """The leading dimension of the batch's first tensor (1 if it has none)."""
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
-            return leaf.shape[0]
-    return 1
-
-
 def evaluate(
-    evaluate_step: Callable[[TrainState, Any], Metrics], state: TrainState, data: Iterable
+    evaluate_step: Callable[[TrainState, Any], Metrics],
+    state: TrainState,
+    data: Iterable,
+    *,
+    across_ranks: bool = False,
 ) -> dict[str, Any]:
     """Run ``evaluate_step`` over ``data`` and average each metric over examples (a batch of
-    n examples weighs n, so an uneven last batch counts for what it holds). One host sync."""
+    n examples weighs n, so an uneven last batch counts for what it holds). One host sync.
+
+    ``across_ranks=True`` under torch.distributed (every rank must call it): the averages
+    are over the examples of all ranks, the same number on every rank."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch in data:
-        n = batch_size(batch)
+        n = leading_dim(batch)
         for k, v in evaluate_step(state, batch).items():
             sums[k] = sums[k] + v * n if k in sums else v * n
         count += n
+    if across_ranks and distributed.world_size() > 1:
+        local = ({k: v.detach().cpu() for k, v in sums.items()}, count)
+        sums, count = {}, 0
+        for rank_sums, rank_count in distributed.all_gather_object(local):
+            for k, v in rank_sums.items():
+                sums[k] = sums[k] + v if k in sums else v
+            count += rank_count
     if count == 0:
         raise ValueError("evaluate got no batches: the validation data is empty")
     return {k: to_python(v / count) for k, v in sums.items()}
@@ -236,9 +272,14 @@ def _epoch_length(data: Iterable, steps_per_epoch: int | None) -> int | None:
     return length if steps_per_epoch is None else min(length, steps_per_epoch)
 
 
-def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path | None:
+def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path:
     """The directory (or checkpoint) ``resume`` names."""
     if resume != "latest":
+        if not isinstance(resume, str | os.PathLike):
+            raise TypeError(
+                f'resume must be "latest", a checkpoint directory or a checkpoint path, got '
+                f"{resume!r}"
+            )
         return Path(resume)
     directories = {d for h in hooks if (d := h.checkpoint_directory()) is not None}
     if len(directories) != 1:
@@ -257,7 +298,83 @@ def _load_resume(resume: str | os.PathLike, hooks: Sequence[Hook]):
         return where, checkpoint.read(where)  # one named checkpoint: no fallback
     if resume != "latest" and not where.is_dir():
         raise FileNotFoundError(f"fit(resume={str(resume)!r}): no such checkpoint or directory")
+    checkpoint.clean_temporaries(where)  # puts back a checkpoint a killed save moved aside
     return checkpoint.read_latest(where)
+
+
+def _read_resume(loop: Loop, resume: str | os.PathLike) -> tuple[Path, dict] | None:
+    """Find and read the checkpoint to resume from, restore its state into ``loop.state``
+    and return ``(path, loop state dict)``; None to start afresh."""
+    found = _load_resume(resume, loop.hooks)
+    if found is None:
+        return None
+    path, contents = found
+    if "loop" not in contents["extra"]:
+        raise checkpoint.CheckpointError(
+            f"{path} holds a state but no training position (it was not written by "
+            "hooks.Checkpoint): load it with loopkit.checkpoint.load and call fit without resume"
+        )
+    written_by = contents["extra"]["loop"].get("world_size", 1)
+    if written_by != distributed.world_size():
+        raise distributed.DistributedError(
+            f"checkpoint {path} was written by a run of {written_by} process(es), this run "
+            f"has {distributed.world_size()}: the data position and each rank's shard of the "
+            "data depend on it. Resume with the same number of processes, or load only the "
+            "state (loopkit.checkpoint.load(path, like=state)) and start a new fit without "
+            "resume."
+        )
+    loop.state = checkpoint.restore(contents["state"], loop.state, f"checkpoint {path}")
+    return path, contents["extra"]["loop"]
+
+
+def _resume(loop: Loop, resume: str | os.PathLike, data_parallel: bool) -> None:
+    """Restore the state and position to resume from. Under data parallelism only rank 0
+    reads the checkpoint (no shared filesystem needed); it sends the position and hook
+    states to the others, and ``fit`` then broadcasts its state."""
+    if not data_parallel:
+        found = _read_resume(loop, resume)
+    else:
+        try:
+            found = _read_resume(loop, resume) if distributed.is_main() else None
+            error = None
+        except Exception as e:  # every rank must learn that rank 0 failed, or they hang
+            found, error = None, e
+        shared = distributed.broadcast_object(
+            (found, None if error is None else f"{type(error).__name__}: {error}")
+        )
+        if error is not None:
+            raise error
+        found, message = shared
+        if message is not None:
+            raise distributed.DistributedError(f"rank 0 could not resume: {message}")
+    if found is not None:
+        path, saved = found
+        loop.load_state_dict(saved)
+        loop.resumed_from = path
+
+
+def _is_data_parallel(step: Any) -> bool:
+    """Whether ``step`` (or a function it wraps, ``functools.wraps``-style) was built by
+    :func:`loopkit.distributed.train_step`."""
+    while step is not None:
+        if getattr(step, "data_parallel", False):
+            return True
+        step = getattr(step, "__wrapped__", None)
+    return False
+
+
+def _check_ranks_agree(data: Iterable, steps_per_epoch, epochs, max_steps) -> None:
+    """Every rank must take as many steps per epoch, or the collectives inside the step
+    would pair up wrongly (or wait forever)."""
+    mine = (_epoch_length(data, steps_per_epoch), epochs, max_steps)
+    every = distributed.all_gather_object(mine)
+    if any(theirs != every[0] for theirs in every):
+        shown = ", ".join(f"rank {r}: {e}" for r, e in enumerate(every))
+        raise distributed.DistributedError(
+            "the ranks disagree on (batches per epoch, epochs, max_steps): "
+            f"{shown}. Give every rank an equal share of the data, e.g. "
+            "loopkit.data.Batches(..., rank=r, world_size=w), and the same limits."
+        )
 
 
 def fit(
@@ -269,7 +386,8 @@ def fit(
     max_steps: int | None = None,
     steps_per_epoch: int | None = None,
     hooks: Sequence[Hook] = (),
-    resume: str | os.PathLike | None = None,
+    resume: str | os.PathLike | bool | None = None,
+    data_parallel: bool | None = None,
 ) -> TrainState:
     """Train with ``state, metrics = step(state, batch)`` and return the final state.
 
@@ -278,12 +396,18 @@ def fit(
     limit is given) and/or until ``state.step`` reaches ``max_steps``; ``steps_per_epoch``
     caps each pass (and defines the epoch for endless data).
 
-    ``resume`` is ``"latest"`` (the newest good checkpoint of the
+    ``resume`` is ``"latest"`` (or True: the newest good checkpoint of the
     :class:`~loopkit.hooks.Checkpoint` hook; start afresh if there is none), a checkpoint
     directory (its newest good checkpoint; a damaged newer one is reported and skipped), or
     one checkpoint. ``state`` must then be built with the same model and optimizer as the
     run that wrote it. Both limits count from the start of the original run; a run that a
-    hook stopped stays stopped.
+    hook stopped stays stopped. A run that ended on ``max_steps`` closed its last epoch, so
+    raising ``max_steps`` later continues with the next epoch.
+
+    ``data_parallel`` (default: whether ``step`` was built by
+    :func:`loopkit.distributed.train_step`, also through ``functools.wraps`` wrappers) makes
+    ``fit`` check that the ranks take as many steps, resume on rank 0 and broadcast rank 0's
+    state at the start.
     """
     _check_count(epochs, "epochs", 0)
     _check_count(max_steps, "max_steps", 0)
@@ -294,25 +418,25 @@ def fit(
         raise ValueError("fit(max_steps=...) got data with no batches: it would never end")
     _check_reiterable(data, epochs)
     loop = Loop(state, list(hooks), epochs, _epoch_length(data, steps_per_epoch), max_steps)
-    loop.resuming = resume is not None
-    if resume is not None:
-        if (reason := data_lib.why_not_resumable(data)) is not None:
+    resume = "latest" if resume is True else resume
+    loop.resuming = resume is not None and resume is not False
+    if data_parallel is None:
+        data_parallel = _is_data_parallel(step)
+    data_parallel = data_parallel and distributed.world_size() > 1
+    if data_parallel:
+        _check_ranks_agree(data, steps_per_epoch, epochs, max_steps)
+    if loop.resuming:
+        if distributed.is_main() and (reason := data_lib.why_not_resumable(data)) is not None:
             warnings.warn(f"fit(resume=...) may not resume exactly: {reason}", stacklevel=2)
-        found = _load_resume(resume, loop.hooks)
-        if found is not None:
-            path, contents = found
-            loop.state = checkpoint.restore(contents["state"], state, f"checkpoint {path}")
-            if "loop" not in contents["extra"]:
-                raise checkpoint.CheckpointError(
-                    f"{path} holds a state but no training position (it was not written by "
-                    "hooks.Checkpoint): load it with loopkit.checkpoint.load and call fit "
-                    "without resume"
-                )
-            loop.load_state_dict(contents["extra"]["loop"])
-            loop.resumed_from = path
+        _resume(loop, resume, data_parallel)
+    if data_parallel:  # every rank continues from rank 0's state
+        loop.state = distributed.broadcast(loop.state)
     loop.step = int(loop.state.step)
     loop.emit("on_fit_start")
-    while not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs):
+    # an epoch the checkpoint left open is always closed, even if no step is left to take
+    while loop.batch > 0 or (
+        not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs)
+    ):
         _run_epoch(step, loop, data, steps_per_epoch)
     loop.emit("on_fit_end")
     return loop.state
@@ -324,6 +448,7 @@ def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int 
         loop.logs, loop.sums, loop.taken = {}, {}, 0
     loop.emit("on_epoch_start")
     more = steps_per_epoch is None or loop.batch < steps_per_epoch
+    more = more and not (loop.should_stop or loop.steps_done)
     for batch in data_lib.iter_from(data, loop.batch) if more else ():
         loop._previous, loop._skipped = loop.state, False
         loop.state, loop.metrics = step(loop.state, batch)

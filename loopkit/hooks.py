@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from loopkit import checkpoint, optim
+from loopkit import checkpoint, distributed, optim
 from loopkit.driver import Hook, Loop, evaluate, plain_data, to_python
 from loopkit.state import TrainState
 
@@ -38,13 +38,17 @@ def _due_epoch(loop: Loop, every: int | None) -> bool:
 
 
 def _due_step(loop: Loop, every_steps: int | None) -> bool:
-    return every_steps is not None and loop.step % every_steps == 0
+    """At a step end: every ``every_steps`` steps, unless that step was undone."""
+    return every_steps is not None and not loop.step_skipped and loop.step % every_steps == 0
 
 
 class Validate(Hook):
     """Every ``every`` epochs (and in the final epoch) and/or every ``every_steps`` steps,
     run ``evaluate_step`` over ``data``, put the example-weighted means in ``loop.logs`` as
-    ``"{prefix}/{name}"`` and fire ``on_validation_end``."""
+    ``"{prefix}/{name}"`` and fire ``on_validation_end``. Under torch.distributed the means
+    are over the examples of all ranks (each may validate its own shard), the same on every
+    rank (``across_ranks=False``: each rank's own). A step that both ``every_steps`` and the
+    epoch's end call for is validated once."""
 
     def __init__(
         self,
@@ -54,22 +58,35 @@ class Validate(Hook):
         every: int | None = 1,
         every_steps: int | None = None,
         prefix: str = "val",
+        across_ranks: bool = True,
     ):
         self.evaluate_step, self.data, self.prefix = evaluate_step, data, prefix
+        self.across_ranks = across_ranks
         self.every = _every(every, "every")
         self.every_steps = _every(every_steps, "every_steps")
+        self.last_step: int | None = None  # the step whose state it last validated
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = state["last_step"]
 
     def on_step_end(self, loop: Loop) -> None:
         if _due_step(loop, self.every_steps):
             self.run(loop)
 
     def on_epoch_end(self, loop: Loop) -> None:
-        if _due_epoch(loop, self.every):
+        # its numbers for this step are already in this epoch's logs
+        if _due_epoch(loop, self.every) and self.last_step != loop.step:
             self.run(loop)
 
     def run(self, loop: Loop) -> None:
-        results = evaluate(self.evaluate_step, loop.state, self.data)
+        results = evaluate(
+            self.evaluate_step, loop.state, self.data, across_ranks=self.across_ranks
+        )
         loop.logs.update({f"{self.prefix}/{k}": v for k, v in results.items()})
+        self.last_step = loop.step
         loop.emit("on_validation_end")
 
 
@@ -132,52 +149,81 @@ class Checkpoint(Hook):
         self.records = [dict(r) for r in state["records"]]
 
     def path_for(self, step: int) -> Path:
-        return self.directory / f"step-{step:09d}"
-
-    def on_fit_start(self, loop: Loop) -> None:
-        checkpoint.clean_temporaries(self.directory)
-
-    def on_step_end(self, loop: Loop) -> None:
-        if _due_step(loop, self.every_steps):
-            self._save_after(loop)
-
-    def on_epoch_end(self, loop: Loop) -> None:
-        if _due_epoch(loop, self.every):
-            self._save_after(loop)
-
-    def _save_after(self, loop: Loop) -> None:
-        meta = {"epoch": loop.epoch, "step": loop.step, "logs": dict(loop.logs)}
-        value = loop.logs.get(self.keep_best) if self.keep_best else None
-        loop.after_event(lambda: self.save(loop, meta, value))
-
-    def save(self, loop: Loop, metadata: dict | None = None, value: Any = None) -> Path:
-        """Write a checkpoint of ``loop`` now and apply the retention policy."""
-        path = self.path_for(loop.step)
-        value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-        record = {"name": path.name, "step": loop.step, "value": value}
-        self.records = [r for r in self.records if r["name"] != path.name] + [record]
-        meta = metadata or {"epoch": loop.epoch, "step": loop.step, "logs": dict(loop.logs)}
-        extra = {"loop": loop.state_dict()}
-        checkpoint.save(path, loop.state, plain_data(meta, "metadata"), extra=extra)
-        self._prune()
+        """Where a checkpoint of ``step`` goes: ``step-<step>``, or ``step-<step>-<k>`` when
+        that step was saved before (the epoch's end right after a step save, or a resumed
+        run redoing a step), so a committed checkpoint is never replaced in place."""
+        base = self.directory / f"step-{step:09d}"
+        taken = {r["name"] for r in self.records}
+        path, k = base, 0
+        while path.name in taken or (distributed.is_main() and path.exists()):
+            k += 1
+            path = base.with_name(f"{base.name}-{k}")
         return path
 
-    def _ranked(self) -> list[dict[str, Any]]:
-        scored = [r for r in self.records if r["value"] is not None]
+    def on_fit_start(self, loop: Loop) -> None:
+        if distributed.is_main():
+            checkpoint.clean_temporaries(self.directory)
+
+    # Both decide once every hook has seen the event, so that the logs, a stop request and
+    # the best value they read are final wherever this hook sits in the list.
+    def on_step_end(self, loop: Loop) -> None:
+        if self.every_steps is not None:
+            loop.after_event(lambda: _due_step(loop, self.every_steps) and self.save(loop))
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        epoch = loop.epoch
+        loop.after_event(lambda: self._save_epoch(loop, epoch))
+
+    def _save_epoch(self, loop: Loop, epoch: int) -> None:
+        final = (loop.epochs is not None and epoch + 1 >= loop.epochs) or loop.steps_done
+        due = self.every is not None and (epoch + 1) % self.every == 0
+        if due or final or loop.should_stop:
+            self.save(loop, epoch)
+
+    def save(self, loop: Loop, epoch: int | None = None) -> Path:
+        """Write a checkpoint of ``loop`` now, then delete what the retention policy (and a
+        newer save of the same step) leaves out."""
+        epoch = loop.epoch if epoch is None else epoch
+        path = self.path_for(loop.step)
+        value = loop.logs.get(self.keep_best) if self.keep_best else None
+        value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        record = {"name": path.name, "step": loop.step, "value": value}
+        records = [r for r in self.records if r["step"] != loop.step] + [record]
+        keep = self._retained(records)
+        dropped = [r for r in self.records if r["name"] not in keep]
+        self.records = [r for r in records if r["name"] in keep]  # as saved in the checkpoint
+        meta = {"epoch": epoch, "step": loop.step, "logs": dict(loop.logs)}
+        extra = {"loop": loop.state_dict()}
+        if distributed.is_main():  # one writer; the state is the same on every rank
+            checkpoint.save(path, loop.state, plain_data(meta, "metadata"), extra=extra)
+            for r in dropped:  # only once the new one is committed
+                checkpoint.remove(self.directory / r["name"])
+        distributed.barrier()
+        return path
+
+    def _ranked(self, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        scored = [
+            r for r in (self.records if records is None else records) if r["value"] is not None
+        ]
         sign = 1.0 if self.mode == "min" else -1.0
         return sorted(scored, key=lambda r: (sign * r["value"], r["step"]))
 
-    def _prune(self) -> None:
+    def _retained(self, records: list[dict[str, Any]]) -> set[str]:
         if self.keep_last is None and self.keep_best is None:
-            return
-        keep = {self.records[-1]["name"]}
+            return {r["name"] for r in records}
+        keep = {records[-1]["name"]}
         if self.keep_last is not None:
-            keep |= {r["name"] for r in self.records[-self.keep_last :]}
+            keep |= {r["name"] for r in records[-self.keep_last :]}
         if self.keep_best is not None:
-            keep |= {r["name"] for r in self._ranked()[: self.best_n]}
-        for r in [r for r in self.records if r["name"] not in keep]:
-            checkpoint.remove(self.directory / r["name"])
-        self.records = [r for r in self.records if r["name"] in keep]
+            keep |= {r["name"] for r in self._ranked(records)[: self.best_n]}
+        return keep
+
+
+def _format(value: float | list, spec: str) -> str:
+    """A number, or the members' numbers of an ensemble (a list), formatted with ``spec``."""
+    if isinstance(value, list):
+        return " ".join(format(v, spec) for v in value)
+    return format(value, spec)
 
 
 class ProgressBar(Hook):
@@ -199,7 +245,7 @@ class ProgressBar(Hook):
             desc=f"epoch {loop.epoch + 1}{total}",
             unit="step",
             leave=False,
-            disable=None,  # None: off when not a TTY
+            disable=None if distributed.is_main() else True,  # None: off when not a TTY
             file=self.file or sys.stderr,
             dynamic_ncols=True,
         )
@@ -210,14 +256,16 @@ class ProgressBar(Hook):
             return
         shown = {}
         if "loss" in loop.metrics:
-            shown["loss"] = f"{to_python(loop.metrics['loss']):.4f}"
+            shown["loss"] = _format(to_python(loop.metrics["loss"]), ".4f")
         lrs = optim.learning_rates(loop.state.opt_state)
         if lrs:
-            shown["lr"] = f"{float(lrs[0]):.3g}"
+            shown["lr"] = _format(to_python(lrs[0]), ".3g")
         self.bar.set_postfix(shown, refresh=False)
 
     def on_epoch_end(self, loop: Loop) -> None:
         self.bar.close()
+        if not distributed.is_main():
+            return
         total = "" if loop.epochs is None else f"/{loop.epochs}"
         parts = [f"epoch {loop.epoch + 1}{total}", f"step {loop.step}"]
         for k, v in loop.logs.items():
@@ -248,7 +296,7 @@ class Timer(Hook):
         self.steps = 0
 
     def on_epoch_start(self, loop: Loop) -> None:
-        self.start, self.steps, self.first_step = time.perf_counter(), 0, loop.step
+        self.start, self.steps = time.perf_counter(), 0
 
     def on_step_end(self, loop: Loop) -> None:
         self.steps += 1
@@ -299,11 +347,12 @@ class NaNGuard(Hook):
             )
         loop.skip_step()
         self.skipped.append(loop.step + 1)
+        done = "skipped that step"
         if self.action == "stop":
             loop.should_stop = True
-            warnings.warn(f"{message}: stopped training, keeping the state before it", stacklevel=2)
-        else:
-            warnings.warn(f"{message}: skipped that step", stacklevel=2)
+            done = "stopped training, keeping the state before it"
+        if distributed.is_main():
+            warnings.warn(f"{message}: {done}", stacklevel=2)
 
 
 class ReduceLROnPlateau(Hook):
@@ -416,19 +465,25 @@ class _FileLogger(Hook):
     ``directory``, flushed at once so a crash loses nothing already written. A new run
     starts a new file (``append=True`` keeps what is there, as Keras' CSVLogger). When
     ``fit`` resumes, the records of the epochs the resumed run will redo are dropped, so
-    the file ends up as an uninterrupted run's."""
+    the file ends up as an uninterrupted run's. ``every=N`` writes every N epochs (and the
+    final one)."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str, append: bool):
+    def __init__(self, directory: str | os.PathLike, filename: str, append: bool, every: int):
         self.path, self.append = Path(directory) / filename, append
+        self.every = _every(every, "every")
 
     def on_fit_start(self, loop: Loop) -> None:
+        if not distributed.is_main():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if loop.resuming and self.path.exists():
+        if loop.resumed_from is not None and self.path.exists():
             self.rewrite(_records_before(self.read(), loop.epoch))
-        elif not self.append:
+        elif not self.append and loop.resumed_from is None:
             self.path.unlink(missing_ok=True)
 
     def on_epoch_end(self, loop: Loop) -> None:
+        if not (distributed.is_main() and _due_epoch(loop, self.every)):
+            return
         record = {"epoch": loop.epoch, "step": loop.step}
         record.update({k: to_python(v) for k, v in loop.logs.items()})
         self.write(record)
@@ -455,9 +510,14 @@ class JSONLLogger(_FileLogger):
     """``directory/metrics.jsonl``: one JSON object per epoch."""
 
     def __init__(
-        self, directory: str | os.PathLike, filename: str = "metrics.jsonl", *, append=False
+        self,
+        directory: str | os.PathLike,
+        filename: str = "metrics.jsonl",
+        *,
+        append: bool = False,
+        every: int = 1,
     ):
-        super().__init__(directory, filename, append)
+        super().__init__(directory, filename, append, every)
 
     def read(self) -> list[dict]:
         lines = self.path.read_text().splitlines()
@@ -477,9 +537,14 @@ class CSVLogger(_FileLogger):
     (validation every few epochs), the file is rewritten with the wider header."""
 
     def __init__(
-        self, directory: str | os.PathLike, filename: str = "metrics.csv", *, append=False
+        self,
+        directory: str | os.PathLike,
+        filename: str = "metrics.csv",
+        *,
+        append: bool = False,
+        every: int = 1,
     ):
-        super().__init__(directory, filename, append)
+        super().__init__(directory, filename, append, every)
 
     def read(self) -> list[dict]:
         with open(self.path, newline="") as f:
@@ -513,6 +578,8 @@ class TensorBoardLogger(Hook):
         self.writer: Any = None
 
     def on_fit_start(self, loop: Loop) -> None:
+        if not distributed.is_main():
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -524,10 +591,13 @@ class TensorBoardLogger(Hook):
         self.writer = SummaryWriter(str(self.directory), purge_step=purge)
 
     def on_epoch_end(self, loop: Loop) -> None:
+        if self.writer is None:
+            return
         for k, v in loop.logs.items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 self.writer.add_scalar(k, v, global_step=loop.step)
         self.writer.flush()
 
     def on_fit_end(self, loop: Loop) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()

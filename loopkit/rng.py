@@ -61,17 +61,37 @@ def rng_for(seed: int, devices: Iterable[torch.device] = ()) -> RngState:
     return out
 
 
+def _seed_all(rng: RngState, seed: int) -> None:
+    for key in rng:
+        if key == "cpu":
+            torch.manual_seed(seed)
+        else:
+            kind, index = key.split(":")
+            with torch.get_device_module(kind).device(int(index)):
+                torch.get_device_module(kind).manual_seed(seed)
+
+
 @contextlib.contextmanager
-def rng_scope(rng: RngState) -> Iterator[RngState]:
+def rng_scope(rng: RngState, fold: int | None = None) -> Iterator[RngState]:
     """Run the body with the global generators set from ``rng``; afterwards the yielded dict
-    holds their advanced states and the caller's generators are as they were."""
+    holds their advanced states and the caller's generators are as they were.
+
+    With ``fold`` (a rank), one 62-bit number ``s`` is drawn from ``rng``'s CPU generator
+    and the body runs with every generator seeded from ``(s, fold)``: each fold draws
+    different numbers, and ``rng`` advances by that one draw whatever the body draws, the
+    same for every fold (so data-parallel ranks keep one replicated state)."""
     saved = {key: _get(key) for key in rng}
     advanced: RngState = {}
     try:
         for key, value in rng.items():
             _set(key, value)
+        if fold is not None:
+            s = int(torch.randint(0, 2**62, ()))
+            advanced.update({key: _get(key) for key in rng})
+            _seed_all(rng, (s * 1_000_003 + fold) % 2**63)
         yield advanced
-        advanced.update({key: _get(key) for key in rng})
+        if fold is None:
+            advanced.update({key: _get(key) for key in rng})
     finally:
         for key, value in saved.items():
             _set(key, value)

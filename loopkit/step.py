@@ -113,15 +113,27 @@ class _Step:
     donate = False  # set by compile_step
     cudagraphs = False  # set by compile_step: the call prepares and copies out of a CUDA graph
 
-    def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        pure: Callable,
+        compiled: Callable | None = None,
+        prepare: Callable[[TrainState], int] | None = None,
+    ):
         self.model = model
         self.pure = pure
         self.fn = compiled or pure
         self.compiled = compiled is not None
+        self.prepare = prepare
         self._modules = list(model.modules())
 
+    @property
+    def data_parallel(self) -> bool:
+        """True for a step built by :func:`loopkit.distributed.train_step`."""
+        return self.prepare is not None
+
     def compiled_with(self, fn: Callable) -> _Step:
-        return type(self)(self.model, self.pure, fn)
+        return type(self)(self.model, self.pure, fn, self.prepare)
 
     def _call(self, state: TrainState, args: tuple) -> Any:
         if self.cudagraphs:
@@ -170,7 +182,8 @@ class TrainStep(_Step):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         args = (state.params, state.buffers, state.opt_state, state.step, batch)
-        with _training(self.model, self._modules, True), rng_scope(state.rng) as rng:
+        fold = self.prepare(state) if self.prepare is not None else None
+        with _training(self.model, self._modules, True), rng_scope(state.rng, fold) as rng:
             out = self._call(state, args)
         if self.donate:  # the new state was written into the input state's tensors
             return TrainState(*args[:4], rng), out
@@ -201,6 +214,8 @@ def train_step(
     clip_norm: float | None = None,
     precision: str | None = None,
     compile: bool = False,
+    sync: Callable | None = None,
+    prepare: Callable[[TrainState], int] | None = None,
     **compile_kwargs: Any,
 ) -> TrainStep:
     """Build the pure training step for ``model``.
@@ -221,6 +236,12 @@ def train_step(
     ``loss * scale`` and the scaler unscales, skips steps with inf/NaN gradients and
     adapts the scale as ``torch.amp.GradScaler``; the metric ``loss_scale`` is the scale
     used. See :mod:`loopkit.precision`.
+
+    ``sync`` and ``prepare`` are where data parallelism plugs in (see
+    :func:`loopkit.distributed.train_step`, which sets them): ``sync(grads, metrics,
+    buffers_before, buffers, batch) -> (grads, metrics, buffers)`` runs inside the step
+    right after the gradient, and ``prepare(state)``, called before each step outside the
+    compiled code, returns the number the step's random draws are folded with.
     """
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm}")
@@ -237,6 +258,7 @@ def train_step(
     def train(params, buffers, opt_state, step, batch):
         # functional_call updates BatchNorm statistics in place: give it copies, and pass
         # them as an input of the differentiated function, as torch.func requires.
+        before = buffers
         buffers = {k: v.clone() if k in buffer_names else v for k, v in buffers.items()}
 
         if scaled and not isinstance(opt_state, LossScaleState):
@@ -254,6 +276,8 @@ def train_step(
 
         grads, (_, (loss, aux, buffers)) = grad_and_value(objective, has_aux=True)(params, buffers)
         metrics = {"loss": loss.detach(), **aux}
+        if sync is not None:
+            grads, metrics, buffers = sync(grads, metrics, before, buffers, batch)
         if scaled:
             metrics["loss_scale"] = opt_state.scale.clone()  # the input may be donated
         if clip_norm is not None:
@@ -261,7 +285,7 @@ def train_step(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return apply_updates(params, updates), buffers, opt_state, step + 1, metrics
 
-    return _maybe_compile(TrainStep(model, train), compile, compile_kwargs)
+    return _maybe_compile(TrainStep(model, train, prepare=prepare), compile, compile_kwargs)
 
 
 def _autocast(params: dict, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

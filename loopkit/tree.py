@@ -61,3 +61,12 @@ def describe(tree: PyTree) -> str:
         return type(x).__name__
 
     return str(pytree.tree_map(fmt, tree)).replace("'", "")
+
+
+def leading_dim(tree: Any) -> int:
+    """The leading dimension of the first tensor in ``tree`` that has one (1 if none does):
+    the number of examples in a batch."""
+    for leaf in tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
+            return leaf.shape[0]
+    return 1

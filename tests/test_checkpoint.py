@@ -229,3 +229,24 @@ def test_sigkill_while_saving_never_loses_the_latest_commit(tmp_path):
             torch.testing.assert_close(w, like + step, rtol=0, atol=1e-3)
         checkpoint.clean_temporaries(directory)
         assert not any(p.name.startswith(".") for p in directory.iterdir())
+
+
+def test_unreadable_parts_count_as_damage(tmp_path):
+    _, state = a_state()
+    older = checkpoint.save(tmp_path / "step-000000001", state)
+    for part in (checkpoint.MARKER, checkpoint.STATE_FILE):
+        newer = checkpoint.save(tmp_path / "step-000000002", state)
+        (newer / part).unlink()
+        (newer / part).mkdir()  # a directory where a file should be
+        with pytest.warns(UserWarning, match="skipped 1 damaged"):
+            assert checkpoint.read_latest(tmp_path)[0] == older
+        checkpoint.remove(newer)
+
+
+def test_versions_of_one_step_sort_after_it(tmp_path):
+    _, state = a_state()
+    for name in ("step-000000010-1", "step-000000009", "step-000000010", "step-000000010-2"):
+        checkpoint.save(tmp_path / name, state)
+    names = [p.name for p in checkpoint.checkpoints(tmp_path)]
+    assert names == ["step-000000009", "step-000000010", "step-000000010-1", "step-000000010-2"]
+    assert checkpoint.step_of(tmp_path / "step-000000010-2") == 10

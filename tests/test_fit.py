@@ -476,3 +476,96 @@ def test_loopkit_plot_draws_the_curves_of_a_run(tmp_path):
     empty = subprocess.run([sys.executable, "-m", "loopkit", "plot", str(tmp_path / "none")],
                            capture_output=True, text=True)  # fmt: skip
     assert empty.returncode == 1 and "no metrics.jsonl" in empty.stderr
+
+
+def counting_validation(model, data, **kwargs):
+    seen = []
+
+    class Count(lk.Hook):
+        def on_validation_end(self, loop):
+            seen.append(loop.step)
+
+    return lk.hooks.Validate(lk.eval_step(model, loss_fn), data, **kwargs), Count(), seen
+
+
+def test_a_step_is_validated_once_even_when_every_steps_meets_the_epoch_end():
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    validate, count, seen = counting_validation(model, [(x, y)], every_steps=5)
+    data = lk.data.Batches(x, y, batch_size=8)
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+           epochs=2, hooks=[validate, count])  # fmt: skip
+    assert seen == [5, 10]  # steps 5 and 10 end the epochs: not validated twice
+
+
+def test_hooks_on_steps_do_not_fire_again_for_a_skipped_step(tmp_path):
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+    data = batches[:2] + [(torch.full_like(x[:8], float("nan")), y[:8])] + batches[2:]
+    validate, count, seen = counting_validation(model, [(x, y)], every=None, every_steps=2)
+    hooks = [lk.hooks.NaNGuard(action="skip"), validate, count,
+             lk.hooks.Checkpoint(tmp_path, every=None, every_steps=2)]  # fmt: skip
+    with pytest.warns(UserWarning, match="skipped"):
+        lk.fit(step, lk.TrainState.create(model, opt), data, hooks=hooks)
+    assert seen == [2, 4, 5]  # not again at 2 for the skipped batch; 5 is the end
+    names = [p.name for p in lk.checkpoint.checkpoints(tmp_path)]
+    assert names == ["step-000000002", "step-000000004", "step-000000005"]
+
+
+def test_checkpoint_works_wherever_it_sits_in_the_hook_list(tmp_path):
+    """Listed first, Checkpoint still sees this epoch's validation (for keep_best and the
+    metadata) and a stop requested by a later hook (for the final save)."""
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    values = [3.0, 1.0, 2.0, 2.5]
+    ckpt = lk.hooks.Checkpoint(tmp_path, every=10, keep_last=1, keep_best="val/loss")
+
+    class StopAfter3(lk.Hook):
+        def on_epoch_end(self, loop):
+            loop.should_stop = loop.epoch == 2
+
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+           lk.data.Batches(x, y, batch_size=20), epochs=4,
+           hooks=[ckpt, FeedMetric(values), StopAfter3()])  # fmt: skip
+    # epoch 2 (step 6) is the stop: saved; its val/loss 2.0 is the best seen by a save
+    assert [p.name for p in lk.checkpoint.checkpoints(tmp_path)] == ["step-000000006"]
+    meta = lk.checkpoint.read(tmp_path / "step-000000006")["metadata"]
+    assert meta["logs"]["val/loss"] == 2.0 and ckpt.best == tmp_path / "step-000000006"
+
+
+def test_a_stop_requested_at_epoch_start_takes_no_step():
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+
+    class StopAtEpoch1(lk.Hook):
+        def on_epoch_start(self, loop):
+            loop.should_stop = loop.epoch == 1
+
+    data = lk.data.Batches(x, y, batch_size=8)
+    state = lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+                   epochs=3, hooks=[StopAtEpoch1()])  # fmt: skip
+    assert int(state.step) == 5
+
+
+def test_loggers_every_and_append(tmp_path):
+    import json
+
+    log = lk.hooks.JSONLLogger(tmp_path, every=2)
+    tiny_fit([FeedMetric([3.0, 2.0, 1.0]), log], epochs=3)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in lines] == [1, 2]  # every 2nd, and the last
+    hooks = [FeedMetric([3.0]), lk.hooks.JSONLLogger(tmp_path, append=True),
+             lk.hooks.Checkpoint(tmp_path / "ckpt")]  # fmt: skip
+    model = nn.Linear(2, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]
+    lk.fit(
+        lk.train_step(model, loss_fn, opt),
+        lk.TrainState.create(model, opt),
+        data,
+        hooks=hooks,
+        resume="latest",
+    )  # no checkpoint yet: a fresh run that appends
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

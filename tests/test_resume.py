@@ -199,13 +199,13 @@ def test_resume_latest_without_checkpoints_starts_afresh_and_a_stopped_run_stays
         def on_step_end(self, loop):
             loop.should_stop = loop.step == 4
 
-    def once():
+    def once(resume):
         hooks = [StopAt4(), lk.hooks.Checkpoint(tmp_path)]
         return lk.fit(step, lk.TrainState.create(model, opt), data, epochs=5, hooks=hooks,
-                      resume="latest")  # fmt: skip
+                      resume=resume)  # fmt: skip
 
-    assert int(once().step) == 4
-    assert int(once().step) == 4  # resumed: the stop is part of the saved run
+    assert int(once("latest").step) == 4
+    assert int(once(True).step) == 4  # resumed: the stop is part of the saved run
 
 
 def test_resume_errors(tmp_path):
@@ -269,3 +269,82 @@ def test_a_sigkilled_run_resumes_bitwise_identically(tmp_path):
         assert (directory / "metrics.jsonl").read_text() == straight_log
         records = [json.loads(r) for r in straight_log.splitlines()]
         assert all("val/loss" in r for r in records)
+
+
+def test_a_hook_state_a_checkpoint_cannot_hold_is_refused_before_writing(tmp_path):
+    import numpy as np
+
+    class Odd(lk.Hook):
+        def state_dict(self):
+            return {"best": np.float32(1.0)}
+
+    model = nn.Linear(5, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 5), torch.randint(0, 2, (4,)))]
+    with pytest.raises(TypeError, match=r"Odd.state_dict\(\)\['best'\] holds a float32"):
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+               hooks=[Odd(), lk.hooks.Checkpoint(tmp_path)])  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match='resume must be "latest"'):
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+               resume=3)  # fmt: skip
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "hook"])
+def test_a_crash_after_the_last_step_checkpoint_still_closes_the_epoch(tmp_path, stop):
+    """The run ends mid-epoch (max_steps, or a hook's stop) right after a step checkpoint,
+    and is killed before the epoch closes: the resumed run closes it, so the history and
+    the log equal the uninterrupted run's."""
+
+    class StopAt6(lk.Hook):
+        def on_step_end(self, loop):
+            loop.should_stop = loop.should_stop or loop.step == 6
+
+    class CrashAtEpochEnd(lk.Hook):
+        def on_epoch_end(self, loop):
+            if loop.step == 6:
+                raise Crash
+
+    def once(directory, crash=False, resume=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2))
+        opt = optim.adam(lr=1e-2)
+        x, y = torch.randn(40, 5), torch.randint(0, 2, (40,))
+        history = History()
+        hooks = [*([CrashAtEpochEnd()] if crash else []), *([StopAt6()] if stop == "hook" else []),
+                 lk.hooks.JSONLLogger(directory), history,
+                 lk.hooks.Checkpoint(directory / "ckpt", every_steps=2)]  # fmt: skip
+        limits = {"max_steps": 6} if stop == "max_steps" else {"epochs": 3}
+        state = lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+                       lk.data.Batches(x, y, batch_size=8, shuffle=True), hooks=hooks,
+                       resume=resume, **limits)  # fmt: skip
+        return state, history.history
+
+    straight, straight_history = once(tmp_path / "a")
+    with pytest.raises(Crash):
+        once(tmp_path / "b", crash=True)
+    resumed, resumed_history = once(tmp_path / "b", resume="latest")
+    assert_states_equal(resumed, straight)
+    assert resumed_history == straight_history and len(straight_history) == 2
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == (
+        tmp_path / "a" / "metrics.jsonl"
+    ).read_text()
+
+
+def test_resume_puts_back_a_checkpoint_a_killed_replacement_moved_aside(tmp_path):
+    """checkpoint.save over an existing name moves the old one aside before renaming the
+    new one in; a kill between the two leaves it hidden. Resuming puts it back."""
+    import os
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 5), torch.randint(0, 2, (4,)))] * 2
+    step = lk.train_step(model, loss_fn, opt)
+    lk.fit(step, lk.TrainState.create(model, opt), data, hooks=[lk.hooks.Checkpoint(tmp_path)])
+    only = lk.checkpoint.latest(tmp_path)
+    os.rename(only, tmp_path / f".{only.name}.old-1-0123abcd")
+    assert lk.checkpoint.checkpoints(tmp_path) == []
+    state = lk.fit(step, lk.TrainState.create(model, opt), data, epochs=1,
+                   hooks=[lk.hooks.Checkpoint(tmp_path)], resume="latest")  # fmt: skip
+    assert int(state.step) == 2 and lk.checkpoint.checkpoints(tmp_path) == [only]

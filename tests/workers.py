@@ -44,6 +44,7 @@ def save_forever(directory: Path) -> None:
 
 def run(directory: Path, resume: bool) -> lk.TrainState:
     from tests.helpers import loss_fn
+
     torch.manual_seed(0)
     x = torch.randn(60, 5)
     y = (x[:, 0] + 0.3 * torch.randn(60) > 0).long()

@@ -1,0 +1,129 @@
+"""Per-sample gradients (``vmap(grad)`` over the batch) and a DP-SGD train step.
+
+``per_sample_grads(model, loss_fn, params, buffers, batch)`` gives the gradient of
+``loss_fn`` on each example on its own: ``loss_fn`` is called on a batch of one example
+(each batch tensor's leading dimension kept, at size 1), so the loss_fn of a plain
+``train_step`` works unchanged.
+
+``dp_train_step`` is DP-SGD (Abadi et al. 2016, as Opacus implements it): each example's
+gradient is clipped to L2 norm ``max_grad_norm`` (factor ``min(1, C / (norm + 1e-6))``),
+the clipped gradients are summed, Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm`` is added to each parameter's sum (drawn with
+``torch.randn_like`` in parameter order, from the state's ``rng``, so a run is reproducible
+and resumes exactly), and the result is divided by the batch size before the optimizer's
+update. The privacy accounting (epsilon for given delta, sampling rate and steps) is not
+part of loopkit; use an accountant such as Opacus's RDP accountant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import grad_and_value, vmap
+
+from loopkit.optim.base import Transform, apply_updates
+from loopkit.step import LossFn, Net, TrainStep, _maybe_compile, _split_loss
+from loopkit.tree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["clip_per_sample", "dp_train_step", "per_sample_grads"]
+
+Grads = dict[str, torch.Tensor]
+
+
+def _example_dims(batch: Any) -> Any:
+    leaves, spec = tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.ndim == 0:
+            raise ValueError(
+                "per-sample gradients need every batch tensor to have a leading example "
+                "dimension, got a 0-dim tensor"
+            )
+    return tree_unflatten([0 if isinstance(x, torch.Tensor) else None for x in leaves], spec)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Grads,
+    buffers: Grads,
+    batch: Any,
+    *,
+    randomness: str = "different",
+) -> tuple[Grads, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(grads, losses, metrics)``: ``grads[name]`` has shape ``[B, *param.shape]``, row i
+    the gradient of ``loss_fn(net, example_i)`` (the example as a batch of one); ``losses``
+    and each metric have shape ``[B]``. Buffers are read, not updated: BatchNorm in
+    training mode cannot see a batch of one (use GroupNorm or LayerNorm). Random ops (Dropout)
+    follow ``vmap``'s ``randomness`` (by default a different mask per example)."""
+
+    def one(p: Grads, example: Any) -> tuple[torch.Tensor, tuple]:
+        example = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
+        loss, metrics = _split_loss(loss_fn(Net(model, p, buffers), example))
+        return loss, metrics
+
+    grads, (losses, metrics) = vmap(
+        grad_and_value(one, has_aux=True),
+        in_dims=(None, _example_dims(batch)),
+        randomness=randomness,
+    )(params, batch)
+    return grads, losses, metrics
+
+
+def clip_per_sample(grads: Grads, max_norm: float) -> tuple[Grads, torch.Tensor]:
+    """Clip each example's gradient (row i of every ``[B, ...]`` tensor, taken together) to
+    L2 norm ``max_norm``, by the factor ``min(1, max_norm / (norm + 1e-6))`` (Opacus's).
+    Returns the clipped grads and the per-example norms before clipping."""
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    clipped = {k: g * factor.to(g.dtype).view(-1, *([1] * (g.ndim - 1))) for k, g in grads.items()}
+    return clipped, norms
+
+
+def _check_no_batchnorm(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(
+                f"module {name!r} is {type(m).__name__}: its statistics mix the examples of a "
+                "batch, so per-example gradients (and DP-SGD's guarantee) do not exist. "
+                "Replace it with GroupNorm or LayerNorm."
+            )
+
+
+def dp_train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: Transform,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    compile: bool = False,
+    **compile_kwargs: Any,
+) -> TrainStep:
+    """A DP-SGD training step ``step(state, batch) -> (state, metrics)`` (see the module
+    docstring for the update). Metrics: ``loss`` and ``loss_fn``'s metrics averaged over the
+    examples, and ``clipped``, the fraction of examples whose gradient was clipped. The noise
+    is drawn from the state's rng; in a compiled step it comes from inductor's kernels, so it
+    is reproducible from the state but differs from the eager step's."""
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    if not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    _check_no_batchnorm(model)
+    clip, sigma = float(max_grad_norm), float(noise_multiplier) * float(max_grad_norm)
+
+    def train(params, buffers, opt_state, step, batch):
+        grads, losses, aux = per_sample_grads(model, loss_fn, params, buffers, batch)
+        clipped, norms = clip_per_sample(grads, clip)
+        n = losses.shape[0]
+        noisy = {k: (g.sum(0) + sigma * torch.randn_like(g[0])) / n for k, g in clipped.items()}
+        updates, opt_state = optimizer.update(noisy, opt_state, params)
+        metrics = {
+            "loss": losses.mean().detach(),
+            **{k: v.mean() for k, v in aux.items()},
+            "clipped": (norms > clip).to(losses.dtype).mean(),
+        }
+        return apply_updates(params, updates), buffers, opt_state, step + 1, metrics
+
+    return _maybe_compile(TrainStep(model, train), compile, compile_kwargs)

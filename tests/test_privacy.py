@@ -1,0 +1,126 @@
+"""Per-sample gradients and DP-SGD against naive per-example loops."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import loopkit as lk
+from loopkit import optim
+from tests.helpers import build_mlp, loss_fn, make_batches, mlp_specs
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+FP64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def loop_grads(model, batch):
+    """The oracle: one backward per example, on a batch of one."""
+    x, y = batch
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        loss, _ = loss_fn(model, (x[i : i + 1], y[i : i + 1]))
+        loss.backward()
+        rows.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@given(
+    spec=mlp_specs(batchnorm=False, dropout=0.0),
+    n=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_per_sample_grads_equal_a_loop_over_examples(spec, n, seed, dtype):
+    model = build_mlp(spec, seed, dtype)
+    (batch,) = make_batches(spec, [n], seed, dtype)
+    state = lk.TrainState.create(model, optim.sgd(lr=0.1))
+    grads, losses, metrics = lk.per_sample_grads(model, loss_fn, state.params, state.buffers, batch)
+    want = loop_grads(model, batch)
+    tol = FP32 if dtype == torch.float32 else FP64
+    assert set(grads) == set(want)
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k], **tol)
+    assert losses.shape == (n,) and metrics["acc"].shape == (n,)
+
+
+def naive_dp_sgd(model, batches, make_opt, *, max_grad_norm, noise_multiplier, seed):
+    """DP-SGD written out: per-example backward, clip, sum, noise from a generator seeded
+    like the TrainState, average, torch.optim step."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_opt(params)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for batch in batches:
+            grads = loop_grads(model, batch)
+            per_example = [grads[k] for k, _ in model.named_parameters()]
+            norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_example]).sum(0).sqrt()
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for p, g in zip(params, per_example, strict=True):
+                total = (g * factor.view(-1, *([1] * (g.ndim - 1)))).sum(0)
+                noise = noise_multiplier * max_grad_norm * torch.randn_like(p)
+                p.grad = (total + noise) / len(g)
+            opt.step()
+    return model
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+@given(
+    spec=mlp_specs(batchnorm=False, dropout=0.0),
+    max_grad_norm=st.sampled_from([0.01, 0.5, 100.0]),
+    noise_multiplier=st.sampled_from([0.0, 0.5, 1.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_dp_sgd_matches_the_naive_form_with_the_same_noise(
+    name, spec, max_grad_norm, noise_multiplier, seed
+):
+    model = build_mlp(spec, seed, torch.float64)
+    batches = make_batches(spec, [6, 6, 6], seed, torch.float64)
+    opt = optim.sgd(lr=0.1, momentum=0.9) if name == "sgd" else optim.adam(lr=1e-2)
+    step = lk.dp_train_step(
+        model, loss_fn, opt, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier
+    )
+    state = lk.TrainState.create(model, opt, seed=seed)
+    for batch in batches:
+        state, metrics = step(state, batch)
+
+    def make_opt(ps):
+        if name == "sgd":
+            return torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+        return torch.optim.Adam(ps, lr=1e-2)
+
+    ref = naive_dp_sgd(
+        model, batches, make_opt, max_grad_norm=max_grad_norm,
+        noise_multiplier=noise_multiplier, seed=seed,
+    )  # fmt: skip
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[k], p.detach(), **FP64)
+    assert 0.0 <= float(metrics["clipped"]) <= 1.0
+
+
+def test_dp_step_noise_comes_from_the_state():
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = optim.sgd(lr=0.1)
+    step = lk.dp_train_step(model, loss_fn, opt, max_grad_norm=1.0, noise_multiplier=1.0)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    a = lk.TrainState.create(model, opt, seed=0)
+    s1, _ = step(a, batch)
+    s2, _ = step(a, batch)
+    s3, _ = step(lk.TrainState.create(model, opt, seed=1), batch)
+    assert torch.equal(s1.params["0.weight"], s2.params["0.weight"])
+    assert not torch.equal(s1.params["0.weight"], s3.params["0.weight"])
+
+
+def test_dp_step_rejects_batchnorm_and_bad_arguments():
+    opt = optim.sgd(lr=0.1)
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(TypeError, match=r"'1' is BatchNorm1d.*GroupNorm or LayerNorm"):
+        lk.dp_train_step(bn, loss_fn, opt, max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm must be positive"):
+        lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="noise_multiplier must be >= 0"):
+        lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=1, noise_multiplier=-1)
