@@ -204,7 +204,8 @@ def _imperative(model: nn.Module, batch: tuple, compiled: bool, backend: str) ->
 
     def state() -> list:
         moments = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-        return [*model.parameters(), *model.buffers(), *moments]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # held between steps
+        return [*model.parameters(), *model.buffers(), *moments, *grads]
 
     return Runner(step, state)
 
@@ -425,14 +426,17 @@ def compile_times(case: Case, device: torch.device, backend: str = "inductor") -
             arg = json.dumps(dict(model=case.model, size=case.size, device=str(device),
                                   backend=backend))  # fmt: skip
             proc = subprocess.run(
-                [sys.executable, "-m", "loopkit.bench", "--first-step", arg],
+                [sys.executable, "-m", "loopkit.bench", "--first-step", arg,
+                 str(torch.get_num_threads())],
                 env=env, capture_output=True, text=True, check=True,
             )  # fmt: skip
             out[f"{label}_s"] = float(proc.stdout.strip().splitlines()[-1])
     return out
 
 
-def _first_step(arg: str) -> None:
+def _first_step(arg: str, threads: str | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
     spec = json.loads(arg)  # the imports of a fresh process are not counted
     case, device = Case(spec["model"], spec["size"]), torch.device(spec["device"])
     runner = make_runner("loopkit_compiled", case, device, spec["backend"])
@@ -574,4 +578,4 @@ def write_report(result: dict, out: str | Path) -> dict[str, Path]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--first-step"]:
-        _first_step(sys.argv[2])
+        _first_step(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--models", default="mlp,cnn,transformer", help="comma-separated")
     bench.add_argument("--variants", default=None, help="comma-separated (default: all)")
     bench.add_argument("--sweep", action="store_true", help="add the larger sizes and batches")
+    bench.add_argument("--sweep-only", action="store_true", help="only the larger sizes")
     bench.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test")
     bench.add_argument("--device", default="cpu")
+    bench.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (1 on a loaded machine)"
+    )
     bench.add_argument("--rounds", type=int, default=7)
     bench.add_argument("--steps", type=int, default=20, help="steps per timed round")
     bench.add_argument("--backend", default="inductor", help="torch.compile backend")
@@ -51,9 +55,18 @@ def _bench(args: argparse.Namespace) -> int:
     from loopkit import bench
 
     models = [m for m in args.models.split(",") if m]
-    cases = bench.TINY if args.tiny else bench.CASES + (bench.SWEEP if args.sweep else [])
+    if args.tiny:
+        cases = bench.TINY
+    elif args.sweep_only:
+        cases = bench.SWEEP
+    else:
+        cases = bench.CASES + (bench.SWEEP if args.sweep else [])
     cases = [c for c in cases if c.model in models]
     variants = args.variants.split(",") if args.variants else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         result = bench.run(
             cases,
