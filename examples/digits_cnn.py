@@ -7,23 +7,18 @@ python examples/digits_cnn.py --fast     # eager, a few seconds
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 import loopkit as lk
 from loopkit import optim
 
-
-def digits(seed: int = 0):
-    """8x8 images as [N, 1, 8, 8] floats in [0, 1]: (train, validation)."""
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0, torch.tensor(y)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, train = order[: len(x) // 5], order[len(x) // 5 :]
-    return (x[train], y[train]), (x[val], y[val])
+sys.path.insert(0, str(Path(__file__).parent))
+from digits_mlp import digits  # noqa: E402  (the same split of scikit-learn's digits)
 
 
 def make_model() -> nn.Module:
@@ -44,6 +39,7 @@ def loss_fn(net, batch):
 def main(epochs: int = 10, compile: bool = True) -> dict:
     torch.manual_seed(0)
     (x_train, y_train), (x_val, y_val) = digits()
+    x_train, x_val = x_train.view(-1, 1, 8, 8), x_val.view(-1, 1, 8, 8)  # [N, 1, 8, 8] images
     model = make_model()
     opt = optim.adamw(lr=optim.schedules.warmup_cosine(3e-3, 20, epochs * 22), weight_decay=1e-4)
     state = lk.TrainState.create(model, opt, seed=0)

@@ -12,22 +12,18 @@ sampling of the batches, which this example does not do.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 import loopkit as lk
 from loopkit import optim
 
-
-def digits(seed: int = 0):
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, train = order[: len(x) // 5], order[len(x) // 5 :]
-    return (x[train], y[train]), (x[val], y[val])
+sys.path.insert(0, str(Path(__file__).parent))
+from digits_mlp import digits  # noqa: E402  (the same split of scikit-learn's digits)
 
 
 def make_model() -> nn.Module:
