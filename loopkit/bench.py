@@ -320,7 +320,8 @@ def step_flops(case: Case, device: torch.device) -> int:
 
 def peak_step_memory(runner: Runner, device: torch.device) -> int:
     """Bytes: the tensors the variant keeps between steps, plus the most one step holds
-    on top of them (CUDA: the allocator's peak; CPU: the profiler's allocation trace)."""
+    on top of them (CUDA: the allocator's peak; CPU: the profiler's allocation trace, each
+    op's own allocations and the frees between ops, in time order)."""
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -332,12 +333,11 @@ def peak_step_memory(runner: Runner, device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         runner.step()
-    events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
-    )
     current = peak = 0
-    for e in events:
-        current += e.cpu_memory_usage
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        # "[memory]" events are allocations and frees outside any op; an op's own are its
+        # self usage (its total would count its children's again)
+        current += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
         peak = max(peak, current)
     return peak + _state_bytes(runner)
 

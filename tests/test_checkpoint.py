@@ -213,6 +213,7 @@ def test_sigkill_while_saving_never_loses_the_latest_commit(tmp_path):
         committed = [
             int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")
         ]
+        assert proc.returncode == -signal.SIGKILL, "the worker ended on its own (crashed?)"
         assert committed, "the worker was killed before its first commit: sleep longer"
         listed = checkpoint.checkpoints(directory)
         with warnings.catch_warnings():

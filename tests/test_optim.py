@@ -12,7 +12,11 @@ import loopkit as lk
 from loopkit import optim
 from tests.helpers import KWARGS, TORCH_OPTIMIZERS
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-13)}
+# fp32: 1e-5 relative. The absolute floor is for elements that cancel to near zero from O(1)
+# terms: torch's `param.add_(grad, alpha=-lr)` rounds once (a fused multiply-add), loopkit's
+# `p + (-lr * g)` twice, so such an element may differ by one ulp of its O(1) terms (2.4e-7
+# at magnitude 2; hypothesis found one for SGD with nesterov, maximize and weight decay).
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-13)}
 
 
 @st.composite

@@ -21,8 +21,8 @@ from loopkit import optim
 
 
 class Announce(lk.hooks.Checkpoint):
-    def save(self, loop, metadata=None, value=None):
-        path = super().save(loop, metadata, value)
+    def save(self, loop, epoch=None):
+        path = super().save(loop, epoch)
         print(f"committed {loop.step}", flush=True)
         return path
 
