@@ -90,7 +90,9 @@ class Batches:
         """The current epoch's batches from batch ``start`` on (resuming mid-epoch)."""
         order, size = self.order(), self.batch_size * self.world_size
         for i in range(start, len(self)):
-            idx = order[i * size : (i + 1) * size].tensor_split(self.world_size)[self.rank]
+            idx = order[i * size : (i + 1) * size]
+            if self.world_size > 1:
+                idx = idx.tensor_split(self.world_size)[self.rank]
             batch = tuple(t[idx.to(t.device)] for t in self.tensors)
             yield batch[0] if len(batch) == 1 else batch
 
