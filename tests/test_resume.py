@@ -109,7 +109,7 @@ configs = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=25)
+@settings(max_examples=settings.default.max_examples // 2)  # 25, or 100 thorough
 @given(cfg=configs, crash=st.floats(0, 1), crashes=st.integers(1, 2))
 def test_an_interrupted_run_resumes_bitwise_identically(tmp_path_factory, cfg, crash, crashes):
     """Crash between two steps (mid-epoch, at an epoch end, right after a checkpoint: the
