@@ -151,7 +151,7 @@ class Loop:
         """Everything but the TrainState that a resumed run needs to carry on exactly."""
         hooks = {}
         for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
-            if (s := hook.state_dict()) is not None:
+            if (s := getattr(hook, "state_dict", lambda: None)()) is not None:
                 hooks[key] = _checkpointable(s, f"{key}.state_dict()")
         return {
             "epoch": self.epoch,
@@ -281,7 +281,9 @@ def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path
                 f"{resume!r}"
             )
         return Path(resume)
-    directories = {d for h in hooks if (d := h.checkpoint_directory()) is not None}
+    directories = {
+        d for h in hooks if (d := getattr(h, "checkpoint_directory", lambda: None)()) is not None
+    }
     if len(directories) != 1:
         found = "none" if not directories else ", ".join(map(str, sorted(directories)))
         raise ValueError(

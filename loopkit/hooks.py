@@ -273,6 +273,49 @@ class ProgressBar(Hook):
         tqdm.write("  ".join(parts), file=self.file or sys.stdout)
 
 
+class Every(Hook):
+    """``hook`` with its step and epoch events thinned out: ``on_step_end`` every ``steps``
+    steps (skipping undone steps), ``on_epoch_end`` every ``epochs`` epochs and in the final
+    one. ``None`` passes that event every time; the other events, and the hook's state,
+    pass through unchanged. ``Every(MyLogger(), steps=100)``."""
+
+    def __init__(self, hook: Any, *, steps: int | None = None, epochs: int | None = None):
+        self.hook = hook
+        self.steps, self.epochs = _every(steps, "steps"), _every(epochs, "epochs")
+
+    def _pass(self, event: str, loop: Loop) -> None:
+        getattr(self.hook, event, lambda loop: None)(loop)
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self._pass("on_fit_start", loop)
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        self._pass("on_epoch_start", loop)
+
+    def on_step_end(self, loop: Loop) -> None:
+        if self.steps is None or _due_step(loop, self.steps):
+            self._pass("on_step_end", loop)
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if self.epochs is None or _due_epoch(loop, self.epochs):
+            self._pass("on_epoch_end", loop)
+
+    def on_validation_end(self, loop: Loop) -> None:
+        self._pass("on_validation_end", loop)
+
+    def on_fit_end(self, loop: Loop) -> None:
+        self._pass("on_fit_end", loop)
+
+    def state_dict(self) -> Any:
+        return getattr(self.hook, "state_dict", lambda: None)()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.hook.load_state_dict(state)
+
+    def checkpoint_directory(self) -> Path | None:
+        return getattr(self.hook, "checkpoint_directory", lambda: None)()
+
+
 class LearningRateMonitor(Hook):
     """Put the learning rate of the last step in ``loop.logs`` at each epoch end: ``"lr"``,
     or ``"lr/0"``, ``"lr/1"``, ... with several parameter groups (list loggers after it)."""

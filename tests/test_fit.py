@@ -569,3 +569,23 @@ def test_loggers_every_and_append(tmp_path):
         resume="latest",
     )  # no checkpoint yet: a fresh run that appends
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_every_thins_a_hooks_step_and_epoch_events():
+    seen = []
+
+    class Plain:  # any object with event methods is a hook; no base class needed
+        def on_step_end(self, loop):
+            seen.append(("step", loop.step))
+
+        def on_epoch_end(self, loop):
+            seen.append(("epoch", loop.epoch))
+
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+           lk.data.Batches(x, y, batch_size=8), epochs=3,
+           hooks=[lk.hooks.Every(Plain(), steps=4, epochs=2)])  # fmt: skip
+    assert seen == [("step", 4), ("step", 8), ("epoch", 1), ("step", 12), ("epoch", 2)]
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        lk.hooks.Every(Plain(), steps=0)
