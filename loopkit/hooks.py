@@ -168,11 +168,15 @@ class Checkpoint(Hook):
     # the best value they read are final wherever this hook sits in the list.
     def on_step_end(self, loop: Loop) -> None:
         if self.every_steps is not None:
-            loop.after_event(lambda: _due_step(loop, self.every_steps) and self.save(loop))
+            loop.after_event(lambda: self._save_step(loop))
 
     def on_epoch_end(self, loop: Loop) -> None:
         epoch = loop.epoch
         loop.after_event(lambda: self._save_epoch(loop, epoch))
+
+    def _save_step(self, loop: Loop) -> None:
+        if _due_step(loop, self.every_steps):
+            self.save(loop)
 
     def _save_epoch(self, loop: Loop, epoch: int) -> None:
         final = (loop.epochs is not None and epoch + 1 >= loop.epochs) or loop.steps_done
