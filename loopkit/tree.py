@@ -3,6 +3,11 @@
 loopkit's state, params, grads and optimizer states are pytrees of tensors (dicts, tuples,
 NamedTuples, registered dataclasses). These helpers are the few operations the library needs
 on them; everything else is torch's own pytree machinery.
+
+The commonest tree by far is a plain ``dict`` of tensors (params, grads, each optimizer
+moment): :func:`tree_map` and :func:`check_same_keys` handle it with a dict comprehension,
+which gives the same result as torch's generic code at a fraction of the Python cost (an
+eager step calls them dozens of times, and Dynamo traces every line of them).
 """
 
 from __future__ import annotations
@@ -14,11 +19,22 @@ import torch.utils._pytree as pytree
 
 PyTree = Any
 
-tree_map = pytree.tree_map
 tree_leaves = pytree.tree_leaves
 tree_flatten = pytree.tree_flatten
 tree_unflatten = pytree.tree_unflatten
 tree_structure = pytree.tree_structure
+
+
+def _tensor_dict(tree: PyTree) -> bool:
+    return type(tree) is dict and all(isinstance(v, torch.Tensor) for v in tree.values())
+
+
+def tree_map(fn: Any, tree: PyTree, *rests: PyTree) -> PyTree:
+    """``fn`` applied leaf by leaf, as ``torch.utils._pytree.tree_map``: ``fn(leaf, *(the
+    matching subtree of each of rests))``; dicts are matched by key."""
+    if _tensor_dict(tree) and all(type(r) is dict and r.keys() == tree.keys() for r in rests):
+        return {k: fn(v, *(r[k] for r in rests)) for k, v in tree.items()}
+    return pytree.tree_map(fn, tree, *rests)
 
 
 def flatten_with_names(tree: PyTree) -> tuple[dict[str, Any], pytree.TreeSpec]:
