@@ -81,7 +81,14 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
 @contextlib.contextmanager
 def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterator[None]:
     """``model.train(mode)`` for the body (so an override of ``train()``, e.g. one that keeps
-    BatchNorm frozen, is honoured), then every module's flag as it was before."""
+    BatchNorm frozen, is honoured), then every module's flag as it was before.
+
+    Where no module overrides ``train()`` and every flag already equals ``mode`` (the usual
+    case for a train step), that call would change nothing and is skipped: it costs more
+    than a small compiled step's kernels."""
+    if all(m.training == mode and type(m).train is _MODULE_TRAIN for m in modules):
+        yield
+        return
     saved = [m.training for m in modules]
     try:
         model.train(mode)
@@ -90,6 +97,8 @@ def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterato
         for m, flag in zip(modules, saved, strict=True):
             m.training = flag
 
+
+_MODULE_TRAIN = nn.Module.train
 
 # Errors that reach the caller unchanged: loopkit's own (already clear), and running out of
 # memory, which callers catch by type to retry with smaller batches.
