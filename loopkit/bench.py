@@ -320,8 +320,8 @@ def step_flops(case: Case, device: torch.device) -> int:
 
 def peak_step_memory(runner: Runner, device: torch.device) -> int:
     """Bytes: the tensors the variant keeps between steps, plus the most one step holds
-    on top of them (CUDA: the allocator's peak; CPU: the profiler's allocation trace, each
-    op's own allocations and the frees between ops, in time order)."""
+    on top of them (CUDA: the allocator's peak; CPU: the profiler's trace of every
+    allocation and free, in time order)."""
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -329,17 +329,45 @@ def peak_step_memory(runner: Runner, device: torch.device) -> int:
         runner.step()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base + _state_bytes(runner)
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        runner.step()
+        runner.step()  # so that what the measured step frees was allocated under the profiler
+        with record_function(_MEASURED):
+            runner.step()
+    return _allocation_peak(prof) + _state_bytes(runner)
+
+
+_MEASURED = "loopkit.bench.measured_step"
+
+
+def _allocation_peak(prof: Any) -> int:
+    """The most bytes the step marked ``_MEASURED`` held on top of what it started with:
+    the allocations and frees (negative sizes) the profiler recorded during it, summed in
+    time order.
+
+    The raw allocation events are read, not the per-op memory figures: those are net (an
+    op's allocations minus its frees), so a compiled graph -- one op to the profiler --
+    that allocates and frees its buffers inside would show only its outputs. A step before
+    the measured one is profiled too: a free of a block allocated before profiling began
+    has no known size."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    start = end = None
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        elif node.name == _MEASURED:
+            start, end = node.start_time_ns, node.end_time_ns
+        stack.extend(node.children)
     current = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        # "[memory]" events are allocations and frees outside any op; an op's own are its
-        # self usage (its total would count its children's again)
-        current += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak + _state_bytes(runner)
+    for time_ns, size in sorted(events):
+        if start <= time_ns <= end:
+            current += size
+            peak = max(peak, current)
+    return peak
 
 
 def _state_bytes(runner: Runner) -> int:
