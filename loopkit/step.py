@@ -303,8 +303,9 @@ def _grad_and_value(objective: Callable, params: dict, buffers: dict) -> tuple[d
     Outside any torch.func transform and outside compilation, the same gradients come from
     one ``torch.autograd.grad`` over detached copies of the params (torch.func's grad runs
     that too, with ``create_graph=True`` and every op wrapped, to compose with other
-    transforms): about a third of an eager MLP step's time saved. The outputs are the same
-    tensors torch.func returns -- detached, zeros for params the loss does not use."""
+    transforms): forward and backward of the benchmark MLP take 2.0 instead of 3.2 ms. The
+    outputs are the same tensors torch.func returns -- detached, zeros for params the loss
+    does not use."""
     if not _plain_autograd_applies(params):
         return grad_and_value(objective, has_aux=True)(params, buffers)
     with torch.enable_grad():

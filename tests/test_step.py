@@ -337,3 +337,88 @@ def test_sparse_parameters_are_rejected():
     model.weight = nn.Parameter(torch.eye(2).to_sparse())
     with pytest.raises(TypeError, match="'weight' is torch.sparse_coo.*to_dense"):
         lk.TrainState.create(model, optim.sgd())
+
+
+def test_train_overrides_are_honoured_when_every_flag_is_already_set():
+    """A fresh model has every flag True already; its train() override must still run (the
+    step skips model.train() only for modules without an override)."""
+    torch.manual_seed(0)
+    model = FrozenBatchNorm(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    assert all(m.training for m in model.modules())
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    state, _ = step(
+        lk.TrainState.create(model, opt), (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    )
+    assert int(state.buffers["1.num_batches_tracked"]) == 0  # BatchNorm stayed in eval mode
+    assert all(m.training for m in model.modules())  # restored
+
+
+class PartlyUsed(nn.Module):
+    """A BatchNorm, a param the loss never reaches, and a buffer reassigned from params."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.unused = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(2, 2)
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        h = self.bn(self.fc(x))
+        self.last = h.mean(0)  # depends on the params: must come back detached
+        return h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_autograd_path_equals_grad_and_value(monkeypatch, dtype):
+    """Outside torch.func transforms the eager step takes its gradient from one
+    torch.autograd.grad; it must give exactly what grad_and_value gives."""
+    from loopkit import step as step_module
+
+    def run():
+        torch.manual_seed(0)
+        model = PartlyUsed().to(dtype)
+        opt = optim.adamw(lr=1e-2, weight_decay=0.1)
+        step = lk.train_step(model, lambda net, b: (net(b).pow(2).mean(), {"n": 3}), opt)
+        state = lk.TrainState.create(model, opt)
+        for i in range(3):
+            state, metrics = step(
+                state, torch.randn(5, 3, dtype=dtype, generator=torch.Generator().manual_seed(i))
+            )
+        return state, metrics
+
+    fast, fast_metrics = run()
+    monkeypatch.setattr(step_module, "_plain_autograd_applies", lambda params: False)
+    ref, ref_metrics = run()
+    for (path, got), want in zip(
+        lk.tree.flatten_with_names(fast)[0].items(), lk.tree.tree_leaves(ref), strict=True
+    ):
+        assert torch.equal(got, want), path
+        assert not got.requires_grad and got.grad_fn is None, path
+    assert fast_metrics.keys() == ref_metrics.keys()
+    for k in ref_metrics:
+        assert torch.equal(fast_metrics[k], ref_metrics[k]) and not fast_metrics[k].requires_grad
+    # The unused param got a zero gradient: AdamW only decayed it.
+    assert torch.equal(fast.opt_state[0].exp_avg["unused.weight"], torch.zeros(2, 2, dtype=dtype))
+
+
+def test_eager_step_under_torch_func_transforms_and_outer_autograd():
+    """Under vmap and with params that require grad (an outer autograd graph), the step uses
+    grad_and_value: it vmaps, and gradients flow to the outer graph."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = optim.sgd(lr=0.5)
+    step = lk.train_step(model, lambda net, b: net(b).pow(2).mean(), opt)
+    state = lk.TrainState.create(model, opt)
+    x = torch.randn(4, 3)
+
+    w = state.params["weight"].clone().requires_grad_()
+    outer, _ = step(state.replace(params={**state.params, "weight": w}), x)
+    outer.params["weight"].sum().backward()  # d(w - lr * grad(w)) / dw exists
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+    members = [state, state.replace(params={k: v * 2 for k, v in state.params.items()})]
+    ensemble, _ = lk.ensemble_step(step)(lk.ensemble.stack(members), x)
+    for member, got in zip(members, lk.ensemble.unstack(ensemble), strict=True):
+        want, _ = step(member, x)
+        for k in want.params:
+            torch.testing.assert_close(got.params[k], want.params[k], rtol=1e-6, atol=1e-7)
