@@ -78,6 +78,9 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
     return loss, metrics
 
 
+_MODULE_TRAIN = nn.Module.train
+
+
 @contextlib.contextmanager
 def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterator[None]:
     """``model.train(mode)`` for the body (so an override of ``train()``, e.g. one that keeps
@@ -97,8 +100,6 @@ def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterato
         for m, flag in zip(modules, saved, strict=True):
             m.training = flag
 
-
-_MODULE_TRAIN = nn.Module.train
 
 # Errors that reach the caller unchanged: loopkit's own (already clear), and running out of
 # memory, which callers catch by type to retry with smaller batches.
