@@ -362,8 +362,11 @@ def _allocation_peak(prof: Any) -> int:
         elif node.name == _MEASURED:
             start, end = node.start_time_ns, node.end_time_ns
         stack.extend(node.children)
+    if start is None:
+        raise RuntimeError(f"no {_MEASURED!r} event in the profile: profile the step inside it")
     current = peak = 0
-    for time_ns, size in sorted(events):
+    # At equal timestamps, allocations before frees: the peak errs high, not low.
+    for time_ns, size in sorted(events, key=lambda e: (e[0], -e[1])):
         if start <= time_ns <= end:
             current += size
             peak = max(peak, current)

@@ -29,12 +29,16 @@ def _tensor_dict(tree: PyTree) -> bool:
     return type(tree) is dict and all(isinstance(v, torch.Tensor) for v in tree.values())
 
 
-def tree_map(fn: Any, tree: PyTree, *rests: PyTree) -> PyTree:
+def tree_map(fn: Any, tree: PyTree, *rests: PyTree, is_leaf: Any = None) -> PyTree:
     """``fn`` applied leaf by leaf, as ``torch.utils._pytree.tree_map``: ``fn(leaf, *(the
     matching subtree of each of rests))``; dicts are matched by key."""
-    if _tensor_dict(tree) and all(type(r) is dict and r.keys() == tree.keys() for r in rests):
+    if (
+        is_leaf is None
+        and _tensor_dict(tree)
+        and all(type(r) is dict and r.keys() == tree.keys() for r in rests)
+    ):
         return {k: fn(v, *(r[k] for r in rests)) for k, v in tree.items()}
-    return pytree.tree_map(fn, tree, *rests)
+    return pytree.tree_map(fn, tree, *rests, is_leaf=is_leaf)
 
 
 def flatten_with_names(tree: PyTree) -> tuple[dict[str, Any], pytree.TreeSpec]:
@@ -49,6 +53,8 @@ def check_same_keys(tree: PyTree, like: PyTree, what: str, like_what: str) -> No
     Used where a user hands us two pytrees that must line up (grads and params, updates and
     params); it runs in Python at trace time, so it costs nothing inside a compiled step.
     """
+    if _tensor_dict(tree) and _tensor_dict(like) and tree.keys() == like.keys():
+        return
     if pytree.tree_structure(tree) == pytree.tree_structure(like):
         return
     got, _ = flatten_with_names(tree)

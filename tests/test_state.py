@@ -65,3 +65,18 @@ def test_rng_matches_manual_seed():
         torch.manual_seed(7)
         torch.rand(5)
         assert torch.equal(after, torch.rand(5))
+
+
+def test_tree_map_takes_is_leaf_and_matches_torch_pytree():
+    import torch.utils._pytree as pytree
+
+    tree = {"a": torch.ones(2), "b": torch.zeros(3)}
+    rest = {"b": torch.ones(3), "a": torch.ones(2)}  # another key order: matched by key
+    got = lk.tree.tree_map(torch.add, tree, rest)
+    want = pytree.tree_map(torch.add, tree, rest)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    nested = {"a": (1, 2), "b": [3]}
+    assert lk.tree.tree_map(len, nested, is_leaf=lambda x: isinstance(x, (tuple, list))) == {
+        "a": 2,
+        "b": 1,
+    }

@@ -422,3 +422,56 @@ def test_eager_step_under_torch_func_transforms_and_outer_autograd():
         want, _ = step(member, x)
         for k in want.params:
             torch.testing.assert_close(got.params[k], want.params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_eager_step_keeps_the_graph_to_a_batch_that_requires_grad(monkeypatch):
+    """Differentiating through a step to its batch (dataset distillation) works in plain
+    eager mode as with grad_and_value: same new params, same gradient to the batch."""
+    from loopkit import step as step_module
+
+    def run():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        opt = optim.sgd(lr=0.5)
+        step = lk.train_step(model, lambda net, b: (net(b[0]) - b[1]).pow(2).mean(), opt)
+        x = torch.randn(6, 3, requires_grad=True)
+        state, _ = step(lk.TrainState.create(model, opt), (x, torch.randn(6, 1)))
+        state.params["0.weight"].sum().backward()
+        return state.params["0.weight"].detach(), x.grad
+
+    fast_w, fast_dx = run()
+    monkeypatch.setattr(step_module, "_plain_autograd_applies", lambda params: False)
+    ref_w, ref_dx = run()
+    torch.testing.assert_close(fast_w, ref_w, rtol=0, atol=0)
+    assert fast_dx is not None and ref_dx is not None
+    torch.testing.assert_close(fast_dx, ref_dx, rtol=1e-6, atol=1e-7)
+
+
+def test_eager_step_trains_under_inference_and_no_grad_modes():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = optim.sgd(lr=0.5)
+    step = lk.train_step(model, lambda net, b: net(b).pow(2).mean(), opt)
+    state, x = lk.TrainState.create(model, opt), torch.randn(4, 3)
+    want, _ = step(state, x)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got, _ = step(state, x)
+        torch.testing.assert_close(got.params["weight"], want.params["weight"], rtol=0, atol=0)
+        assert not torch.equal(got.params["weight"], state.params["weight"])
+
+
+def test_a_mode_switch_inside_loss_fn_does_not_leak_out_of_the_step():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+
+    def loss_fn(net, x):
+        net.module.eval()  # e.g. a teacher pass, left in eval mode
+        with torch.no_grad():
+            target = net(x)
+        net.module.train()
+        net.module[1].eval()
+        return F.mse_loss(net(x), target)
+
+    opt = optim.sgd(lr=0.1)
+    lk.train_step(model, loss_fn, opt)(lk.TrainState.create(model, opt), torch.randn(8, 3))
+    assert all(m.training for m in model.modules())
