@@ -303,19 +303,23 @@ def _batch_dims(batch: Any, k: int, shared: bool) -> Any:
     return tree_unflatten([0 if isinstance(x, torch.Tensor) else None for x in leaves], spec)
 
 
-class EnsembleTrainStep(_Step):
-    """``step(state, batch) -> (state, metrics)`` over an ensemble state: every member takes
-    one step of the wrapped train step; metrics have a leading ``[K]``."""
-
-    kind = "ensemble train step"
+class _EnsembleStep(_Step):
+    """A step over an ensemble state; ``shared_batch`` as in :func:`ensemble_step`."""
 
     def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None, *,
                  shared_batch: bool = True):  # fmt: skip
         super().__init__(model, pure, compiled)
         self.shared_batch = shared_batch
 
-    def compiled_with(self, fn: Callable) -> EnsembleTrainStep:
-        return EnsembleTrainStep(self.model, self.pure, fn, shared_batch=self.shared_batch)
+    def compiled_with(self, fn: Callable) -> _EnsembleStep:
+        return type(self)(self.model, self.pure, fn, shared_batch=self.shared_batch)
+
+
+class EnsembleTrainStep(_EnsembleStep):
+    """``step(state, batch) -> (state, metrics)`` over an ensemble state: every member takes
+    one step of the wrapped train step; metrics have a leading ``[K]``."""
+
+    kind = "ensemble train step"
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         k = size(state)
@@ -363,18 +367,10 @@ def _per_member_rng(rng: dict[str, torch.Tensor], k: int) -> Iterator[tuple[Call
         advanced[key] = torch.stack([g[key].get_state() for g in gens]).to(value.device)
 
 
-class EnsembleEvalStep(_Step):
+class EnsembleEvalStep(_EnsembleStep):
     """``evaluate(state, batch) -> metrics`` over an ensemble state, per member ``[K]``."""
 
     kind = "ensemble eval step"
-
-    def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None, *,
-                 shared_batch: bool = True):  # fmt: skip
-        super().__init__(model, pure, compiled)
-        self.shared_batch = shared_batch
-
-    def compiled_with(self, fn: Callable) -> EnsembleEvalStep:
-        return EnsembleEvalStep(self.model, self.pure, fn, shared_batch=self.shared_batch)
 
     def __call__(self, state: TrainState, batch: Any) -> dict:
         bdims = _batch_dims(batch, size(state), self.shared_batch)

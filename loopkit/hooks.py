@@ -513,11 +513,20 @@ class _FileLogger(Hook):
     starts a new file (``append=True`` keeps what is there, as Keras' CSVLogger). When
     ``fit`` resumes, the records of the epochs the resumed run will redo are dropped, so
     the file ends up as an uninterrupted run's. ``every=N`` writes every N epochs (and the
-    final one)."""
+    final one). ``filename`` defaults to the subclass's ``default_filename``."""
 
-    def __init__(self, directory: str | os.PathLike, filename: str, append: bool, every: int):
-        self.path, self.append = Path(directory) / filename, append
-        self.every = _every(every, "every")
+    default_filename: str
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        filename: str | None = None,
+        *,
+        append: bool = False,
+        every: int = 1,
+    ):
+        self.path = Path(directory) / (filename or self.default_filename)
+        self.append, self.every = append, _every(every, "every")
 
     def on_fit_start(self, loop: Loop) -> None:
         if not distributed.is_main():
@@ -556,15 +565,7 @@ class _FileLogger(Hook):
 class JSONLLogger(_FileLogger):
     """``directory/metrics.jsonl``: one JSON object per epoch."""
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        filename: str = "metrics.jsonl",
-        *,
-        append: bool = False,
-        every: int = 1,
-    ):
-        super().__init__(directory, filename, append, every)
+    default_filename = "metrics.jsonl"
 
     def read(self) -> list[dict]:
         lines = self.path.read_text().splitlines()
@@ -583,15 +584,7 @@ class CSVLogger(_FileLogger):
     """``directory/metrics.csv``: one row per epoch. When a later epoch logs a new column
     (validation every few epochs), the file is rewritten with the wider header."""
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        filename: str = "metrics.csv",
-        *,
-        append: bool = False,
-        every: int = 1,
-    ):
-        super().__init__(directory, filename, append, every)
+    default_filename = "metrics.csv"
 
     def read(self) -> list[dict]:
         with open(self.path, newline="") as f:
