@@ -55,12 +55,13 @@ def assert_member_equals(member, state, tol):
 def test_member_equals_a_separate_run(spec, opt_name_kwargs, lr_factors, shared_batch, seed, dtype):
     """Each member has its own initialisation (seed), its own lr (an lr sweep), its own
     Dropout masks (from its own rng) and, without shared_batch, its own data."""
-    # BatchNorm over a few units (hypothesis found 2, 3 and 4) turns the 1-ulp difference
-    # between batched (vmap: bmm) and unbatched (mm) matmul rounding into 1e-5..1e-4
-    # relative after a few sign-like Adam/RMSprop steps: on such a model the plain step
-    # differs from torch's own loop by as much (1.3e-6 abs on one example). float64 still
-    # covers those models (to 1e-10).
-    assume(dtype == torch.float64 or not spec.batchnorm or min(spec.widths, default=8) >= 8)
+    # BatchNorm's backward gives gradients that are sums cancelling to near zero, so the
+    # 1-ulp differences between batched (vmap) and unbatched kernels become 1e-5..1e-4
+    # relative in such an element after a few sign-like Adam/RMSprop steps. Hypothesis found
+    # it first over 2-4 units, later over 16-19 (Adam betas=(0, 0.5): member vs plain step
+    # 3.2e-6 abs in fp32, 5e-16 in float64, plain step vs torch's loop 1.2e-7). So fp32
+    # runs models without BatchNorm, and float64 covers BatchNorm models (to 1e-10).
+    assume(dtype == torch.float64 or not spec.batchnorm)
     name, kwargs = opt_name_kwargs
     k = len(lr_factors)
     seeds = [seed + i for i in range(k)]
@@ -190,15 +191,23 @@ def test_fit_and_checkpoint_work_on_an_ensemble_state(tmp_path):
     ),
     seed=st.integers(0, 2**16),
 )
-def test_compiled_member_equals_a_separate_run(opt_name_kwargs, seed):
-    """With BatchNorm, per-member lrs and one compilation for all steps."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_member_equals_a_separate_run(dtype, opt_name_kwargs, seed):
+    """Per-member lrs and one compilation for all steps; BatchNorm in float64 only.
+
+    In fp32, BatchNorm's cancelling gradient sums make some configurations ill-conditioned
+    (hypothesis found centered RMSprop with momentum 0.9 and maximize). There, even the
+    plain step and torch's own loop differ by 2e-5 relative, and the compiled member by
+    1.1e-4. In float64 all three agree to 1e-13.
+    """
     name, kwargs = opt_name_kwargs
-    spec = MLPSpec(5, (12,), 3, "tanh", batchnorm=True, dropout=0.0)
+    spec = MLPSpec(5, (12,), 3, "tanh", batchnorm=dtype == torch.float64, dropout=0.0)
     seeds = [seed, seed + 1, seed + 2]
     factors = [1.0, 0.5, 2.0]
-    models = [build_mlp(spec, s) for s in seeds]
+    models = [build_mlp(spec, s, dtype) for s in seeds]
     opts = [getattr(optim, name)(**{**kwargs, "lr": kwargs["lr"] * f}) for f in factors]
-    batches = make_batches(spec, [8] * 4, seed)
+    batches = make_batches(spec, [8] * 4, seed, dtype)
+    tol = FP64 if dtype == torch.float64 else COMPILED
     state = ensemble.stack(
         [lk.TrainState.create(m, o, seed=s) for m, o, s in zip(models, opts, seeds, strict=True)]
     )
@@ -213,8 +222,8 @@ def test_compiled_member_equals_a_separate_run(opt_name_kwargs, seed):
     assert counter.frame_count == 1, "the ensemble step recompiled"
     for i, member in enumerate(ensemble.unstack(state)):
         ref, ref_losses = separate_run(models[i], opts[i], seeds[i], batches)
-        torch.testing.assert_close(torch.stack(losses)[:, i], ref_losses, **COMPILED)
-        assert_member_equals(member, ref, COMPILED)
+        torch.testing.assert_close(torch.stack(losses)[:, i], ref_losses, **tol)
+        assert_member_equals(member, ref, tol)
 
 
 @pytest.mark.compile
