@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from loopkit import scalars
 from loopkit.errors import CompileError, LossError, StepError
 from loopkit.optim.base import Transform, apply_updates
 from loopkit.optim.transforms import clip_by_global_norm_with_norm
@@ -469,6 +470,9 @@ def compile_step(
 
         options = {**list_mode_options(mode, dynamic), **options}
         mode = None
+    lifts = isinstance(step, (TrainStep, EvalStep))  # the steps whose float64 scalars
+    if lifts:  # are lifted (an ensemble's are stacked, not 0-dim): see loopkit.scalars
+        pure = scalars.lowering(pure)
     if guards == "inputs":
         options.setdefault("guard_filter_fn", _input_guards(pure))
     fn = torch.compile(
@@ -479,7 +483,7 @@ def compile_step(
         backend=backend,
         options=options or None,
     )
-    out = step.compiled_with(fn)
+    out = step.compiled_with(scalars.lifting(fn) if lifts else fn)
     out.donate, out.cudagraphs = donate, cudagraphs
     return out
 

@@ -1,5 +1,7 @@
 """The compiled step: same numbers as the eager step, one compilation, clear errors."""
 
+from typing import Any, NamedTuple
+
 import pytest
 import torch
 from hypothesis import Phase, given, settings
@@ -296,3 +298,117 @@ def test_compiled_bias_corrections_are_computed_once_per_step_not_per_element(na
         body = kernel.split("4096L", 1)[1]
         for fn in ("std::pow", "std::exp", "std::log"):
             assert fn not in body, f"{fn} of the step count recomputed per element:\n{kernel}"
+
+
+class _Scaled(nn.Module):
+    """A model with a 0-dim parameter: in float64 on CPU, it and its optimizer moments are
+    float64 scalars like the lr."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.body(x) / self.temperature
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_float64_scalars_in_the_state_compile_in_one_pass_and_take_new_values(donate):
+    """Regression: Dynamo turns each float64 0-dim CPU input (the lr, injected
+    hyperparameters, a 0-dim float64 param and its moments) into a symbolic float and then
+    restarts the whole analysis to specialize it away: seconds of every cold compile.
+    The compiled step must trace once, never recompile when those values change, and equal
+    the eager step (donated: in the caller's own tensors)."""
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
+
+    torch.manual_seed(0)
+    model = _Scaled().double()
+    opt = optim.inject_hyperparams(optim.adamw)(lr=1e-2, weight_decay=0.1)
+    counter = CompileCounterWithBackend("aot_eager")
+    eager = lk.train_step(model, loss_fn, opt)
+    compiled = lk.train_step(model, loss_fn, opt, compile=True, backend=counter, donate=donate)
+    a = lk.TrainState.create(model, opt, seed=0)
+    b = lk.TrainState.create(model, opt, seed=0)
+    g = torch.Generator().manual_seed(1)
+    clear_compilation_metrics()
+    for lr in [1e-2, 3e-3, 5e-2]:
+        a = a.replace(opt_state=optim.set_learning_rate(a.opt_state, lr))
+        b = b.replace(opt_state=optim.set_learning_rate(b.opt_state, lr))
+        batch = (torch.randn(10, 6, generator=g, dtype=torch.float64),
+                 torch.randint(0, 3, (10,), generator=g))  # fmt: skip
+        given = b
+        a, ma = eager(a, batch)
+        b, mb = compiled(b, batch)
+        torch.testing.assert_close(mb["loss"], ma["loss"], rtol=1e-12, atol=1e-12)
+        if donate:
+            for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(given), strict=True):
+                assert x is y or x.dtype == torch.uint8  # the rng states are new tensors
+    for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    assert float(lk.optim.learning_rates(b.opt_state)[0]) == 5e-2
+    restarts = [m.restart_reasons for m in get_compilation_metrics() if m.restart_reasons]
+    assert not restarts, f"Dynamo restarted its analysis: {restarts}"
+    assert counter.frame_count == 1, "the step recompiled"
+
+
+class _Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+_leaves = st.sampled_from(
+    [
+        lambda: torch.tensor(0.25, dtype=torch.float64),  # lifted
+        lambda: torch.tensor(3),
+        lambda: torch.tensor(0.5),
+        lambda: torch.ones(2, dtype=torch.float64),
+        lambda: torch.ones(1, dtype=torch.float64),
+        lambda: 1.5,
+        lambda: None,
+    ]
+).map(lambda make: make())
+_trees = st.recursive(
+    _leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+        st.dictionaries(st.sampled_from("abc"), children, max_size=3),
+        st.tuples(children, children).map(lambda t: _Pair(*t)),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=_trees, second=_trees)
+def test_lifted_arguments_lower_back_to_the_same_tensors(first, second):
+    """A lifter wraps exactly the float64 0-dim CPU tensors of the arguments it first
+    sees, and only such tensors ever; lowering gives back the same structure and values in
+    the same storage, also for a call whose arguments have another structure than the
+    remembered one (its paths stale: it searches again)."""
+    from loopkit import scalars
+
+    shared = scalars.Lifter()
+    for args in [(first,), (second,), (first,)]:
+        for lifter in (scalars.Lifter(), shared):
+            lifted = lifter(args)
+            want, spec = lk.tree.tree_flatten(args)
+            marks = [
+                isinstance(x, scalars.Lifted)
+                for x in lk.tree.tree_leaves(
+                    lifted, is_leaf=lambda x: isinstance(x, scalars.Lifted)
+                )
+            ]
+            scalar = [scalars.is_float64_scalar(x) for x in want]
+            assert not any(m and not s for m, s in zip(marks, scalar, strict=True))
+            if lifter is not shared:
+                assert marks == scalar
+            got, got_spec = lk.tree.tree_flatten(scalars.lower(lifted))
+            assert got_spec == spec
+            for g, w in zip(got, want, strict=True):
+                if isinstance(w, torch.Tensor):
+                    assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
+                    assert g.data_ptr() == w.data_ptr()
+                else:
+                    assert g == w
