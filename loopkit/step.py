@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from loopkit import scalars
+from loopkit.binding import ModuleBinding
 from loopkit.errors import CompileError, LossError, StepError
 from loopkit.optim.base import Transform, apply_updates
 from loopkit.optim.transforms import clip_by_global_norm_with_norm
@@ -31,22 +32,34 @@ LossFn = Callable[[Callable[..., Any], Any], "torch.Tensor | tuple[torch.Tensor,
 
 class Net:
     """A callable view of ``module`` bound to given params and buffers:
-    ``net(*args, **kwargs)`` is ``functional_call(module, params | buffers, args, kwargs)``.
+    ``net(*args, **kwargs)`` is ``functional_call(module, params | buffers, args, kwargs)``
+    (through ``binding``, a :class:`~loopkit.binding.ModuleBinding` of ``module``, where
+    given: the same call without its per-call lookups).
 
     Buffers the forward updates -- in place (BatchNorm) or by reassignment
     (``self.ema = ...``) -- are kept in ``net.buffers`` (a copy of the dict it was given),
     so a second call sees them, as a second call of the module would.
     """
 
-    __slots__ = ("module", "params", "buffers")
+    __slots__ = ("module", "params", "buffers", "binding")
 
-    def __init__(self, module: nn.Module, params: dict, buffers: dict):
+    def __init__(
+        self,
+        module: nn.Module,
+        params: dict,
+        buffers: dict,
+        binding: ModuleBinding | None = None,
+    ):
         self.module, self.params, self.buffers = module, params, dict(buffers)
+        self.binding = binding
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = {**self.params, **self.buffers}
-        out = functional_call(self.module, tensors, args, kwargs)
-        # functional_call writes the tensors the forward reassigned back into `tensors`.
+        if self.binding is None:
+            out = functional_call(self.module, tensors, args, kwargs)
+        else:
+            out = self.binding(tensors, args, kwargs)
+        # Both write the tensors the forward reassigned back into `tensors`.
         self.buffers = {k: tensors[k] for k in self.buffers}
         return out
 
@@ -270,6 +283,7 @@ def train_step(
             "dynamic_loss_scale(chain(clip_by_global_norm(max_norm), optimizer))"
         )
     buffer_names = {name for name, _ in model.named_buffers()}
+    binding = ModuleBinding(model)
 
     def train(params, buffers, opt_state, step, batch):
         # functional_call updates BatchNorm statistics in place: give it copies, and pass
@@ -284,7 +298,7 @@ def train_step(
             )
 
         def objective(p, b):
-            net = Net(model, p, b)
+            net = Net(model, p, b, binding)
             with _autocast(p, amp_dtype):
                 loss, metrics = _split_loss(loss_fn(net, batch))
             grad_of = loss * opt_state.scale if scaled else loss
@@ -391,10 +405,11 @@ def eval_step(
     ``{"loss": ..., **aux}`` as returned by ``loss_fn``. ``precision`` autocasts as in
     :func:`train_step`."""
     amp_dtype = autocast_dtype(precision)
+    binding = ModuleBinding(model)
 
     def evaluate(params, buffers, batch):
         with _autocast(params, amp_dtype):
-            loss, aux = _split_loss(loss_fn(Net(model, params, buffers), batch))
+            loss, aux = _split_loss(loss_fn(Net(model, params, buffers, binding), batch))
         return {"loss": loss.detach(), **aux}
 
     return _maybe_compile(EvalStep(model, evaluate), compile, compile_kwargs)

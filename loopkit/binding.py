@@ -1,0 +1,98 @@
+"""Calling a module with given params and buffers: ``functional_call``, resolved once.
+
+``torch.func.functional_call(module, tensors, args)`` finds, at every call, where each
+named tensor lives (walking the module tree, untying shared tensors, checking names), swaps
+the given tensors in, runs the forward and swaps the module's own back. That lookup costs
+~110 µs per call of a 3-layer MLP -- 5% of its eager training step -- and Dynamo traces it
+at every compile (0.6 s of the same step's trace). :class:`ModuleBinding` does the lookup
+once, when a step is built, and keeps it while the module's structure is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Slot = tuple[dict, str]  # a module's ``_parameters`` or ``_buffers`` dict, and a name in it
+
+
+class ModuleBinding:
+    """``binding(tensors, args, kwargs)`` is ``functional_call(module, tensors, args,
+    kwargs)`` (``tie_weights=True``, ``strict=False``): each given tensor replaces the
+    module's tensor of that name -- every name of a shared (tied) tensor -- for the call;
+    names not given keep the module's own; afterwards ``tensors`` holds what the forward
+    left in each slot (a buffer it reassigned) and the module is as it was.
+
+    Where each name lives is looked up when the binding is made. Before each call it checks
+    that the module tree and its tensors are still those it saw (identity checks, a few µs)
+    and looks them up again if not. A name that is no param or buffer of the module, or two
+    names of one tied tensor given different values, go to ``functional_call`` itself (its
+    semantics, its errors). Unlike torch 2.13's ``functional_call``, it also restores a
+    submodule that appears at several places in the tree (whose tensors that one leaves
+    swapped).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._resolve()
+
+    def _resolve(self) -> None:
+        root = self.module
+        self._edges = [(m, k, child) for m in root.modules() for k, child in m._modules.items()]
+        self._slots: dict[str, list[Slot]] = {}  # name -> every slot of its tensor
+        self._group: dict[str, int] = {}  # name -> index of its tensor (tied names share one)
+        self._originals: list[tuple[dict, str, torch.Tensor]] = []
+        by_tensor: dict[int, int] = {}
+        slots: list[list[Slot]] = []
+        for prefix, m in root.named_modules(remove_duplicate=False):
+            for store in (m._parameters, m._buffers):
+                for attr, t in store.items():
+                    if t is None:
+                        continue
+                    group = by_tensor.setdefault(id(t), len(slots))
+                    if group == len(slots):
+                        slots.append([])
+                    if not any(s is store and a == attr for s, a in slots[group]):
+                        slots[group].append((store, attr))
+                        self._originals.append((store, attr, t))
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    self._slots[name], self._group[name] = slots[group], group
+
+    def _intact(self) -> bool:
+        """Whether the module tree and its tensors are still the ones resolved."""
+        for parent, name, child in self._edges:
+            if parent._modules.get(name) is not child:
+                return False
+        for store, attr, t in self._originals:
+            if store.get(attr) is not t:
+                return False
+        return True
+
+    def __call__(self, tensors: dict[str, Any], args: tuple, kwargs: dict) -> Any:
+        if not self._intact():
+            if torch.compiler.is_compiling():  # resolving traces slowly: let torch do it
+                return functional_call(self.module, tensors, args, kwargs)
+            self._resolve()
+        plan, claimed = [], {}
+        for name, value in tensors.items():
+            group = self._group.get(name)
+            if group is None or claimed.get(group, value) is not value:
+                return functional_call(self.module, tensors, args, kwargs)
+            claimed[group] = value
+            plan.append((name, self._slots[name], value))
+        saved = []
+        try:
+            for _, slots, value in plan:
+                for store, attr in slots:
+                    saved.append((store, attr, store[attr]))
+                    store[attr] = value
+            return self.module(*args, **kwargs)
+        finally:
+            for name, slots, _ in plan:
+                store, attr = slots[0]
+                tensors[name] = store.get(attr)
+            for store, attr, old in reversed(saved):
+                store[attr] = old
