@@ -41,10 +41,29 @@ class ModuleBinding:
 
     def _resolve(self) -> None:
         root = self.module
-        self._edges = [(m, k, child) for m in root.modules() for k, child in m._modules.items()]
+        modules = list(root.modules())
+        # What _intact compares: every module's three dicts (the objects, and each entry
+        # by identity, None slots included), so a replaced, added or removed submodule,
+        # param or buffer is seen.
+        # TorchScript modules keep their tensors elsewhere; functional_call refuses them
+        # (and DataParallel) with a clear error: such a module always goes there.
+        self._plain = not isinstance(root, nn.DataParallel) and all(
+            not isinstance(m, torch.jit.ScriptModule) and type(store) is dict
+            for m in modules
+            for store in (m._modules, m._parameters, m._buffers)
+        )
+        self._holders = [(m, m._modules, m._parameters, m._buffers) for m in modules]
+        self._stores = [
+            (store, dict(store))
+            for m in modules
+            for store in (m._modules, m._parameters, m._buffers)
+            if self._plain
+        ]
         self._slots: dict[str, list[Slot]] = {}  # name -> every slot of its tensor
+        self._own: dict[str, Slot] = {}  # name -> the slot the name itself denotes
         self._group: dict[str, int] = {}  # name -> index of its tensor (tied names share one)
-        self._originals: list[tuple[dict, str, torch.Tensor]] = []
+        if not self._plain:
+            return
         by_tensor: dict[int, int] = {}
         slots: list[list[Slot]] = []
         for prefix, m in root.named_modules(remove_duplicate=False):
@@ -57,18 +76,23 @@ class ModuleBinding:
                         slots.append([])
                     if not any(s is store and a == attr for s, a in slots[group]):
                         slots[group].append((store, attr))
-                        self._originals.append((store, attr, t))
                     name = f"{prefix}.{attr}" if prefix else attr
                     self._slots[name], self._group[name] = slots[group], group
+                    self._own[name] = (store, attr)
 
     def _intact(self) -> bool:
         """Whether the module tree and its tensors are still the ones resolved."""
-        for parent, name, child in self._edges:
-            if parent._modules.get(name) is not child:
+        for m, modules, params, buffers in self._holders:
+            if m._modules is not modules or m._parameters is not params:
                 return False
-        for store, attr, t in self._originals:
-            if store.get(attr) is not t:
+            if m._buffers is not buffers:
                 return False
+        for store, seen in self._stores:
+            if len(store) != len(seen):
+                return False
+            for key, value in seen.items():
+                if store.get(key, _MISSING) is not value:
+                    return False
         return True
 
     def __call__(self, tensors: dict[str, Any], args: tuple, kwargs: dict) -> Any:
@@ -76,6 +100,8 @@ class ModuleBinding:
             if torch.compiler.is_compiling():  # resolving traces slowly: let torch do it
                 return functional_call(self.module, tensors, args, kwargs)
             self._resolve()
+        if not self._plain:
+            return functional_call(self.module, tensors, args, kwargs)
         plan, claimed = [], {}
         for name, value in tensors.items():
             group = self._group.get(name)
@@ -91,8 +117,11 @@ class ModuleBinding:
                     store[attr] = value
             return self.module(*args, **kwargs)
         finally:
-            for name, slots, _ in plan:
-                store, attr = slots[0]
+            for name, _, _ in plan:
+                store, attr = self._own[name]
                 tensors[name] = store.get(attr)
             for store, attr, old in reversed(saved):
                 store[attr] = old
+
+
+_MISSING = object()

@@ -8,18 +8,19 @@ whole analysis restarts (a known torch behaviour, pytorch/pytorch#140346): about
 
 So the compiled train and eval steps are called with each such tensor wrapped as
 :class:`Lifted` (a 1-element view), and view it back as the 0-dim tensor first thing inside
-the graph: the step's code and numbers are unchanged, and the in-place writes of
-``donate=True`` land in the caller's own tensor (the view shares its storage). On CUDA the
-lr lives on the GPU and nothing is lifted.
+the graph: the step's code and numbers are unchanged. A donated step returns the new values
+of these few scalars, copied into the caller's tensors after the call (see :func:`lower`).
+On CUDA the lr lives on the GPU and nothing is lifted.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+
+from loopkit.errors import StepError
 
 Path = tuple[Any, ...]  # dict keys and tuple/list indices from the root of the arguments
 
@@ -29,21 +30,42 @@ class Lifted(NamedTuple):
 
 
 def is_float64_scalar(x: Any) -> bool:
-    return type(x) is torch.Tensor and x.dim() == 0 and x.dtype == torch.float64 and x.is_cpu
+    return (
+        type(x) in (torch.Tensor, torch.nn.Parameter)
+        and x.dim() == 0
+        and x.dtype == torch.float64
+        and x.is_cpu
+    )
+
+
+def _children(tree: Any) -> Any:
+    """``(key, child)`` pairs of the containers lifting looks into -- dicts, lists, tuples
+    and NamedTuples exactly, not their other subclasses -- or None for anything else."""
+    kind = type(tree)
+    if kind is dict:
+        return tree.items()
+    if kind is list or kind is tuple or (isinstance(tree, tuple) and hasattr(kind, "_fields")):
+        return enumerate(tree)
+    return None
+
+
+def _rebuilt(tree: Any, items: list) -> Any:
+    """A container of ``tree``'s kind (see :func:`_children`) holding ``items``."""
+    kind = type(tree)
+    if kind is list:
+        return items
+    return kind(*items) if kind is not tuple else tuple(items)
 
 
 def scalar_paths(tree: Any, prefix: Path = ()) -> list[Path]:
-    """Where ``tree`` holds float64 0-dim CPU tensors, through dicts, lists and tuples
-    (NamedTuples included)."""
+    """Where ``tree`` holds float64 0-dim CPU tensors, through dicts, lists, tuples and
+    NamedTuples."""
     if is_float64_scalar(tree):
         return [prefix]
-    if type(tree) is dict:
-        items: Any = tree.items()
-    elif type(tree) is list or isinstance(tree, tuple):
-        items = enumerate(tree)
-    else:
+    children = _children(tree)
+    if children is None:
         return []
-    return [path for key, child in items for path in scalar_paths(child, (*prefix, key))]
+    return [path for key, child in children for path in scalar_paths(child, (*prefix, key))]
 
 
 class _Stale(Exception):
@@ -55,6 +77,8 @@ def _replaced(tree: Any, path: Path, leaf: Callable[[Any], Any]) -> Any:
     off the path are shared, not copied."""
     if not path:
         return leaf(tree)
+    if _children(tree) is None:
+        raise _Stale
     key, rest = path[0], path[1:]
     try:
         child = tree[key]
@@ -63,23 +87,30 @@ def _replaced(tree: Any, path: Path, leaf: Callable[[Any], Any]) -> Any:
     new = _replaced(child, rest, leaf)
     if type(tree) is dict:
         return {**tree, key: new}
-    if type(tree) is list:
-        return [*tree[:key], new, *tree[key + 1 :]]
-    items = (*tree[:key], new, *tree[key + 1 :])
-    return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return _rebuilt(tree, [*tree[:key], new, *tree[key + 1 :]])
 
 
 class Lifter:
-    """``lifter(args)``: ``args`` with each float64 0-dim CPU tensor wrapped as
-    :class:`Lifted`. It remembers where they were (a step's arguments keep one structure)
-    and the last view of each, so a donated step, whose state is the same tensors every
-    call, pays a few µs. Arguments of another structure, where a remembered path no longer
-    leads to such a scalar, are searched again; a scalar that only appears at a new place
-    later is passed as it is (correct, at the cost of Dynamo's restart when it compiles)."""
+    """``lifter(args)``: ``args`` with each float64 0-dim CPU tensor in dicts, lists,
+    tuples and NamedTuples wrapped as :class:`Lifted`. It remembers where they were (a
+    step's arguments keep one structure), so a call pays a few µs; arguments of another
+    structure, where a remembered path no longer leads to such a tensor, are searched
+    again. The view of a tensor is reused while it is the same tensor, with the same
+    storage, not requiring grad (a view made before ``requires_grad_()`` would cut the
+    graph).
+
+    Not lifted, and so still costing Dynamo's restart: such tensors inside other
+    containers, and one that only appears at a new place in arguments whose remembered
+    places are all still valid. Under ``donate=True``, in-place writes to an unlifted one
+    are lost by torch 2.13; see :func:`check_donatable`.
+
+    ``lifter.lifted``: the tensors lifted by the last call, in the order :func:`lower`
+    meets them."""
 
     def __init__(self) -> None:
         self._paths: list[Path] | None = None
         self._views: dict[Path, tuple[torch.Tensor, Lifted]] = {}
+        self.lifted: list[torch.Tensor] = []
 
     def __call__(self, args: tuple) -> tuple:
         if self._paths is None:
@@ -90,45 +121,89 @@ class Lifter:
             self._paths, self._views = scalar_paths(args), {}
             return self._apply(args)
 
+    def _view(self, path: Path, t: Any) -> Lifted:
+        if not is_float64_scalar(t):
+            raise _Stale
+        seen = self._views.get(path)
+        if (
+            seen is None
+            or seen[0] is not t
+            or t.requires_grad
+            or seen[1].value.data_ptr() != t.data_ptr()
+        ):
+            seen = self._views[path] = (t, Lifted(t.view(1)))
+        self.lifted.append(t)
+        return seen[1]
+
     def _apply(self, args: tuple) -> tuple:
+        self.lifted = []
         for path in self._paths:
-
-            def lift(t: Any, path: Path = path) -> Lifted:
-                if not is_float64_scalar(t):
-                    raise _Stale
-                seen = self._views.get(path)
-                if seen is None or seen[0] is not t:
-                    seen = self._views[path] = (t, Lifted(t.view(1)))
-                return seen[1]
-
-            args = _replaced(args, path, lift)
+            args = _replaced(args, path, lambda t, path=path: self._view(path, t))
         return args
 
 
-def lower(tree: Any) -> Any:
-    """The inverse of lifting, run inside the compiled step (at trace time)."""
+def _holds_lifted(tree: Any) -> bool:
     if isinstance(tree, Lifted):
-        return tree.value.view(())
+        return True
+    children = _children(tree)
+    return children is not None and any(_holds_lifted(child) for _, child in children)
+
+
+def lower(tree: Any, written: list | None = None) -> Any:
+    """The inverse of lifting, run inside the compiled step (at trace time): containers
+    holding nothing lifted are returned as they are (by type checks only: Dynamo cannot
+    compare containers by identity).
+
+    With ``written`` (a donated step), each lifted tensor comes back as a fresh 0-dim copy,
+    also appended to ``written``: the step writes its new value there, the graph returns
+    it, and :func:`lifting` copies it into the caller's tensor outside the graph. (Written
+    in place through the view, the value is lost when the tensor's ``.data`` has been
+    replaced: AOTAutograd writes to the storage it had.)"""
+    if isinstance(tree, Lifted):
+        value = tree.value.view(())
+        if written is not None:
+            value = value.clone()
+            written.append(value)
+        return value
+    if not _holds_lifted(tree):
+        return tree
     if type(tree) is dict:
-        return {k: lower(v) for k, v in tree.items()}
-    if type(tree) is list or isinstance(tree, tuple):
-        items = [lower(v) for v in tree]
-        if type(tree) is list:
-            return items
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+        return {k: lower(v, written) for k, v in tree.items()}
+    return _rebuilt(tree, [lower(v, written) for _, v in _children(tree)])
 
 
-def lowering(fn: Callable) -> Callable:
+def check_donatable(args: tuple) -> None:
+    """Raise if ``args`` hold a float64 0-dim CPU tensor that lifting does not reach (in a
+    container other than a dict, list, tuple or NamedTuple): torch 2.13 loses the in-place
+    write a donated step would make to it."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    reached = scalar_paths(args)
+    leaves, _ = tree_flatten_with_path(args)
+    hidden = [keystr(p) for p, x in leaves if is_float64_scalar(x)]
+    if len(hidden) > len(reached):
+        raise StepError(
+            "donate=True cannot update the float64 0-dim CPU tensors of this state: some "
+            f"(among {', '.join(hidden[:5])}) sit in containers other than dicts, lists, "
+            "tuples and NamedTuples, and torch.compile drops in-place writes to them. Keep "
+            "them in those containers, or compile without donate."
+        )
+
+
+def lowering(fn: Callable, train: bool, donate: bool = False) -> Callable:
     """``fn`` -- a train step's ``(params, buffers, opt_state, step, batch)`` or an eval
     step's ``(params, buffers, batch)`` pure function -- taking lifted arguments. The
-    parameter names are kept: the compiled step's guard filter reads them."""
-    if len(inspect.signature(fn).parameters) == 5:
+    parameter names are those the compiled step's guard filter reads. With ``donate`` (a
+    train step writing its new state into its inputs) it returns ``(fn's result, the new
+    values of the lifted tensors)``: see :func:`lower`."""
+    if train:
 
-        def train(params, buffers, opt_state, step, batch):
-            return fn(*lower((params, buffers, opt_state, step, batch)))
+        def train_step(params, buffers, opt_state, step, batch):
+            written: list | None = [] if donate else None
+            out = fn(*lower((params, buffers, opt_state, step, batch), written))
+            return (out, written) if donate else out
 
-        return train
+        return train_step
 
     def evaluate(params, buffers, batch):
         return fn(*lower((params, buffers, batch)))
@@ -136,11 +211,25 @@ def lowering(fn: Callable) -> Callable:
     return evaluate
 
 
-def lifting(compiled: Callable) -> Callable:
-    """``compiled`` (built from :func:`lowering`) called with lifted arguments."""
+def lifting(compiled: Callable, donate: bool = False) -> Callable:
+    """``compiled`` (built from :func:`lowering`) called with lifted arguments. With
+    ``donate``, the new values of the lifted tensors are copied into them, and the
+    arguments are checked with :func:`check_donatable` whenever the lifter has (re)searched
+    them."""
     lifter = Lifter()
+    checked: list = [None]  # the lifter's paths the last check was made for
 
     def call(*args: Any) -> Any:
-        return compiled(*lifter(args))
+        lifted = lifter(args)
+        if not donate:
+            return compiled(*lifted)
+        if checked[0] is not lifter._paths:
+            check_donatable(args[:-1])
+            checked[0] = lifter._paths
+        targets = lifter.lifted
+        out, written = compiled(*lifted)
+        for target, value in zip(targets, written, strict=True):
+            target.copy_(value)
+        return out
 
     return call

@@ -487,7 +487,7 @@ def compile_step(
         mode = None
     lifts = isinstance(step, (TrainStep, EvalStep))  # the steps whose float64 scalars
     if lifts:  # are lifted (an ensemble's are stacked, not 0-dim): see loopkit.scalars
-        pure = scalars.lowering(pure)
+        pure = scalars.lowering(pure, isinstance(step, TrainStep), donate)
     if guards == "inputs":
         options.setdefault("guard_filter_fn", _input_guards(pure))
     fn = torch.compile(
@@ -498,7 +498,7 @@ def compile_step(
         backend=backend,
         options=options or None,
     )
-    out = step.compiled_with(scalars.lifting(fn) if lifts else fn)
+    out = step.compiled_with(scalars.lifting(fn, donate) if lifts else fn)
     out.donate, out.cudagraphs = donate, cudagraphs
     return out
 

@@ -337,13 +337,14 @@ def test_float64_scalars_in_the_state_compile_in_one_pass_and_take_new_values(do
         b = b.replace(opt_state=optim.set_learning_rate(b.opt_state, lr))
         batch = (torch.randn(10, 6, generator=g, dtype=torch.float64),
                  torch.randint(0, 3, (10,), generator=g))  # fmt: skip
-        given = b
+        given = lk.tree.tree_leaves(b)
         a, ma = eager(a, batch)
         b, mb = compiled(b, batch)
         torch.testing.assert_close(mb["loss"], ma["loss"], rtol=1e-12, atol=1e-12)
-        if donate:
-            for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(given), strict=True):
-                assert x is y or x.dtype == torch.uint8  # the rng states are new tensors
+        if donate:  # the new values are in the caller's own tensors, lr included
+            for x, y in zip(given, lk.tree.tree_leaves(a), strict=True):
+                if x.dtype != torch.uint8:  # the rng states are new tensors
+                    torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     assert float(lk.optim.learning_rates(b.opt_state)[0]) == 5e-2
@@ -375,6 +376,7 @@ _trees = st.recursive(
         st.lists(children, max_size=3).map(tuple),
         st.dictionaries(st.sampled_from("abc"), children, max_size=3),
         st.tuples(children, children).map(lambda t: _Pair(*t)),
+        st.tuples(children, children).map(lambda t: _Batch(*t)),
     ),
     max_leaves=8,
 )
@@ -411,4 +413,46 @@ def test_lifted_arguments_lower_back_to_the_same_tensors(first, second):
                     assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
                     assert g.data_ptr() == w.data_ptr()
                 else:
-                    assert g == w
+                    assert g is w
+
+
+class _Batch(tuple):
+    """A tuple subclass with its own constructor: lifting must leave it as it is."""
+
+    def __new__(cls, x, y):
+        return super().__new__(cls, (x, y))
+
+
+def test_donated_step_reads_a_replaced_lr_and_hypergradients_reach_the_lr():
+    """Regressions: with donate=True, an injected lr whose ``.data`` was replaced was read
+    (and written) at its old storage; without donation, an lr that starts requiring grad
+    after the first call lost its gradient to a cached view. A tuple-subclass batch with
+    its own ``__new__`` passes through untouched."""
+
+    def loss(net, batch):
+        x, y = batch
+        return nn.functional.mse_loss(net(x), y)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    opt = optim.inject_hyperparams(optim.sgd)(lr=0.1)
+    batch = _Batch(torch.ones(4, 3, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64))
+    donated = lk.train_step(model, loss, opt, compile=True, backend="aot_eager", donate=True)
+    state, _ = donated(lk.TrainState.create(model, opt), batch)
+    state.opt_state.hyperparams["lr"].data = torch.tensor(0.0, dtype=torch.float64)
+    before = state.params["weight"].clone()
+    state, _ = donated(state, batch)
+    torch.testing.assert_close(state.params["weight"], before, rtol=0, atol=0)
+
+    pure = lk.train_step(model, loss, opt, compile=True, backend="aot_eager")
+    eager = lk.train_step(model, loss, opt)
+    grads = []
+    for step in (pure, eager):
+        state = lk.TrainState.create(model, opt)
+        step(state, batch)  # the first call, before the lr requires grad
+        lr = state.opt_state.hyperparams["lr"].requires_grad_()
+        new, _ = step(state, batch)
+        (g,) = torch.autograd.grad(new.params["weight"].sum(), [lr])
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    assert grads[1] != 0
