@@ -456,3 +456,36 @@ def test_donated_step_reads_a_replaced_lr_and_hypergradients_reach_the_lr():
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
     assert grads[1] != 0
+
+
+def test_donation_refuses_float64_scalars_it_cannot_write_back():
+    """A float64 0-dim CPU tensor in a container lifting does not enter (an OrderedDict
+    here): torch.compile would drop the donated step's in-place write to it, silently.
+    The step says so instead; without donation it trains as eager."""
+    from collections import OrderedDict
+
+    def scaled_sgd() -> optim.Transform:
+        def init(params):
+            return OrderedDict(lr=torch.tensor(0.1, dtype=torch.float64))
+
+        def update(g, state, params=None):
+            lr = state["lr"]
+            return {k: -lr.to(v.dtype) * v for k, v in g.items()}, OrderedDict(lr=lr * 0.5)
+
+        return optim.Transform(init, update)
+
+    torch.manual_seed(0)
+    model, opt = nn.Linear(3, 2), scaled_sgd()
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    donated = lk.train_step(model, loss_fn, opt, compile=True, backend="aot_eager", donate=True)
+    with pytest.raises(lk.StepError, match="OrderedDict|containers other than"):
+        donated(lk.TrainState.create(model, opt), batch)
+    pure = lk.train_step(model, loss_fn, opt, compile=True, backend="aot_eager")
+    eager = lk.train_step(model, loss_fn, opt)
+    a = b = lk.TrainState.create(model, opt)
+    for _ in range(2):
+        a, _ = eager(a, batch)
+        b, _ = pure(b, batch)
+    for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
+        torch.testing.assert_close(x, y, **COMPILED)
+    assert float(b.opt_state["lr"]) == 0.025
