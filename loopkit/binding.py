@@ -42,9 +42,6 @@ class ModuleBinding:
     def _resolve(self) -> None:
         root = self.module
         modules = list(root.modules())
-        # What _intact compares: every module's three dicts (the objects, and each entry
-        # by identity, None slots included), so a replaced, added or removed submodule,
-        # param or buffer is seen.
         # TorchScript modules keep their tensors elsewhere; functional_call refuses them
         # (and DataParallel) with a clear error: such a module always goes there.
         self._plain = not isinstance(root, nn.DataParallel) and all(
@@ -52,6 +49,9 @@ class ModuleBinding:
             for m in modules
             for store in (m._modules, m._parameters, m._buffers)
         )
+        # What _intact compares: every module's three dicts (the objects, and each entry
+        # by identity, None slots included), so a replaced, added or removed submodule,
+        # param or buffer is seen.
         self._holders = [(m, m._modules, m._parameters, m._buffers) for m in modules]
         self._stores = [
             (store, dict(store))
