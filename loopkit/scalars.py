@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from loopkit.errors import StepError
+from loopkit.tree import flatten_with_names
 
 Path = tuple[Any, ...]  # dict keys and tuple/list indices from the root of the arguments
 
@@ -176,11 +177,9 @@ def check_donatable(args: tuple) -> None:
     """Raise if ``args`` hold a float64 0-dim CPU tensor that lifting does not reach (in a
     container other than a dict, list, tuple or NamedTuple): torch 2.13 loses the in-place
     write a donated step would make to it."""
-    from torch.utils._pytree import keystr, tree_flatten_with_path
-
     reached = scalar_paths(args)
-    leaves, _ = tree_flatten_with_path(args)
-    hidden = [keystr(p) for p, x in leaves if is_float64_scalar(x)]
+    named, _ = flatten_with_names(args)
+    hidden = [name for name, x in named.items() if is_float64_scalar(x)]
     if len(hidden) > len(reached):
         raise StepError(
             "donate=True cannot update the float64 0-dim CPU tensors of this state: some "
