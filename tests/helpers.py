@@ -274,14 +274,20 @@ def imperative_run(model, batches, opt_name, kwargs, *, seed, clip_norm=None, sc
     return model, torch.stack(losses)
 
 
-def assert_state_matches(state, model, rtol, atol):
-    """Every param and buffer of the state equals the module's."""
+def assert_state_matches(state, model, rtol, atol, equal_nan=False):
+    """Every param and buffer of the state equals the module's (``equal_nan``: a NaN
+    matches a NaN, for runs that diverge as torch's own loop does)."""
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     assert set(named) == set(state.params) | set(state.buffers)
     for name, want in named.items():
         got = state.params[name] if name in state.params else state.buffers[name]
         torch.testing.assert_close(
-            got, want.detach(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+            got,
+            want.detach(),
+            rtol=rtol,
+            atol=atol,
+            equal_nan=equal_nan,
+            msg=lambda m, name=name: f"{name}: {m}",
         )
 
 

@@ -22,7 +22,8 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.compile
-COMPILED = dict(rtol=1e-4, atol=1e-5)
+# equal_nan: a maximizing optimizer with a large lr can diverge, in eager as compiled.
+COMPILED = dict(rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 # Each example is a cold compile (5-25 s here): few examples, and no shrinking.
