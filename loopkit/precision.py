@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from loopkit.optim.base import Transform
+from loopkit.optim.leafwise import leafwise
 from loopkit.tree import PyTree, tree_leaves, tree_map
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,7 +84,7 @@ def dynamic_loss_scale(
             found_inf = torch.stack([(~torch.isfinite(g)).any() for g in leaves]).any()
         else:
             found_inf = torch.zeros((), dtype=torch.bool, device=state.scale.device)
-        unscaled = tree_map(lambda g: g * inv_scale.to(g.dtype), grads)
+        unscaled = leafwise(lambda g: g * inv_scale.to(g.dtype), grads)
         updates, inner_state = inner.update(unscaled, state.inner, params)
         updates = tree_map(lambda u: torch.where(found_inf, torch.zeros_like(u), u), updates)
         inner_state = tree_map(

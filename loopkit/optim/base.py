@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from loopkit.optim.leafwise import leafwise
 from loopkit.tree import PyTree, check_same_keys, tree_map
 
 OptState = Any
@@ -61,7 +62,7 @@ def chain(*transforms: Transform) -> Transform:
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates`` leaf by leaf, keeping each param's dtype."""
     check_same_keys(updates, params, "updates", "params")
-    return tree_map(lambda p, u: (p + u).to(p.dtype), params, updates)
+    return leafwise(lambda p, u: (p + u).to(p.dtype), params, updates)
 
 
 def zeros_like_tree(params: PyTree) -> PyTree:

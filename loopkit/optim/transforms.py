@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from loopkit.optim.base import Transform, zeros_like_tree
+from loopkit.optim.leafwise import batches, leafwise
 from loopkit.optim.schedules import Schedule
 from loopkit.tree import PyTree, check_same_keys, flatten_with_names, tree_leaves, tree_map
 
@@ -108,7 +109,7 @@ def _need_params(params: PyTree | None, name: str) -> PyTree:
 def negate() -> Transform:
     """``g <- -g``: torch.optim's ``maximize=True``."""
     return Transform(
-        lambda params: (), lambda g, state, params=None: (tree_map(torch.neg, g), state)
+        lambda params: (), lambda g, state, params=None: (leafwise(torch.neg, g), state)
     )
 
 
@@ -131,7 +132,7 @@ def add_decayed_weights(weight_decay: Hyper) -> Transform:
             decayed = gi + wd(gi) * pi
             return torch.where(nonzero, decayed, gi) if injected else decayed
 
-        return tree_map(decay, g, params), state
+        return leafwise(decay, g, params), state
 
     return Transform(lambda params: (), update)
 
@@ -168,8 +169,8 @@ def trace(momentum: Hyper | Schedule, dampening: Hyper = 0.0, nesterov: bool = F
         def output(gi, bi):
             return torch.where(active, gi + mom(gi) * bi if nesterov else bi, gi)
 
-        new_buf = tree_map(buf, g, state.momentum_buffer)
-        out = tree_map(output, g, new_buf)
+        new_buf = leafwise(buf, g, state.momentum_buffer)
+        out = leafwise(output, g, new_buf)
         return out, TraceState(state.count + 1, state.initialized | active, new_buf)
 
     return Transform(init, update)
@@ -211,12 +212,12 @@ def scale_by_adam(
         bias_correction1 = 1 - _power(b1_t, t)
         bias_correction2_sqrt = (1 - _power(b2, t)).sqrt()
         one_minus_b1, b2_ = _per_dtype(1 - b1_t), _per_dtype(b2)
-        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, one_minus_b1(m)), state.exp_avg, g)
-        exp_avg_sq = tree_map(
+        exp_avg = leafwise(lambda m, gi: _lerp(m, gi, one_minus_b1(m)), state.exp_avg, g)
+        exp_avg_sq = leafwise(
             lambda v, gi: _addcmul(v * b2_(v), gi, gi, 1 - b2), state.exp_avg_sq, g
         )
         if amsgrad:
-            max_sq = tree_map(torch.maximum, state.max_exp_avg_sq, exp_avg_sq)
+            max_sq = leafwise(torch.maximum, state.max_exp_avg_sq, exp_avg_sq)
             second = max_sq
         else:
             max_sq, second = (), exp_avg_sq
@@ -227,7 +228,7 @@ def scale_by_adam(
             denom = v.sqrt() / bc2_sqrt(v) + eps_(v)
             return m / denom / bc1(m)
 
-        out = tree_map(direction, exp_avg, second)
+        out = leafwise(direction, exp_avg, second)
         return out, ScaleByAdamState(count, exp_avg, exp_avg_sq, max_sq)
 
     return Transform(init, update)
@@ -270,7 +271,7 @@ def scale_by_learning_rate(lr: Hyper | Schedule) -> Transform:
     def update(g, state, params=None):
         lr_t = _lr_at(lr, state.lr, state.count)
         minus_lr = _per_dtype(-lr_t)
-        out = tree_map(lambda gi: gi * minus_lr(gi), g)
+        out = leafwise(lambda gi: gi * minus_lr(gi), g)
         return out, ScaleByLearningRateState(state.count + 1, lr_t)
 
     return Transform(init, update)
@@ -278,13 +279,24 @@ def scale_by_learning_rate(lr: Hyper | Schedule) -> Transform:
 
 def global_norm(tree: PyTree, norm_type: float = 2.0) -> torch.Tensor:
     """The p-norm of all leaves as one vector, computed as torch.nn.utils.get_total_norm:
-    the ``norm_type``-norm of the stacked per-tensor norms, on the first leaf's device."""
+    the ``norm_type``-norm of the stacked per-tensor norms (grouped by device and dtype, in
+    torch's order), on the first leaf's device. Eagerly each group's norms are one
+    multi-tensor ``torch._foreach_norm``, as torch computes them."""
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.tensor(0.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for x in leaves:
+        groups.setdefault((x.device, x.dtype), []).append(x)
+    batched = batches(leaves)
+    norms: list[torch.Tensor] = []
+    for group in groups.values():
+        if batched:
+            norms += torch._foreach_norm(group, norm_type)
+        else:
+            norms += [torch.linalg.vector_norm(x, norm_type) for x in group]
     device = leaves[0].device
-    norms = [torch.linalg.vector_norm(x, norm_type).to(device) for x in leaves]
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
 
 
 def clip_by_global_norm_with_norm(
@@ -305,14 +317,14 @@ def clip_by_global_norm_with_norm(
             "anyway, set error_if_nonfinite=False",
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    return tree_map(lambda x: x * coef.to(x.device, x.dtype), tree), total
+    return leafwise(lambda x: x * coef.to(x.device, x.dtype), tree), total
 
 
 def clip_by_value(clip_value: float) -> Transform:
     """``g <- clamp(g, -clip_value, clip_value)``, as torch.nn.utils.clip_grad_value_."""
 
     def update(g, state, params=None):
-        return tree_map(lambda x: x.clamp(-clip_value, clip_value), g), state
+        return leafwise(lambda x: x.clamp(-clip_value, clip_value), g), state
 
     return Transform(lambda params: (), update)
 
@@ -353,15 +365,15 @@ def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False)
         return ScaleByRmsState(zeros_like_tree(params), zeros_like_tree(params) if centered else ())
 
     def update(g, state, params=None):
-        square_avg = tree_map(
+        square_avg = leafwise(
             lambda v, gi: _addcmul(v * _s(alpha, v), gi, gi, 1 - alpha), state.square_avg, g
         )
         if centered:
-            grad_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - alpha), state.grad_avg, g)
-            avg = tree_map(lambda v, m: v.addcmul(m, m, value=-1).sqrt(), square_avg, grad_avg)
+            grad_avg = leafwise(lambda m, gi: _lerp(m, gi, 1 - alpha), state.grad_avg, g)
+            avg = leafwise(lambda v, m: v.addcmul(m, m, value=-1).sqrt(), square_avg, grad_avg)
         else:
-            grad_avg, avg = (), tree_map(torch.sqrt, square_avg)
-        out = tree_map(lambda gi, a: gi / (a + _s(eps, a)), g, avg)
+            grad_avg, avg = (), leafwise(torch.sqrt, square_avg)
+        out = leafwise(lambda gi, a: gi / (a + _s(eps, a)), g, avg)
         return out, ScaleByRmsState(square_avg, grad_avg)
 
     return Transform(init, update)
@@ -387,8 +399,8 @@ def scale_by_adagrad(
     def update(g, state, params=None):
         count = state.count + 1
         decay = 1 + (count.to(torch.float64) - 1) * lr_decay
-        sums = tree_map(lambda s, gi: s.addcmul(gi, gi, value=1), state.sum, g)
-        out = tree_map(lambda gi, s: gi / (s.sqrt() + _s(eps, s)) / _s(decay, gi), g, sums)
+        sums = leafwise(lambda s, gi: s.addcmul(gi, gi, value=1), state.sum, g)
+        out = leafwise(lambda gi, s: gi / (s.sqrt() + _s(eps, s)) / _s(decay, gi), g, sums)
         return out, ScaleByAdagradState(count, sums)
 
     return Transform(init, update)
@@ -413,11 +425,11 @@ def scale_by_adamax(b1: Hyper | Schedule = 0.9, b2: Hyper = 0.999, eps: Hyper = 
         count = state.count + 1
         b1_t = _at(b1, state.count)  # a schedule: OneCycleLR/CyclicLR cycle betas[0]
         bias_correction = 1 - _power(b1_t, count.to(torch.float64))
-        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
-        exp_inf = tree_map(
+        exp_avg = leafwise(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
+        exp_inf = leafwise(
             lambda u, gi: torch.maximum(u * _s(b2, u), gi.abs() + _s(eps, gi)), state.exp_inf, g
         )
-        out = tree_map(lambda m, u: m / u / _s(bias_correction, m), exp_avg, exp_inf)
+        out = leafwise(lambda m, u: m / u / _s(bias_correction, m), exp_avg, exp_inf)
         return out, ScaleByAdamaxState(count, exp_avg, exp_inf)
 
     return Transform(init, update)
@@ -462,8 +474,8 @@ def scale_by_nadam(
         mu_product_next = mu_product.to(torch.float64) * mu_next
         coef_grad = (1.0 - mu) / (1.0 - mu_product.to(torch.float64))
         coef_avg = mu_next / (1.0 - mu_product_next)
-        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
-        exp_avg_sq = tree_map(
+        exp_avg = leafwise(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
+        exp_avg_sq = leafwise(
             lambda v, gi: _addcmul(v * _s(b2, v), gi, gi, 1 - b2), state.exp_avg_sq, g
         )
 
@@ -471,7 +483,7 @@ def scale_by_nadam(
             denom = v.div(_s(bias_correction2, v)).sqrt() + _s(eps, v)
             return gi / denom * _s(coef_grad, gi) + m / denom * _s(coef_avg, m)
 
-        out = tree_map(direction, g, exp_avg, exp_avg_sq)
+        out = leafwise(direction, g, exp_avg, exp_avg_sq)
         return out, ScaleByNadamState(count, mu_product, exp_avg, exp_avg_sq)
 
     return Transform(init, update)
@@ -504,8 +516,8 @@ def scale_by_radam(b1: Hyper | Schedule = 0.9, b2: Hyper = 0.999, eps: Hyper = 1
             (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         ).sqrt()
         rectify = rho_t > 5.0
-        exp_avg = tree_map(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
-        exp_avg_sq = tree_map(
+        exp_avg = leafwise(lambda m, gi: _lerp(m, gi, 1 - b1_t), state.exp_avg, g)
+        exp_avg_sq = leafwise(
             lambda v, gi: _addcmul(v * _s(b2, v), gi, gi, 1 - b2), state.exp_avg_sq, g
         )
 
@@ -514,7 +526,7 @@ def scale_by_radam(b1: Hyper | Schedule = 0.9, b2: Hyper = 0.999, eps: Hyper = 1
             adaptive = _s(bias_correction2.sqrt(), v) / (v.sqrt() + _s(eps, v))
             return torch.where(rectify, corrected * adaptive * _s(rect, m), corrected)
 
-        out = tree_map(direction, exp_avg, exp_avg_sq)
+        out = leafwise(direction, exp_avg, exp_avg_sq)
         return out, ScaleByAdamState(count, exp_avg, exp_avg_sq, ())
 
     return Transform(init, update)
@@ -536,16 +548,16 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> Transform:
         return ScaleByAdadeltaState(zeros_like_tree(params), zeros_like_tree(params))
 
     def update(g, state, params=None):
-        square_avg = tree_map(
+        square_avg = leafwise(
             lambda v, gi: _addcmul(v * _s(rho, v), gi, gi, 1 - rho), state.square_avg, g
         )
-        delta = tree_map(
+        delta = leafwise(
             lambda a, v, gi: (a + _s(eps, a)).sqrt() / (v + _s(eps, v)).sqrt() * gi,
             state.acc_delta,
             square_avg,
             g,
         )
-        acc_delta = tree_map(
+        acc_delta = leafwise(
             lambda a, d: _addcmul(a * _s(rho, a), d, d, 1 - rho), state.acc_delta, delta
         )
         return delta, ScaleByAdadeltaState(square_avg, acc_delta)
@@ -580,18 +592,18 @@ def scale_by_rprop(
         )
 
     def update(g, state, params=None):
-        sign = tree_map(lambda gi, prev: gi.mul(prev).sign(), g, state.prev)
-        factor = tree_map(
+        sign = leafwise(lambda gi, prev: gi.mul(prev).sign(), g, state.prev)
+        factor = leafwise(
             lambda s: torch.where(
                 s.gt(0), _s(eta_plus, s), torch.where(s.lt(0), _s(eta_minus, s), s.new_ones(()))
             ),
             sign,
         )
-        step_size = tree_map(
+        step_size = leafwise(
             lambda st, f: (st * f).clamp(_s(lo, st), _s(hi, st)), state.step_size, factor
         )
-        g = tree_map(lambda gi, s: gi.masked_fill(s.lt(0), 0), g, sign)
-        out = tree_map(lambda gi, st: -(gi.sign() * st), g, step_size)
+        g = leafwise(lambda gi, s: gi.masked_fill(s.lt(0), 0), g, sign)
+        out = leafwise(lambda gi, st: -(gi.sign() * st), g, step_size)
         return out, ScaleByRpropState(g, step_size)
 
     return Transform(init, update)
@@ -635,15 +647,15 @@ def asgd_update(
         count = state.count + 1
         t = count.to(torch.float64)
         eta = state.eta.to(torch.float64)
-        new = tree_map(lambda p, gi: p * _s(1 - lambd * eta, p) + gi * _s(-eta, gi), params, g)
+        new = leafwise(lambda p, gi: p * _s(1 - lambd * eta, p) + gi * _s(-eta, gi), params, g)
         averaging = state.mu != 1
-        ax = tree_map(
+        ax = leafwise(
             lambda a, pn: torch.where(averaging, a + (pn - a) * _s(state.mu, a), pn), state.ax, new
         )
         lr_t = _lr_at(lr, state.lr, state.count)
         next_eta = lr_t / (1 + lambd * lr_t * t) ** alpha
         next_mu = 1 / torch.clamp(t - t0, min=1)
-        out = tree_map(lambda pn, p: pn - p, new, params)
+        out = leafwise(lambda pn, p: pn - p, new, params)
         dtype = state.eta.dtype
         return out, AsgdState(count, lr_t, next_eta.to(dtype), next_mu.to(dtype), ax)
 
@@ -796,8 +808,8 @@ def scale_by_muon(
         return ScaleByMuonState(zeros_like_tree(params))
 
     def update(g, state, params=None):
-        buf = tree_map(lambda b, gi: _lerp(b, gi, 1 - momentum), state.momentum_buffer, g)
-        x = tree_map(lambda gi, b: _lerp(gi, b, momentum), g, buf) if nesterov else buf
+        buf = leafwise(lambda b, gi: _lerp(b, gi, 1 - momentum), state.momentum_buffer, g)
+        x = leafwise(lambda gi, b: _lerp(gi, b, momentum), g, buf) if nesterov else buf
         out = tree_map(
             lambda xi: (
                 _newton_schulz(xi, ns_coefficients, ns_steps, eps).to(xi.dtype) * ratio(xi.shape)

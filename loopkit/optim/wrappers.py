@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from loopkit.optim.base import Transform, apply_updates
+from loopkit.optim.leafwise import leafwise
 from loopkit.tree import PyTree, tree_leaves, tree_map
 
 Mask = Mapping[str, bool] | Callable[[str, torch.Tensor], bool]
@@ -134,7 +135,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
 
     def update(g, state, params=None):
         count = state.count + 1
-        grad_sum = tree_map(lambda s, gi: s + gi / every, state.grad_sum, g)
+        grad_sum = leafwise(lambda s, gi: s + gi / every, state.grad_sum, g)
         apply = count % every == 0
         updates, inner_state = inner.update(grad_sum, state.inner, params)
         out = tree_map(lambda u: torch.where(apply, u, torch.zeros_like(u)), updates)
