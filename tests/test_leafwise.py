@@ -206,7 +206,7 @@ def test_eager_step_with_batched_update_matches_the_per_leaf_step(monkeypatch):
     a = b = lk.TrainState.create(model, opt)
     for _ in range(3):
         a, _ = step(a, batch)
-    monkeypatch.setattr(lw, "batches", lambda tensors: False)
+    monkeypatch.setattr(lw, "_batchable", lambda tree, rests: False)
     monkeypatch.setattr(transforms, "batches", lambda tensors: False)
     with _Ops() as ops:
         b, _ = step(b, batch)

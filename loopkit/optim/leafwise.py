@@ -41,10 +41,13 @@ class Leaves:
     """The tensors of one group of leaves, standing in for one leaf in a per-leaf formula.
     Supports the tensor operations the formulas use; see the module docstring."""
 
-    __slots__ = ("ts",)
+    __slots__ = ("ts", "plain")
 
-    def __init__(self, ts: list[torch.Tensor]):
+    def __init__(self, ts: list[torch.Tensor], plain: bool | None = None):
         self.ts = ts
+        # Outside autograd (see _plain): known for the inputs and foreach results, whose
+        # operands were; looked up for results computed leaf by leaf.
+        self.plain = not any(t.requires_grad for t in ts) if plain is None else plain
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,21 +88,21 @@ class Leaves:
         return self / other
 
     def __neg__(self):
-        return Leaves(torch._foreach_neg(self.ts)) if _plain(self) else _each(operator.neg, (self,))
+        return _unary(torch._foreach_neg, operator.neg, self)
 
     def sqrt(self):
-        return Leaves(torch._foreach_sqrt(self.ts)) if _plain(self) else _each(torch.sqrt, (self,))
+        return _unary(torch._foreach_sqrt, torch.sqrt, self)
 
     def abs(self):
-        return Leaves(torch._foreach_abs(self.ts)) if _plain(self) else _each(torch.abs, (self,))
+        return _unary(torch._foreach_abs, torch.abs, self)
 
     def sign(self):
-        return Leaves(torch._foreach_sign(self.ts)) if _plain(self) else _each(torch.sign, (self,))
+        return _unary(torch._foreach_sign, torch.sign, self)
 
     def addcmul(self, tensor1, tensor2, *, value=1):
         """``self + value * tensor1 * tensor2``."""
         if _plain(self, tensor1, tensor2) and _number(value):
-            return Leaves(torch._foreach_addcmul(self.ts, tensor1.ts, tensor2.ts, value=value))
+            return _batched(torch._foreach_addcmul(self.ts, tensor1.ts, tensor2.ts, value=value))
         return _each(torch.Tensor.addcmul, (self, tensor1, tensor2), {"value": value})
 
     def to(self, *args, **kwargs):
@@ -137,7 +140,19 @@ def _number(x: Any) -> bool:
 def _plain(*xs: Any) -> bool:
     """All ``xs`` are ``Leaves`` of tensors outside autograd (foreach ops then give exactly
     the per-leaf values; with autograd the per-leaf ops keep their usual graph)."""
-    return all(isinstance(x, Leaves) and not any(t.requires_grad for t in x.ts) for x in xs)
+    for x in xs:  # a loop, not all(...): this runs for every op of every eager update
+        if not (isinstance(x, Leaves) and x.plain):
+            return False
+    return True
+
+
+def _unary(foreach: Callable, op: Callable, x: Leaves) -> Leaves:
+    return _batched(foreach(x.ts)) if x.plain else _each(op, (x,))
+
+
+def _batched(ts: list[torch.Tensor]) -> Leaves:
+    """The result of a multi-tensor op on plain operands (itself plain)."""
+    return Leaves(ts, plain=True)
 
 
 def _tensor_scalar(x: Any, like: Leaves) -> bool:
@@ -153,9 +168,9 @@ def _tensor_scalar(x: Any, like: Leaves) -> bool:
 def _binary(foreach: Callable, op: Callable, a: Leaves, b: Any, *, tensor_scalar: bool):
     if _plain(a):
         if _plain(b):
-            return Leaves(foreach(a.ts, b.ts))
+            return _batched(foreach(a.ts, b.ts))
         if _number(b) or (tensor_scalar and _tensor_scalar(b, a)):
-            return Leaves(foreach(a.ts, b))
+            return _batched(foreach(a.ts, b))
     return _each(op, (a, b), {})
 
 
@@ -177,13 +192,13 @@ def _each(fn: Callable, args: tuple, kwargs: dict | None = None) -> Leaves:
 
 def _lerp(start, end, weight):
     if _plain(start, end) and _number(weight):
-        return Leaves(torch._foreach_lerp(start.ts, end.ts, weight))
+        return _batched(torch._foreach_lerp(start.ts, end.ts, weight))
     return NotImplemented
 
 
 def _maximum(a, b):
     if _plain(a, b):
-        return Leaves(torch._foreach_maximum(a.ts, b.ts))
+        return _batched(torch._foreach_maximum(a.ts, b.ts))
     return NotImplemented
 
 
@@ -228,9 +243,17 @@ def batches(tensors: Iterable[Any]) -> bool:
 def _batchable(tree: PyTree, rests: tuple) -> bool:
     if type(tree) is not dict or len(tree) < 2:
         return False
-    if any(type(r) is not dict or r.keys() != tree.keys() for r in rests):
+    for r in rests:
+        if type(r) is not dict or r.keys() != tree.keys():
+            return False
+    # batches(), written out: this runs for every formula of every eager update.
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return batches(v for t in (tree, *rests) for v in t.values())
+    for t in (tree, *rests):
+        for v in t.values():
+            if type(v) is not torch.Tensor or v.requires_grad:
+                return False
+    return True
 
 
 def leafwise(fn: Callable, tree: PyTree, *rests: PyTree) -> PyTree:
@@ -245,7 +268,8 @@ def leafwise(fn: Callable, tree: PyTree, *rests: PyTree) -> PyTree:
         groups.setdefault((v.device, v.dtype), []).append(k)
     out: dict = {}
     for keys in groups.values():
-        result = fn(Leaves([tree[k] for k in keys]), *(Leaves([r[k] for k in keys]) for r in rests))
+        args = [_batched([t[k] for k in keys]) for t in (tree, *rests)]
+        result = fn(*args)
         if not isinstance(result, Leaves):
             raise TypeError(
                 f"leafwise: the formula returned {type(result).__name__}, not a value per leaf"
