@@ -321,7 +321,10 @@ def step_flops(case: Case, device: torch.device) -> int:
 def peak_step_memory(runner: Runner, device: torch.device) -> int:
     """Bytes: the tensors the variant keeps between steps, plus the most one step holds
     on top of them (CUDA: the allocator's peak; CPU: the profiler's trace of every
-    allocation and free, in time order)."""
+    allocation and free, in time order).
+
+    With CUDA graphs this undercounts: a replay allocates nothing, and the graph's buffers
+    live in its private pool, reserved when it was recorded (benchmarks/RESULTS.md)."""
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
