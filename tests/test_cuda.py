@@ -28,7 +28,7 @@ from tests.helpers import (
     make_batches,
     mlp_specs,
 )
-from tests.test_compile import COMPILED, STEP_OPTIONS
+from tests.test_compile import COMPILED, STEP_OPTIONS, assert_compiled_matches_eager
 
 DEVICE = torch.device(os.environ.get("LOOPKIT_TEST_DEVICE", "cuda"))
 CUDA = DEVICE.type == "cuda"
@@ -121,23 +121,9 @@ def test_every_step_option_runs_in_one_cuda_graph_and_matches_eager(name):
     compile_kw = {**compile_kw, "mode": "reduce-overhead"}
     eager = lk.train_step(model, loss_fn, opt, **step_kw)
     compiled = lk.train_step(model, loss_fn, opt, compile=True, **step_kw, **compile_kw)
-    a = lk.TrainState.create(model, opt, seed=0)
-    b = lk.TrainState.create(model, opt, seed=0)
     graphs = counters["stats"]["unique_graphs"]
     with _Graphs() as cuda_graphs:
-        for batch in batches(5):
-            a, ma = eager(a, batch)
-            given = b
-            b, mb = compiled(b, batch)
-            for k in ma:
-                torch.testing.assert_close(mb[k], ma[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
-            assert all(
-                x is y
-                for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(given), strict=True)
-                if x.dtype != torch.uint8  # the rng states are new tensors
-            )
-    for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
-        torch.testing.assert_close(x, y, **tol)
+        assert_compiled_matches_eager(eager, compiled, model, opt, batches(5), tol, True)
     assert counters["stats"]["unique_graphs"] - graphs == 1, "the step recompiled"
     if CUDA:
         assert cuda_graphs.skips == 0, "inductor skipped CUDA graphs (see TORCH_LOGS=perf_hints)"
