@@ -9,20 +9,22 @@ eager step ran at half the imperative loop's speed on an H200.
 :func:`leafwise` is ``tree_map`` for those formulas. It calls ``fn`` once per (device,
 dtype) group of leaves with :class:`Leaves` standing for the group's tensors. An op on
 ``Leaves`` is one multi-tensor ``torch._foreach_*`` call where torch has one (arithmetic with
-another ``Leaves``, a number or a 0-dim tensor; ``sqrt``, ``lerp``, ``addcmul``, ``maximum``,
-...), and otherwise the same op applied leaf by leaf, so any per-leaf formula gives the
-per-leaf result:
+another ``Leaves``, a number or a 0-dim tensor of the leaves' dtype; ``sqrt``, ``lerp``,
+``addcmul``, ``maximum``, ...), and otherwise the same op applied leaf by leaf. Formulas
+may use tensor operators, comparisons, methods and torch functions of their leaves; a
+formula that needs a leaf's attributes (``x.shape``) or Python values (``x.numel()``)
+gets an error that says to use ``tree_map``. The values are those of the per-leaf code:
 
-- on the CPU, torch's foreach ops are loops of the single-tensor op: the results are
-  bitwise those of ``tree_map``;
+- on the CPU, torch's foreach ops are loops of the single-tensor op: bitwise the values of
+  ``tree_map`` (the order in which autograd sums a shared scalar's gradient may differ);
 - on CUDA they are the multi-tensor kernels ``torch.optim`` uses by default there, which
   compute the same formulas in the same precision (rounding may differ in the last bit).
 
 ``leafwise`` falls back to ``tree_map`` where batching does not apply or would change what
 the code means: inside ``torch.compile`` (inductor fuses the per-leaf code itself, and the
 traced graph stays the one the compile tests pin down), under a ``torch.func`` transform
-(vmap'd ensembles, MAML's differentiated updates), for leaves that require grad, for trees
-other than dicts of plain tensors, and for a single leaf.
+(vmap'd ensembles, MAML's differentiated updates) or forward-mode AD, for leaves that
+require grad, for trees other than dicts of plain tensors, and for a single leaf.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Leaves:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.ts[0].dtype  # one per group (leafwise groups by dtype)
+        return self.ts[0].dtype  # one per group: leafwise groups every tree's leaves by dtype
 
     @property
     def device(self) -> torch.device:
@@ -60,14 +62,14 @@ class Leaves:
     def __add__(self, other):
         return _binary(torch._foreach_add, operator.add, self, other, tensor_scalar=True)
 
-    def __radd__(self, other):  # IEEE addition and multiplication commute bitwise
-        return self.__add__(other)
+    def __radd__(self, other):
+        return _reflected(torch._foreach_add, operator.add, self, other)
 
     def __mul__(self, other):
         return _binary(torch._foreach_mul, operator.mul, self, other, tensor_scalar=True)
 
     def __rmul__(self, other):
-        return self.__mul__(other)
+        return _reflected(torch._foreach_mul, operator.mul, self, other)
 
     def __sub__(self, other):
         return _binary(torch._foreach_sub, operator.sub, self, other, tensor_scalar=False)
@@ -76,10 +78,43 @@ class Leaves:
         return _binary(torch._foreach_div, operator.truediv, self, other, tensor_scalar=True)
 
     def __rsub__(self, other):
-        return _each(operator.sub, (other, self), {})
+        return _each(operator.sub, (other, self))
 
     def __rtruediv__(self, other):
-        return _each(operator.truediv, (other, self), {})
+        return _each(operator.truediv, (other, self))
+
+    def __pow__(self, other):
+        return _each(operator.pow, (self, other))
+
+    def __rpow__(self, other):
+        return _each(operator.pow, (other, self))
+
+    def __abs__(self):
+        return self.abs()
+
+    def __pos__(self):
+        return self
+
+    # Comparisons give a mask per leaf (as on tensors), never one Python bool.
+    def __eq__(self, other):  # type: ignore[override]
+        return _each(operator.eq, (self, other))
+
+    def __ne__(self, other):  # type: ignore[override]
+        return _each(operator.ne, (self, other))
+
+    def __lt__(self, other):
+        return _each(operator.lt, (self, other))
+
+    def __le__(self, other):
+        return _each(operator.le, (self, other))
+
+    def __gt__(self, other):
+        return _each(operator.gt, (self, other))
+
+    def __ge__(self, other):
+        return _each(operator.ge, (self, other))
+
+    __hash__ = None  # type: ignore[assignment]
 
     def mul(self, other):
         return self * other
@@ -171,7 +206,16 @@ def _binary(foreach: Callable, op: Callable, a: Leaves, b: Any, *, tensor_scalar
             return _batched(foreach(a.ts, b.ts))
         if _number(b) or (tensor_scalar and _tensor_scalar(b, a)):
             return _batched(foreach(a.ts, b))
-    return _each(op, (a, b), {})
+    return _each(op, (a, b))
+
+
+def _reflected(foreach: Callable, op: Callable, a: Leaves, b: Any) -> Leaves:
+    """``b op a`` for a commutative ``op``. Batched as ``a op b`` only where the two orders
+    agree bitwise: a number, or a 0-dim tensor of the leaves' dtype (torch's CPU mul of a
+    bf16 tensor and a float32 0-dim tensor rounds the scalar in one order, not the other)."""
+    if _plain(a) and (_number(b) or _tensor_scalar(b, a)):
+        return _batched(foreach(a.ts, b))
+    return _each(op, (b, a))
 
 
 def _each(fn: Callable, args: tuple, kwargs: dict | None = None) -> Leaves:
@@ -182,12 +226,17 @@ def _each(fn: Callable, args: tuple, kwargs: dict | None = None) -> Leaves:
     def pick(x: Any, i: int) -> Any:
         return x.ts[i] if isinstance(x, Leaves) else x
 
-    return Leaves(
-        [
-            fn(*(pick(a, i) for a in args), **{k: pick(v, i) for k, v in kwargs.items()})
-            for i in range(n)
-        ]
-    )
+    out = [
+        fn(*(pick(a, i) for a in args), **{k: pick(v, i) for k, v in kwargs.items()})
+        for i in range(n)
+    ]
+    if not all(isinstance(t, torch.Tensor) for t in out):
+        raise TypeError(
+            f"{getattr(fn, '__name__', fn)} gives a {type(out[0]).__name__} per leaf, not a "
+            "tensor: a formula run by loopkit.optim.leafwise computes tensors from tensors "
+            "(write one that needs Python values with loopkit.tree.tree_map instead)"
+        )
+    return Leaves(out)
 
 
 def _lerp(start, end, weight):
@@ -205,17 +254,13 @@ def _maximum(a, b):
 def _mul(a, b):
     if isinstance(a, Leaves):
         return a * b
-    if isinstance(b, Leaves):
-        return b * a  # a 0-dim tensor times Leaves: Tensor.__mul__ hands it here
-    return NotImplemented
+    return b.__rmul__(a)  # a tensor times Leaves: Tensor.mul hands it here
 
 
 def _add(a, b):
     if isinstance(a, Leaves):
         return a + b
-    if isinstance(b, Leaves):
-        return b + a
-    return NotImplemented
+    return b.__radd__(a)
 
 
 _TORCH_FUNCTIONS: dict[Callable, Callable] = {
@@ -223,21 +268,30 @@ _TORCH_FUNCTIONS: dict[Callable, Callable] = {
     torch.maximum: _maximum,
     torch.sqrt: lambda x: x.sqrt() if isinstance(x, Leaves) else NotImplemented,
     torch.neg: lambda x: -x if isinstance(x, Leaves) else NotImplemented,
-    torch.Tensor.__mul__: _mul,
-    torch.Tensor.__rmul__: _mul,
-    torch.Tensor.mul: _mul,
-    torch.Tensor.__add__: _add,
-    torch.Tensor.__radd__: _add,
+    torch.Tensor.mul: _mul,  # also what `tensor * leaves` arrives as
     torch.Tensor.add: _add,
 }
 
 
+def _eager() -> bool:
+    """Outside torch.compile, torch.func transforms and forward-mode AD (whose rule for
+    ``_foreach_norm`` is broken in torch 2.13)."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
 def batches(tensors: Iterable[Any]) -> bool:
     """Whether multi-tensor kernels may replace per-tensor ops on ``tensors`` (see the module
-    docstring): eager code outside torch.func transforms, plain tensors outside autograd."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    docstring): eager code, plain tensors outside autograd."""
+    if not _eager():
         return False
-    return all(type(t) is torch.Tensor and not t.requires_grad for t in tensors)
+    for t in tensors:  # a loop, not all(...): this runs for every formula of every update
+        if type(t) is not torch.Tensor or t.requires_grad:
+            return False
+    return True
 
 
 def _batchable(tree: PyTree, rests: tuple) -> bool:
@@ -246,30 +300,25 @@ def _batchable(tree: PyTree, rests: tuple) -> bool:
     for r in rests:
         if type(r) is not dict or r.keys() != tree.keys():
             return False
-    # batches(), written out: this runs for every formula of every eager update.
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    for t in (tree, *rests):
-        for v in t.values():
-            if type(v) is not torch.Tensor or v.requires_grad:
-                return False
-    return True
+    return batches([v for t in (tree, *rests) for v in t.values()])
 
 
 def leafwise(fn: Callable, tree: PyTree, *rests: PyTree) -> PyTree:
-    """``tree_map(fn, tree, *rests)``, with ``fn`` run once per (device, dtype) group of
-    ``tree``'s leaves on :class:`Leaves` (multi-tensor kernels) where that applies (see the
-    module docstring). ``fn`` must be a per-leaf formula: tensor ops on its arguments, no
-    Python decisions on their shapes or values."""
+    """``tree_map(fn, tree, *rests)``, with ``fn`` run once per group of keys on
+    :class:`Leaves` (multi-tensor kernels) where that applies (see the module docstring).
+    A group's leaves share their device and, in each tree, their dtype. ``fn`` must be a
+    per-leaf formula: tensor ops on its arguments, no Python decisions on their shapes or
+    values."""
     if not _batchable(tree, rests):
         return tree_map(fn, tree, *rests)
+    trees = (tree, *rests)
     groups: dict[tuple, list] = {}
     for k, v in tree.items():
-        groups.setdefault((v.device, v.dtype), []).append(k)
+        key = (v.device, v.dtype, *(t[k].dtype for t in rests))
+        groups.setdefault(key, []).append(k)
     out: dict = {}
     for keys in groups.values():
-        args = [_batched([t[k] for k in keys]) for t in (tree, *rests)]
-        result = fn(*args)
+        result = fn(*(_batched([t[k] for k in keys]) for t in trees))
         if not isinstance(result, Leaves):
             raise TypeError(
                 f"leafwise: the formula returned {type(result).__name__}, not a value per leaf"

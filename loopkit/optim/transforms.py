@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from loopkit.optim.base import Transform, zeros_like_tree
 from loopkit.optim.leafwise import batches, leafwise
@@ -278,23 +279,19 @@ def scale_by_learning_rate(lr: Hyper | Schedule) -> Transform:
 
 
 def global_norm(tree: PyTree, norm_type: float = 2.0) -> torch.Tensor:
-    """The p-norm of all leaves as one vector, computed as torch.nn.utils.get_total_norm:
-    the ``norm_type``-norm of the stacked per-tensor norms (grouped by device and dtype, in
-    torch's order), on the first leaf's device. Eagerly each group's norms are one
-    multi-tensor ``torch._foreach_norm``, as torch computes them."""
+    """The p-norm of all leaves as one vector, as torch.nn.utils.get_total_norm: the
+    ``norm_type``-norm of the stacked per-tensor norms, on the first leaf's device. Eagerly
+    (see :func:`~loopkit.optim.leafwise.batches`) it is computed exactly as torch does: the
+    leaves grouped by device and dtype in torch's order, each group's norms one
+    ``torch._foreach_norm``; elsewhere the leaves are taken in order."""
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.tensor(0.0)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for x in leaves:
-        groups.setdefault((x.device, x.dtype), []).append(x)
-    batched = batches(leaves)
-    norms: list[torch.Tensor] = []
-    for group in groups.values():
-        if batched:
-            norms += torch._foreach_norm(group, norm_type)
-        else:
-            norms += [torch.linalg.vector_norm(x, norm_type) for x in group]
+    if batches(leaves):
+        groups = _group_tensors_by_device_and_dtype([leaves])
+        norms = [n for [group], _ in groups.values() for n in torch._foreach_norm(group, norm_type)]
+    else:
+        norms = [torch.linalg.vector_norm(x, norm_type) for x in leaves]
     device = leaves[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
 
