@@ -236,6 +236,8 @@ def test_a_formula_that_reads_attributes_is_refused_with_the_fix():
         leafwise(lambda x: 1.0, params)
     with pytest.raises(TypeError, match="tree_map instead"):
         leafwise(lambda x: x / x.numel(), params)
+    with pytest.raises(TypeError, match="cannot branch"):
+        leafwise(lambda x: x * 2 if (x > 0).any() else x, params)
 
 
 def test_eager_step_with_batched_update_matches_the_per_leaf_step(monkeypatch):

@@ -6,8 +6,9 @@ to launch as to run, so AdamW on the benchmark transformer (28 params) launched 
 where ``torch.optim.AdamW``'s default (foreach) implementation launches ~10, and loopkit's
 eager step ran at half the imperative loop's speed on an H200.
 
-:func:`leafwise` is ``tree_map`` for those formulas. It calls ``fn`` once per (device,
-dtype) group of leaves with :class:`Leaves` standing for the group's tensors. An op on
+:func:`leafwise` is ``tree_map`` for those formulas. It calls ``fn`` once per group of
+keys whose leaves share their device and dtype (in every tree), with :class:`Leaves`
+standing for the group's tensors. An op on
 ``Leaves`` is one multi-tensor ``torch._foreach_*`` call where torch has one (arithmetic with
 another ``Leaves``, a number or a 0-dim tensor of the leaves' dtype; ``sqrt``, ``lerp``,
 ``addcmul``, ``maximum``, ...), and otherwise the same op applied leaf by leaf. Formulas
@@ -115,6 +116,12 @@ class Leaves:
         return _each(operator.ge, (self, other))
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self):
+        raise TypeError(
+            "a formula run by loopkit.optim.leafwise cannot branch on its leaves' values "
+            "(write it with loopkit.tree.tree_map instead, or use torch.where)"
+        )
 
     def mul(self, other):
         return self * other
@@ -314,7 +321,7 @@ def leafwise(fn: Callable, tree: PyTree, *rests: PyTree) -> PyTree:
     trees = (tree, *rests)
     groups: dict[tuple, list] = {}
     for k, v in tree.items():
-        key = (v.device, v.dtype, *(t[k].dtype for t in rests))
+        key = (v.device, v.dtype, *((t[k].device, t[k].dtype) for t in rests))
         groups.setdefault(key, []).append(k)
     out: dict = {}
     for keys in groups.values():
