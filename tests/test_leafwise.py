@@ -10,9 +10,19 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import loopkit as lk
+import loopkit.optim.leafwise as leafwise_module
 from loopkit import optim
 from loopkit.optim.leafwise import leafwise
 from loopkit.tree import tree_map
+
+
+@pytest.fixture(autouse=True)
+def _batch_on_the_cpu(monkeypatch):
+    """leafwise batches accelerator tensors only (see its docstring); here it batches CPU
+    tensors too, where torch's foreach ops are the single-tensor ops in a loop, so the
+    batched path must give tree_map's values bitwise."""
+    monkeypatch.setattr(leafwise_module, "FOREACH_DEVICES", frozenset({"cpu"}))
+
 
 S = torch.tensor(0.3)  # a 0-dim tensor hyperparameter (injected, or a bias correction)
 S64 = torch.tensor(0.3, dtype=torch.float64)
@@ -120,6 +130,19 @@ def test_an_eager_adamw_update_dispatches_the_same_ops_for_any_number_of_params(
     assert few == many
     assert sum(c for k, c in many.items() if k.startswith("_foreach")) == 12, many
     assert sum(many.values()) < 30, many
+
+
+def test_cpu_leaves_take_the_per_leaf_path_by_default(monkeypatch):
+    """Batching is for accelerators, as torch.optim's foreach default (on the CPU it was
+    measured slower than the per-leaf ops)."""
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+    devices = frozenset(_get_foreach_kernels_supported_devices())
+    monkeypatch.setattr(leafwise_module, "FOREACH_DEVICES", devices)
+    assert "cuda" in devices and "cpu" not in devices
+    few, many = _adamw_ops(4), _adamw_ops(16)
+    assert not any(k.startswith("_foreach") for k in many)
+    assert many["lerp"] == 16 and few["lerp"] == 4
 
 
 def test_clipping_batches_too_and_computes_torchs_norm():
@@ -243,7 +266,6 @@ def test_a_formula_that_reads_attributes_is_refused_with_the_fix():
 def test_eager_step_with_batched_update_matches_the_per_leaf_step(monkeypatch):
     """A whole eager train step (clipping, AdamW) with multi-tensor kernels equals the same
     step with batching switched off, bitwise on the CPU."""
-    import loopkit.optim.leafwise as lw
     import loopkit.optim.transforms as transforms
 
     torch.manual_seed(0)
@@ -258,7 +280,7 @@ def test_eager_step_with_batched_update_matches_the_per_leaf_step(monkeypatch):
     a = b = lk.TrainState.create(model, opt)
     for _ in range(3):
         a, _ = step(a, batch)
-    monkeypatch.setattr(lw, "_batchable", lambda tree, rests: False)
+    monkeypatch.setattr(leafwise_module, "_batchable", lambda tree, rests: False)
     monkeypatch.setattr(transforms, "batches", lambda tensors: False)
     with _Ops() as ops:
         b, _ = step(b, batch)

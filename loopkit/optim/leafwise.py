@@ -21,8 +21,13 @@ gets an error that says to use ``tree_map``. The values are those of the per-lea
 - on CUDA they are the multi-tensor kernels ``torch.optim`` uses by default there, which
   compute the same formulas in the same precision (rounding may differ in the last bit).
 
-``leafwise`` falls back to ``tree_map`` where batching does not apply or would change what
-the code means: inside ``torch.compile`` (inductor fuses the per-leaf code itself, and the
+Batching is for the devices where ``torch.optim`` defaults to its foreach implementation
+(:data:`FOREACH_DEVICES`: CUDA and other accelerators). On the CPU, where torch's foreach
+ops are loops of the single-tensor ops, the per-leaf code runs: batched it was slower here
+(AdamW update of the benchmark MLP: 1.06 vs 0.92 ms).
+
+``leafwise`` also falls back to ``tree_map`` where batching would change what the code
+means: inside ``torch.compile`` (inductor fuses the per-leaf code itself, and the
 traced graph stays the one the compile tests pin down), under a ``torch.func`` transform
 (vmap'd ensembles, MAML's differentiated updates) or forward-mode AD, for leaves that
 require grad, for trees other than dicts of plain tensors, and for a single leaf.
@@ -36,8 +41,12 @@ from numbers import Number
 from typing import Any
 
 import torch
+from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
 from loopkit.tree import PyTree, tree_map
+
+# Device types whose leaves leafwise batches (torch.optim's foreach default: accelerators).
+FOREACH_DEVICES = frozenset(_get_foreach_kernels_supported_devices())
 
 
 class Leaves:
@@ -303,6 +312,9 @@ def batches(tensors: Iterable[Any]) -> bool:
 
 def _batchable(tree: PyTree, rests: tuple) -> bool:
     if type(tree) is not dict or len(tree) < 2:
+        return False
+    first = next(iter(tree.values()))
+    if not isinstance(first, torch.Tensor) or first.device.type not in FOREACH_DEVICES:
         return False
     for r in rests:
         if type(r) is not dict or r.keys() != tree.keys():
