@@ -24,7 +24,7 @@ gets an error that says to use ``tree_map``. The values are those of the per-lea
 Batching is for the devices where ``torch.optim`` defaults to its foreach implementation
 (:data:`FOREACH_DEVICES`: CUDA and other accelerators). On the CPU, where torch's foreach
 ops are loops of the single-tensor ops, the per-leaf code runs: batched it was slower here
-(AdamW update of the benchmark MLP: 1.06 vs 0.92 ms).
+(AdamW update of the benchmark MLP: 1.06 vs 0.92 ms; ``benchmarks/update_batching.py``).
 
 ``leafwise`` also falls back to ``tree_map`` where batching would change what the code
 means: inside ``torch.compile`` (inductor fuses the per-leaf code itself, and the
