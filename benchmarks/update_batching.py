@@ -1,14 +1,21 @@
-"""The eager AdamW update per leaf vs batched with torch's multi-tensor kernels, on one
-device: the measurement behind ``loopkit.optim.leafwise.FOREACH_DEVICES``.
+"""The eager AdamW update, four ways, on one device: the measurement behind
+``loopkit.optim.leafwise.FOREACH_DEVICES`` and ``loopkit.optim.fused``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/update_batching.py [--device cuda]
 
-For the benchmark MLP and transformer, interleaved rounds in one process: the update plus
-``apply_updates`` with batching forced on, then forced off; the fastest and median round.
+For the benchmark MLP and transformer, interleaved rounds in one process, the fastest and
+the median round of:
+
+- ``per leaf``: the chain's update plus ``apply_updates``, each op once per param;
+- ``batched``: the same with torch's multi-tensor kernels forced on (``leafwise``);
+- ``fused``: ``apply_gradients``, which runs torch's fused AdamW kernel on copies;
+- ``torch.optim``: ``torch.optim.AdamW(...).step()`` with its default implementation, in
+  place (the imperative loop's update).
 """
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -19,28 +26,44 @@ from loopkit import bench, optim
 
 def update_us(case: bench.Case, device: torch.device, rounds: int = 40, reps: int = 10) -> dict:
     torch.manual_seed(0)
-    opt = optim.adamw(lr=1e-3, weight_decay=1e-2)
-    state = lk.TrainState.create(case.build().to(device), opt)
+    model = case.build().to(device)
+    opt = optim.adamw(lr=bench.LR, weight_decay=bench.WEIGHT_DECAY)
+    state = lk.TrainState.create(model, opt)
     params = state.params
     grads = {k: torch.randn_like(v) for k, v in params.items()}
     opt_state = [state.opt_state]
 
-    def update() -> None:
+    def chain() -> None:
         updates, opt_state[0] = opt.update(grads, opt_state[0], params)
         optim.apply_updates(params, updates)
 
-    batched = leafwise.FOREACH_DEVICES | {device.type}
-    per_leaf = leafwise.FOREACH_DEVICES - {device.type}
-    times: dict[str, list[float]] = {"batched": [], "per leaf": []}
-    for _ in range(rounds + 3):
-        for label, devices in (("batched", batched), ("per leaf", per_leaf)):
-            leafwise.FOREACH_DEVICES = devices
-            bench._sync(device)
-            start = time.perf_counter()
-            for _ in range(reps):
-                update()
-            bench._sync(device)
-            times[label].append((time.perf_counter() - start) / reps * 1e6)
+    def fused() -> None:
+        optim.apply_gradients(opt, grads, opt_state[0], params)
+
+    for p, g in zip(model.parameters(), grads.values(), strict=True):
+        p.grad = g.clone()
+    imperative = torch.optim.AdamW(model.parameters(), lr=bench.LR, weight_decay=bench.WEIGHT_DECAY)
+
+    default = leafwise.FOREACH_DEVICES
+    variants: dict[str, tuple[Callable[[], None], frozenset]] = {
+        "per leaf": (chain, default - {device.type}),
+        "batched": (chain, default | {device.type}),
+        "fused": (fused, default),
+        "torch.optim": (imperative.step, default),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    try:
+        for _ in range(rounds + 3):
+            for label, (update, devices) in variants.items():
+                leafwise.FOREACH_DEVICES = devices
+                bench._sync(device)
+                start = time.perf_counter()
+                for _ in range(reps):
+                    update()
+                bench._sync(device)
+                times[label].append((time.perf_counter() - start) / reps * 1e6)
+    finally:
+        leafwise.FOREACH_DEVICES = default
     return {k: (min(v[3:]), sorted(v[3:])[len(v[3:]) // 2]) for k, v in times.items()}
 
 
@@ -48,10 +71,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     device = torch.device(parser.parse_args().device)
-    default = leafwise.FOREACH_DEVICES
-    try:
-        for case in (bench.CASES[0], bench.CASES[2]):
-            rows = update_us(case, device).items()
-            print(case.label, ", ".join(f"{k}: {a:.0f} µs (median {b:.0f})" for k, (a, b) in rows))
-    finally:
-        leafwise.FOREACH_DEVICES = default
+    for case in (bench.CASES[0], bench.CASES[2]):
+        rows = update_us(case, device).items()
+        print(case.label, ", ".join(f"{k}: {a:.0f} µs (median {b:.0f})" for k, (a, b) in rows))

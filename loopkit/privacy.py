@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
 
-from loopkit.optim.base import Transform, apply_updates
+from loopkit.optim.base import Transform, apply_gradients
 from loopkit.step import LossFn, Net, TrainStep, _maybe_compile, _split_loss
 from loopkit.tree import tree_flatten, tree_map, tree_unflatten
 
@@ -118,12 +118,12 @@ def dp_train_step(
         clipped, norms = clip_per_sample(grads, clip)
         n = losses.shape[0]
         noisy = {k: (g.sum(0) + sigma * torch.randn_like(g[0])) / n for k, g in clipped.items()}
-        updates, opt_state = optimizer.update(noisy, opt_state, params)
+        params, opt_state = apply_gradients(optimizer, noisy, opt_state, params)
         metrics = {
             "loss": losses.mean().detach(),
             **{k: v.mean() for k, v in aux.items()},
             "clipped": (norms > clip).to(losses.dtype).mean(),
         }
-        return apply_updates(params, updates), buffers, opt_state, step + 1, metrics
+        return params, buffers, opt_state, step + 1, metrics
 
     return _maybe_compile(TrainStep(model, train), compile, compile_kwargs)

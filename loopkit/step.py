@@ -19,7 +19,7 @@ from torch.func import functional_call, grad_and_value
 from loopkit import scalars
 from loopkit.binding import ModuleBinding
 from loopkit.errors import CompileError, LossError, StepError
-from loopkit.optim.base import Transform, apply_updates
+from loopkit.optim.base import Transform, apply_gradients
 from loopkit.optim.transforms import clip_by_global_norm_with_norm
 from loopkit.precision import LossScaleState, autocast_dtype
 from loopkit.rng import rng_scope
@@ -312,8 +312,8 @@ def train_step(
             metrics["loss_scale"] = opt_state.scale.clone()  # the input may be donated
         if clip_norm is not None:
             grads, metrics["grad_norm"] = clip_by_global_norm_with_norm(grads, float(clip_norm))
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return apply_updates(params, updates), buffers, opt_state, step + 1, metrics
+        params, opt_state = apply_gradients(optimizer, grads, opt_state, params)
+        return params, buffers, opt_state, step + 1, metrics
 
     return _maybe_compile(TrainStep(model, train, prepare=prepare), compile, compile_kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU}
 
@@ -305,3 +307,16 @@ def adafactor_kwargs(draw) -> dict:
 
 TORCH_OPTIMIZERS["adafactor"] = torch.optim.Adafactor
 KWARGS["adafactor"] = adafactor_kwargs()
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as ops:``: ``ops.count``, the ATen ops the body dispatched, by
+    name (``"add"``, ``"_foreach_mul"``, ``"_fused_adamw_"``...)."""
+
+    def __enter__(self):
+        self.count = collections.Counter()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -1,8 +1,10 @@
 """Functional optimizers at torch.optim parity, composable like optax.
 
 Every optimizer is a :class:`Transform` ``(init, update)``; ``chain`` composes them and
-``apply_updates`` adds the result to the params. See :mod:`loopkit.optim.transforms` for the
-building blocks and :mod:`loopkit.optim.schedules` for learning-rate schedules.
+``apply_updates`` adds the result to the params (``apply_gradients`` does both, with torch's
+fused kernel for eager Adam and AdamW: :mod:`loopkit.optim.fused`). See
+:mod:`loopkit.optim.transforms` for the building blocks and :mod:`loopkit.optim.schedules`
+for learning-rate schedules.
 :func:`inject_hyperparams` keeps an optimizer's hyperparameters as tensors in its state
 (:func:`hyperparams` reads them, :func:`set_hyperparams` changes them).
 """
@@ -23,7 +25,7 @@ from loopkit.optim.aliases import (
     rprop,
     sgd,
 )
-from loopkit.optim.base import Transform, apply_updates, chain, identity
+from loopkit.optim.base import Transform, apply_gradients, apply_updates, chain, identity
 from loopkit.optim.hyperparams import (
     InjectState,
     hyperparams,
@@ -75,6 +77,7 @@ __all__ = [
     "adamax",
     "adamw",
     "add_decayed_weights",
+    "apply_gradients",
     "apply_updates",
     "asgd",
     "asgd_update",

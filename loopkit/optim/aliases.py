@@ -9,16 +9,20 @@ values; structure (``amsgrad``, ``nesterov``, ``centered``, ``maximize``...) sta
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from loopkit.optim.base import Transform, chain
+from loopkit.optim import fused as fused_kernel
+from loopkit.optim.base import ApplyFn, Transform, apply_updates, chain
 from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
     Hyper,
+    ScaleByAdamState,
+    ScaleByLearningRateState,
     adafactor_update,
     add_decayed_weights,
     asgd_update,
@@ -57,7 +61,11 @@ def _checked(tx: Transform) -> Transform:
             check_same_keys(grads, params, "grads", "params")
         return tx.update(grads, state, params)
 
-    return Transform(init, update)
+    def apply(grads, state, params):
+        check_same_keys(grads, params, "grads", "params")
+        return tx.apply(grads, state, params)
+
+    return Transform(init, update, apply if tx.apply is not None else None)
 
 
 def _lr(lr: Any, invalid: Callable[[float], bool]) -> Hyper | Schedule:
@@ -151,13 +159,63 @@ def adam(
     *,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    fused: bool | None = None,
 ) -> Transform:
     """torch.optim.Adam: L2 weight decay ``g += weight_decay * p`` (or AdamW's decoupled
-    decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``."""
+    decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``.
+
+    Eager steps (:func:`~loopkit.optim.apply_gradients`, which ``train_step`` uses) run
+    torch's fused Adam kernel where it applies -- float32 and float64 params on its devices,
+    numeric betas, eps and weight decay; see :mod:`loopkit.optim.fused` -- with the
+    chain's results to rounding. ``fused=False`` always runs the chain; ``fused=True`` also
+    fuses float16 and bfloat16 params (the kernel computes them in float32)."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
+    if fused not in (None, True, False):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
     adaptive = scale_by_adam(_beta1(betas), _num(betas[1]), _num(eps), amsgrad)
-    return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize)
+    kernel = None
+    if fused is not False and all(map(_fixed, (betas[0], betas[1], eps, weight_decay))):
+        kernel = functools.partial(
+            _fused_adam,
+            b1=float(betas[0]), b2=float(betas[1]), eps=float(eps),
+            weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize,
+            decoupled=decoupled_weight_decay,
+            dtypes=fused_kernel.KERNEL_DTYPES if fused else fused_kernel.FULL_PRECISION,
+        )  # fmt: skip
+    return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize, kernel)
+
+
+def _fused_adam(
+    tx: Transform, lr_tx: Transform, *, maximize: bool, decoupled: bool, **kernel: Any
+) -> ApplyFn:
+    """The ``apply`` of the Adam chain ``tx`` (built by :func:`_adaptive`; its last link
+    ``lr_tx``): torch's fused kernel where :func:`loopkit.optim.fused.adam_step` applies,
+    otherwise ``tx.update`` and ``apply_updates``. The chain's other links (negate, decay)
+    keep no state."""
+    at = int(maximize) + int(not decoupled)  # where scale_by_adam's state sits in the chain's
+    links = int(maximize) + 3
+
+    def apply(grads, state, params):
+        if type(state) is tuple and len(state) == links:
+            adam_state, lr_state = state[at], state[-1]
+            if isinstance(adam_state, ScaleByAdamState) and isinstance(
+                lr_state, ScaleByLearningRateState
+            ):
+                _, lr_state = lr_tx.update({}, lr_state)  # the lr of this update, in its state
+                out = fused_kernel.adam_step(
+                    params, grads, adam_state, lr_state.lr, maximize=maximize,
+                    decoupled=decoupled, **kernel,
+                )  # fmt: skip
+                if out is not None:
+                    new_params, adam_state = out
+                    new_state = list(state)
+                    new_state[at], new_state[-1] = adam_state, lr_state
+                    return new_params, tuple(new_state)
+        updates, state = tx.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    return apply
 
 
 def _adaptive(
@@ -166,12 +224,18 @@ def _adaptive(
     weight_decay: float,
     decoupled: bool,
     maximize: bool,
+    kernel: Callable[[Transform, Transform], ApplyFn] | None = None,
 ) -> Transform:
     """``[negate] -> L2 decay -> direction -> -lr``, or with decoupled decay (AdamW-style,
-    ``p -= lr * weight_decay * p``) ``[negate] -> direction -> decay -> -lr``."""
+    ``p -= lr * weight_decay * p``) ``[negate] -> direction -> decay -> -lr``; with
+    ``kernel``, whose ``apply`` is ``kernel(chain, its lr link)``."""
     decay = add_decayed_weights(_num(weight_decay))
     core = [direction, decay] if decoupled else [decay, direction]
-    return _checked(chain(*([negate()] if maximize else []), *core, scale_by_learning_rate(lr)))
+    lr_tx = scale_by_learning_rate(lr)
+    tx = chain(*([negate()] if maximize else []), *core, lr_tx)
+    if kernel is not None:
+        tx = tx._replace(apply=kernel(tx, lr_tx))
+    return _checked(tx)
 
 
 def _negative_or_nan(v: float) -> bool:  # the lr check of most torch.optim classes
@@ -186,12 +250,15 @@ def adamw(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
+    fused: bool | None = None,
 ) -> Transform:
     """torch.optim.AdamW: ``p -= lr * weight_decay * p`` (decoupled from the moments), then
-    the Adam step. Equivalent to ``adam(..., decoupled_weight_decay=True)``."""
+    the Adam step. Equivalent to ``adam(..., decoupled_weight_decay=True)`` (``fused`` as
+    there)."""
     return adam(
-        lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True
-    )
+        lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
+        fused=fused,
+    )  # fmt: skip
 
 
 def rmsprop(

@@ -6,7 +6,11 @@ A :class:`Transform` turns gradients into updates::
     updates, opt_state = tx.update(grads, opt_state, params)
     params = apply_updates(params, updates)          # params + updates, leaf by leaf
 
-Both functions are pure: they return new tensors and never modify their arguments, so a
+or, in one call, ``params, opt_state = apply_gradients(tx, grads, opt_state, params)``:
+the same, computed by the transform's own ``apply`` where it has one (the built-in Adam and
+AdamW: torch's fused kernel, eagerly; see :mod:`loopkit.optim.fused`).
+
+All of these are pure: they return new tensors and never modify their arguments, so a
 whole training step that calls them can be traced by ``torch.func`` and ``torch.compile``.
 """
 
@@ -23,14 +27,20 @@ from loopkit.tree import PyTree, check_same_keys, tree_map
 OptState = Any
 InitFn = Callable[[PyTree], OptState]
 UpdateFn = Callable[[PyTree, OptState, PyTree | None], tuple[PyTree, OptState]]
+ApplyFn = Callable[[PyTree, OptState, PyTree], tuple[PyTree, OptState]]
 
 
 class Transform(NamedTuple):
     """A gradient transformation: ``init(params) -> state``,
-    ``update(updates, state, params) -> (updates, state)``."""
+    ``update(updates, state, params) -> (updates, state)``.
+
+    ``apply(grads, state, params) -> (new_params, state)``, where given, must equal
+    ``update`` followed by :func:`apply_updates` to rounding, with the same state: a faster
+    way to the same result (see :func:`apply_gradients`)."""
 
     init: InitFn
     update: UpdateFn
+    apply: ApplyFn | None = None
 
 
 def identity() -> Transform:
@@ -63,6 +73,18 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates`` leaf by leaf, keeping each param's dtype."""
     check_same_keys(updates, params, "updates", "params")
     return leafwise(lambda p, u: (p + u).to(p.dtype), params, updates)
+
+
+def apply_gradients(
+    tx: Transform, grads: PyTree, state: OptState, params: PyTree
+) -> tuple[PyTree, OptState]:
+    """One optimizer step: ``(new_params, new_state)``, where ``new_params`` is
+    ``apply_updates(params, updates)`` for ``updates, new_state = tx.update(grads, state,
+    params)``, computed by ``tx.apply`` where the transform has one."""
+    if tx.apply is not None:
+        return tx.apply(grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return apply_updates(params, updates), state
 
 
 def zeros_like_tree(params: PyTree) -> PyTree:

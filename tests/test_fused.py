@@ -1,0 +1,251 @@
+"""Eager Adam and AdamW through torch's fused kernel (loopkit.optim.fused): bitwise
+torch.optim's ``fused=True``, to rounding the chain (and torch.optim's default, which
+test_step checks through the train step), pure, and the chain wherever the kernel does not
+apply."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import loopkit as lk
+from loopkit import optim
+from loopkit.optim import schedules
+from loopkit.optim.transforms import ScaleByAdamState
+from loopkit.tree import tree_leaves, tree_map, tree_structure
+from tests.helpers import OpCounter, adam_kwargs
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+FP64 = dict(rtol=1e-10, atol=1e-12)
+KERNELS = {"_fused_adam_", "_fused_adamw_"}
+TORCH = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def _params(dtype=torch.float32, seed=0, widths=(5, 7, 3)) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        out[f"{i}.weight"] = torch.randn(b, a, generator=g, dtype=dtype)
+        out[f"{i}.bias"] = torch.randn(b, generator=g, dtype=dtype)
+    return out
+
+
+def _grads(params, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return tree_map(lambda v: torch.randn(v.shape, generator=g, dtype=v.dtype), params)
+
+
+def _run(tx, params, steps: int, seed: int = 0):
+    """``steps`` updates by ``apply_gradients`` with seeded random grads: the params, the
+    state, and the ops the last update dispatched."""
+    state = tx.init(params)
+    for i in range(steps):
+        with OpCounter() as ops:
+            params, state = optim.apply_gradients(tx, _grads(params, seed + i), state, params)
+    return params, state, ops.count
+
+
+def _fused(ops) -> bool:
+    return any(k in KERNELS for k in ops)
+
+
+def _adam(state) -> ScaleByAdamState:
+    return next(s for s in state if isinstance(s, ScaleByAdamState))
+
+
+def _assert_close_trees(a, b, tol):
+    assert tree_structure(a) == tree_structure(b)
+    for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.device == y.device
+        torch.testing.assert_close(x, y, **tol)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(["adam", "adamw"]),
+    kwargs=adam_kwargs(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    steps=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name, kwargs, dtype, steps, seed):
+    """After a few updates the params and moments are bitwise torch.optim's with
+    ``fused=True`` (the same kernel given the same numbers), and the chain's to the
+    float32 / float64 standard, with a state of the chain's structure."""
+    params = _params(dtype, seed)
+    got, state, ops = _run(getattr(optim, name)(**kwargs), params, steps, seed)
+    assert _fused(ops)
+
+    ref = {k: v.clone() for k, v in params.items()}
+    opt = TORCH[name](list(ref.values()), fused=True, **kwargs)
+    for i in range(steps):
+        for p, g in zip(ref.values(), _grads(params, seed + i).values(), strict=True):
+            p.grad = g
+        opt.step()
+    for k, p in ref.items():
+        assert torch.equal(got[k], p), k
+        moments = opt.state[p]
+        assert torch.equal(_adam(state).exp_avg[k], moments["exp_avg"])
+        assert torch.equal(_adam(state).exp_avg_sq[k], moments["exp_avg_sq"])
+        if kwargs["amsgrad"]:
+            assert torch.equal(_adam(state).max_exp_avg_sq[k], moments["max_exp_avg_sq"])
+
+    chain = getattr(optim, name)(**kwargs, fused=False)
+    chain_params, chain_state, chain_ops = _run(chain, params, steps, seed)
+    assert not _fused(chain_ops)
+    tol = FP32 if dtype == torch.float32 else FP64
+    _assert_close_trees(got, chain_params, tol)
+    _assert_close_trees(state, chain_state, tol)
+    assert torch.equal(_adam(state).count, _adam(chain_state).count)
+
+
+def test_inputs_are_not_modified():
+    params = _params()
+    tx = optim.adamw(lr=0.1, amsgrad=True)
+    state = optim.apply_gradients(tx, _grads(params, 0), tx.init(params), params)[1]
+    grads = _grads(params, 1)
+    before = copy.deepcopy((params, grads, state))
+    new_params, new_state = optim.apply_gradients(tx, grads, state, params)
+    for a, b in zip(tree_leaves((params, grads, state)), tree_leaves(before), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(tree_leaves((new_params, new_state)), tree_leaves(state), strict=False):
+        assert a.data_ptr() != b.data_ptr()
+
+
+def test_schedules_mixed_dtypes_and_nested_params():
+    """An lr schedule (the lr in the state follows it), params of two dtypes (one kernel
+    call per dtype, as torch groups them) in a nested dict: the chain's values."""
+    params = {
+        "enc": _params(torch.float32, 1),
+        "head": {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.zeros(4)},
+    }
+    lr = schedules.cosine_annealing(0.1, T_max=5)
+    tx, chain = (optim.adamw(lr=lr, weight_decay=0.1, fused=f) for f in (None, False))
+    got, state, ops = _run(tx, params, 4)
+    assert ops["_fused_adamw_"] == 2
+    want, want_state, _ = _run(chain, params, 4)
+    for a, b in zip(tree_leaves((got, state)), tree_leaves((want, want_state)), strict=True):
+        tol = FP64 if a.dtype == torch.float64 else FP32
+        torch.testing.assert_close(a, b, **tol)
+    assert optim.learning_rates(state) == optim.learning_rates(want_state)
+
+
+def _falls_back(tx, params, grads=None, state=None):
+    """``apply_gradients`` runs the chain (no fused kernel) and gives exactly its result."""
+    grads = _grads(params, 0) if grads is None else grads
+    state = tx.init(params) if state is None else state
+    with OpCounter() as ops:
+        got = optim.apply_gradients(tx, grads, state, params)
+    assert not _fused(ops.count)
+    updates, want_state = tx.update(grads, state, params)
+    want = optim.apply_updates(params, updates)
+    for a, b in zip(tree_leaves(got), tree_leaves((want, want_state)), strict=True):
+        assert torch.equal(a, b)
+    return got
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fused_false", "bfloat16", "transposed", "strided_grad", "beta1_schedule", "injected"],
+)
+def test_the_chain_runs_where_the_kernel_does_not_apply(case):
+    params = _params()
+    grads = _grads(params, 0)
+    tx = optim.adam(lr=0.01, weight_decay=0.1)
+    if case == "fused_false":
+        tx = optim.adam(lr=0.01, fused=False)
+    elif case == "bfloat16":  # the kernel computes bf16 in float32: only with fused=True
+        params = tree_map(lambda v: v.to(torch.bfloat16), params)
+        grads = tree_map(lambda v: v.to(torch.bfloat16), grads)
+    elif case == "transposed":  # the CPU kernel would walk it in memory order
+        params["0.weight"] = params["0.weight"].t().contiguous().t()
+    elif case == "strided_grad":
+        grads["0.weight"] = grads["0.weight"].t().contiguous().t()
+    elif case == "beta1_schedule":
+        tx = optim.adam(lr=0.01, betas=(lambda t: 0.9 - 0.0 * t, 0.999))
+    elif case == "injected":
+        tx = optim.inject_hyperparams(optim.adamw)(lr=0.01)
+    _falls_back(tx, params, grads)
+
+
+def test_fused_true_fuses_bfloat16():
+    params = tree_map(lambda v: v.to(torch.bfloat16), _params())
+    got, _, ops = _run(optim.adamw(lr=0.01, fused=True), params, 2)
+    assert _fused(ops)
+    ref = {k: v.clone() for k, v in params.items()}
+    opt = torch.optim.AdamW(list(ref.values()), lr=0.01, fused=True)
+    for i in range(2):
+        for p, g in zip(ref.values(), _grads(params, i).values(), strict=True):
+            p.grad = g
+        opt.step()
+    for k in ref:
+        assert torch.equal(got[k], ref[k])
+
+
+def test_the_chain_runs_under_autograd_vmap_and_compile():
+    """Hypergradients through the update (the kernel has no derivative), a vmapped
+    ensemble of updates, and a compiled step (inductor fuses the chain itself)."""
+    params = _params(torch.float64)
+    grads = _grads(params, 0)
+    tx = optim.adam(lr=0.01)
+    state = tx.init(params)
+
+    # autograd: grads that require grad (a differentiated inner step, as in MAML)
+    scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    scaled = {k: g * scale for k, g in grads.items()}
+    new, _ = _falls_back(tx, params, scaled, state)
+    (hyper,) = torch.autograd.grad(sum(v.sum() for v in new.values()), scale)
+    assert torch.isfinite(hyper) and hyper != 0
+
+    # vmap over a batch of states
+    stacked = tree_map(lambda v: torch.stack([v, 2 * v]), params)
+    stacked_grads = tree_map(lambda v: torch.stack([v, -v]), grads)
+    states = torch.func.vmap(tx.init)(stacked)
+    out, _ = torch.func.vmap(lambda p, g, s: optim.apply_gradients(tx, g, s, p))(
+        stacked, stacked_grads, states
+    )
+    first, _ = optim.apply_gradients(optim.adam(lr=0.01, fused=False), grads, state, params)
+    for k in params:
+        torch.testing.assert_close(out[k][0], first[k], **FP64)
+
+    # compile: the graph holds the chain's ops, not the kernel
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda g, s, p: optim.apply_gradients(tx, g, s, p), backend=backend)
+    got, _ = compiled(grads, state, params)
+    code = "".join(gm.code for gm in graphs)
+    assert graphs and "fused_adam" not in code
+    for k in params:
+        torch.testing.assert_close(got[k], first[k], **FP64)
+
+
+def test_train_step_uses_the_kernel_and_keeps_its_checks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    tx = optim.adamw(lr=0.01)
+
+    def loss_fn(net, batch):
+        return net(batch).pow(2).mean()
+
+    step = lk.train_step(model, loss_fn, tx)
+    state = lk.TrainState.create(model, tx)
+    with OpCounter() as ops:
+        state, _ = step(state, torch.randn(3, 4))
+    assert ops.count["_fused_adamw_"] == 1
+
+    params = dict(state.params)
+    grads = _grads(params, 0)
+    del grads["0.bias"]
+    with pytest.raises(ValueError, match="0.bias"):
+        optim.apply_gradients(tx, grads, state.opt_state, params)
+    with pytest.raises(ValueError, match="state of length"):
+        optim.apply_gradients(tx, _grads(params, 0), state.opt_state[:2], params)
+    with pytest.raises(TypeError, match="fused must be"):
+        optim.adamw(fused="yes")
