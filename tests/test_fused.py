@@ -249,3 +249,17 @@ def test_train_step_uses_the_kernel_and_keeps_its_checks():
         optim.apply_gradients(tx, _grads(params, 0), state.opt_state[:2], params)
     with pytest.raises(TypeError, match="fused must be"):
         optim.adamw(fused="yes")
+
+
+def test_a_changed_learning_rate_is_used():
+    """``set_learning_rate`` (ReduceLROnPlateau's hook) changes the lr the kernel reads."""
+    params = _params()
+    tx, chain = (optim.adamw(lr=0.01, fused=f) for f in (None, False))
+    state = optim.set_learning_rate(tx.init(params), 0.003)
+    grads = _grads(params, 0)
+    got, got_state = optim.apply_gradients(tx, grads, state, params)
+    want, want_state = optim.apply_gradients(chain, grads, state, params)
+    _assert_close_trees((got, got_state), (want, want_state), FP32)
+    assert optim.learning_rates(got_state) == [0.003]
+    unchanged, _ = optim.apply_gradients(tx, grads, tx.init(params), params)
+    assert not torch.equal(got["0.weight"], unchanged["0.weight"])
