@@ -21,6 +21,7 @@ import loopkit as lk
 from loopkit import optim
 from tests.helpers import (
     KWARGS,
+    OpCounter,
     assert_state_matches,
     build_mlp,
     imperative_run,
@@ -104,6 +105,48 @@ def test_eager_step_on_the_device_matches_the_imperative_loop(spec, opt_name_kwa
     ref, ref_losses = imperative_run(model, data, name, kwargs, seed=seed, clip_norm=clip_norm)
     torch.testing.assert_close(torch.stack(losses), ref_losses, **EAGER)
     assert_state_matches(state, ref, **EAGER)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_eager_fused_update_on_the_device_is_torchs_fused_update(name):
+    """The eager Adam/AdamW update runs torch's fused kernel on the device: bitwise
+    ``torch.optim``'s ``fused=True`` given the lr the kernel reads (on CUDA a float32 tensor
+    on the device, on the CPU a double), with no host sync (CUDA's sync debug mode raises
+    on one). float64 params on CUDA, whose kernel would read a float32 lr, run the chain."""
+    g = torch.Generator().manual_seed(0)
+    params = {f"w{i}": torch.randn(5, i + 1, generator=g).to(DEVICE) for i in range(4)}
+    grads = [{k: torch.randn(v.shape, generator=g).to(DEVICE) for k, v in params.items()}
+             for _ in range(3)]  # fmt: skip
+    kwargs = dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)
+    tx = getattr(optim, name)(**kwargs)
+    state, got = tx.init(params), params
+    for grad in grads:
+        if CUDA:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with OpCounter() as ops:
+                got, state = optim.apply_gradients(tx, grad, state, got)
+        finally:
+            if CUDA:
+                torch.cuda.set_sync_debug_mode("default")
+        assert ops.count[f"_fused_{name}_"] == 1
+
+    lr = torch.tensor(kwargs.pop("lr"), device=DEVICE) if CUDA else kwargs.pop("lr")
+    ref = {k: v.clone() for k, v in params.items()}
+    torch_opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    opt = torch_opt(list(ref.values()), lr=lr, fused=True, **kwargs)
+    for grad in grads:
+        for p, gr in zip(ref.values(), grad.values(), strict=True):
+            p.grad = gr
+        opt.step()
+    for k in params:
+        assert torch.equal(got[k], ref[k]), k
+
+    doubles = {k: v.double() for k, v in params.items()}
+    with OpCounter() as ops:
+        optim.apply_gradients(tx, {k: v.double() for k, v in grads[0].items()},
+                              tx.init(doubles), doubles)  # fmt: skip
+    assert bool(ops.count[f"_fused_{name}_"]) == (not CUDA)
 
 
 # ------------------------------------------------------------------------ CUDA graphs

@@ -102,17 +102,22 @@ def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name, kwargs, dty
     assert torch.equal(_adam(state).count, _adam(chain_state).count)
 
 
-def test_inputs_are_not_modified():
+@pytest.mark.parametrize(
+    "tx",
+    [optim.adamw(lr=0.1, amsgrad=True), optim.adam(lr=0.1, weight_decay=0.1, maximize=True)],
+)
+def test_inputs_are_not_modified(tx):
     params = _params()
-    tx = optim.adamw(lr=0.1, amsgrad=True)
     state = optim.apply_gradients(tx, _grads(params, 0), tx.init(params), params)[1]
     grads = _grads(params, 1)
     before = copy.deepcopy((params, grads, state))
-    new_params, new_state = optim.apply_gradients(tx, grads, state, params)
+    with OpCounter() as ops:
+        new_params, new_state = optim.apply_gradients(tx, grads, state, params)
+    assert _fused(ops.count)
     for a, b in zip(tree_leaves((params, grads, state)), tree_leaves(before), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(tree_leaves((new_params, new_state)), tree_leaves(state), strict=False):
-        assert a.data_ptr() != b.data_ptr()
+    old = {t.data_ptr() for t in tree_leaves((params, grads, state))}
+    assert not any(t.data_ptr() in old for t in tree_leaves(new_params))
 
 
 def test_schedules_mixed_dtypes_and_nested_params():
@@ -147,28 +152,105 @@ def _falls_back(tx, params, grads=None, state=None):
     return got
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["fused_false", "bfloat16", "transposed", "strided_grad", "beta1_schedule", "injected"],
-)
+CASES = [
+    "fused_false", "bfloat16", "transposed", "strided_grad", "beta1_schedule", "injected",
+    "moment_dtype", "param_requires_grad", "moment_key_order", "zero_grad",
+    "negated_grad", "step_2**24",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_the_chain_runs_where_the_kernel_does_not_apply(case):
+    """Each case gives exactly the chain's result, without the kernel (it would compute
+    garbage, lose precision, crash or break autograd there)."""
     params = _params()
     grads = _grads(params, 0)
     tx = optim.adam(lr=0.01, weight_decay=0.1)
+    state = tx.init(params)
+    adam = state[1]  # after the L2 decay's ()
     if case == "fused_false":
         tx = optim.adam(lr=0.01, fused=False)
+        state = tx.init(params)
     elif case == "bfloat16":  # the kernel computes bf16 in float32: only with fused=True
         params = tree_map(lambda v: v.to(torch.bfloat16), params)
         grads = tree_map(lambda v: v.to(torch.bfloat16), grads)
+        state = tx.init(params)
     elif case == "transposed":  # the CPU kernel would walk it in memory order
         params["0.weight"] = params["0.weight"].t().contiguous().t()
     elif case == "strided_grad":
         grads["0.weight"] = grads["0.weight"].t().contiguous().t()
     elif case == "beta1_schedule":
         tx = optim.adam(lr=0.01, betas=(lambda t: 0.9 - 0.0 * t, 0.999))
-    elif case == "injected":
+    elif case == "injected":  # every hyperparameter a tensor
         tx = optim.inject_hyperparams(optim.adamw)(lr=0.01)
-    _falls_back(tx, params, grads)
+        state = tx.init(params)
+    elif case == "moment_dtype":  # a float64 moment (the chain promotes)
+        sq = {**adam.exp_avg_sq, "0.bias": adam.exp_avg_sq["0.bias"].double()}
+        state = _with_adam(state, adam._replace(exp_avg_sq=sq))
+    elif case == "param_requires_grad":
+        params["1.bias"] = params["1.bias"].clone().requires_grad_()
+    elif case == "moment_key_order":
+        state = _with_adam(state, adam._replace(exp_avg=dict(reversed(adam.exp_avg.items()))))
+    elif case == "zero_grad":  # a ZeroTensor, as some backward formulas return
+        grads["0.bias"] = torch._efficientzerotensor(grads["0.bias"].shape)
+    elif case == "negated_grad":  # a lazy negation (neg bit)
+        grads["0.bias"] = torch._neg_view(grads["0.bias"])
+    elif case == "step_2**24":  # the kernel's float32 step count would round
+        state = _with_adam(state, adam._replace(count=torch.tensor(2**24 - 1)))
+    _falls_back(tx, params, grads, state)
+
+
+def _with_adam(state, adam):
+    return (state[0], adam, *state[2:])
+
+
+def test_the_kernel_runs_up_to_the_last_exact_step_count_and_for_channels_last():
+    params = _params()
+    params["conv"] = torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    tx = optim.adam(lr=0.01, weight_decay=0.1, amsgrad=1, maximize=1)  # truthy, not bool
+    state = tx.init(params)
+    adam = state[2]._replace(count=torch.tensor(2**24 - 2))
+    state = (*state[:2], adam, state[3])
+    grads = tree_map(torch.randn_like, params)
+    with OpCounter() as ops:
+        got, got_state = optim.apply_gradients(tx, grads, state, params)
+    assert ops.count["_fused_adam_"] == 1
+    assert got["conv"].is_contiguous(memory_format=torch.channels_last)
+    chain = optim.adam(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True, fused=False)
+    updates, want_state = chain.update(grads, state, params)
+    want = optim.apply_updates(params, updates)
+    _assert_close_trees((got, got_state), (want, want_state), FP32)
+    assert int(_adam(got_state).count) == 2**24 - 1
+
+
+def test_injected_lr_alone_keeps_the_kernel():
+    """``inject_hyperparams(adamw, names=("lr",))`` builds AdamW with a tensor lr and
+    numeric betas: the kernel runs, reading the injected (and changed) lr."""
+    params = _params()
+    tx = optim.inject_hyperparams(optim.adamw, names=("lr",))(lr=0.01, weight_decay=0.1)
+    chain = optim.inject_hyperparams(optim.adamw, names=("lr",))(
+        lr=0.01, weight_decay=0.1, fused=False
+    )
+    state = optim.set_hyperparams(tx.init(params), lr=0.002)
+    grads = _grads(params, 0)
+    with OpCounter() as ops:
+        got = optim.apply_gradients(tx, grads, state, params)
+    assert ops.count["_fused_adamw_"] == 1
+    want = optim.apply_gradients(chain, grads, state, params)
+    _assert_close_trees(got, want, FP32)
+    assert optim.learning_rates(got[1]) == [0.002]
+
+
+def test_the_transform_stays_an_init_update_pair():
+    """The kernel is carried by the update function (``update.apply``): a transform still
+    unpacks as ``init, update``, and one whose update is replaced does not keep it."""
+    params = _params()
+    init, update = tx = optim.adamw(lr=0.1)
+    assert callable(update.apply)
+    frozen = tx._replace(update=lambda g, s, p=None: (tree_map(torch.zeros_like, g), s))
+    got, _ = optim.apply_gradients(frozen, _grads(params, 0), init(params), params)
+    for k in params:
+        assert torch.equal(got[k], params[k])
 
 
 def test_fused_true_fuses_bfloat16():

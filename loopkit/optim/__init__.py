@@ -25,7 +25,14 @@ from loopkit.optim.aliases import (
     rprop,
     sgd,
 )
-from loopkit.optim.base import Transform, apply_gradients, apply_updates, chain, identity
+from loopkit.optim.base import (
+    Transform,
+    apply_gradients,
+    apply_updates,
+    chain,
+    identity,
+    with_apply,
+)
 from loopkit.optim.hyperparams import (
     InjectState,
     hyperparams,
@@ -117,4 +124,5 @@ __all__ = [
     "sgd",
     "swa",
     "trace",
+    "with_apply",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from loopkit.optim import fused as fused_kernel
-from loopkit.optim.base import ApplyFn, Transform, apply_updates, chain
+from loopkit.optim.base import ApplyFn, Transform, apply_updates, chain, with_apply
 from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
     Hyper,
@@ -61,11 +61,15 @@ def _checked(tx: Transform) -> Transform:
             check_same_keys(grads, params, "grads", "params")
         return tx.update(grads, state, params)
 
-    def apply(grads, state, params):
-        check_same_keys(grads, params, "grads", "params")
-        return tx.apply(grads, state, params)
+    inner_apply = getattr(tx.update, "apply", None)
+    if inner_apply is not None:
 
-    return Transform(init, update, apply if tx.apply is not None else None)
+        def apply(grads, state, params):
+            check_same_keys(grads, params, "grads", "params")
+            return inner_apply(grads, state, params)
+
+        update.apply = apply
+    return Transform(init, update)
 
 
 def _lr(lr: Any, invalid: Callable[[float], bool]) -> Hyper | Schedule:
@@ -165,10 +169,14 @@ def adam(
     decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``.
 
     Eager steps (:func:`~loopkit.optim.apply_gradients`, which ``train_step`` uses) run
-    torch's fused Adam kernel where it applies -- float32 and float64 params on its devices,
-    numeric betas, eps and weight decay; see :mod:`loopkit.optim.fused` -- with the
-    chain's results to rounding. ``fused=False`` always runs the chain; ``fused=True`` also
-    fuses float16 and bfloat16 params (the kernel computes them in float32)."""
+    torch's fused Adam kernel where it applies -- float32 params on the CPU or CUDA (and
+    float64 on the CPU), dense and outside autograd, with numeric betas, eps and weight
+    decay; see :mod:`loopkit.optim.fused` -- with the chain's results to rounding.
+    ``fused=False`` always runs the chain. ``fused=True`` also fuses float16 and bfloat16
+    params (the kernel computes them in float32) and float64 params on CUDA (whose kernel
+    reads a float32 lr); unlike torch's flag it is not an error where the kernel cannot run
+    (compiled steps, torch.func transforms, autograd through the update, other layouts):
+    the chain runs there."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
     if fused not in (None, True, False):
@@ -179,9 +187,8 @@ def adam(
         kernel = functools.partial(
             _fused_adam,
             b1=float(betas[0]), b2=float(betas[1]), eps=float(eps),
-            weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize,
-            decoupled=decoupled_weight_decay,
-            dtypes=fused_kernel.KERNEL_DTYPES if fused else fused_kernel.FULL_PRECISION,
+            weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
+            decoupled=decoupled_weight_decay, any_dtype=bool(fused),
         )  # fmt: skip
     return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize, kernel)
 
@@ -192,7 +199,8 @@ def _fused_adam(
     """The ``apply`` of the Adam chain ``tx`` (built by :func:`_adaptive`; its last link
     ``lr_tx``): torch's fused kernel where :func:`loopkit.optim.fused.adam_step` applies,
     otherwise ``tx.update`` and ``apply_updates``. The chain's other links (negate, decay)
-    keep no state."""
+    keep no state. (``tx`` is the chain before the apply is attached: its update is the
+    chain's own.)"""
     at = int(maximize) + int(not decoupled)  # where scale_by_adam's state sits in the chain's
     links = int(maximize) + 3
 
@@ -234,7 +242,7 @@ def _adaptive(
     lr_tx = scale_by_learning_rate(lr)
     tx = chain(*([negate()] if maximize else []), *core, lr_tx)
     if kernel is not None:
-        tx = tx._replace(apply=kernel(tx, lr_tx))
+        tx = tx._replace(update=with_apply(tx.update, kernel(tx, lr_tx)))
     return _checked(tx)
 
 

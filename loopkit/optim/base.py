@@ -7,8 +7,8 @@ A :class:`Transform` turns gradients into updates::
     params = apply_updates(params, updates)          # params + updates, leaf by leaf
 
 or, in one call, ``params, opt_state = apply_gradients(tx, grads, opt_state, params)``:
-the same, computed by the transform's own ``apply`` where it has one (the built-in Adam and
-AdamW: torch's fused kernel, eagerly; see :mod:`loopkit.optim.fused`).
+the same, computed by ``tx.update.apply`` where the update carries one (the built-in Adam
+and AdamW: torch's fused kernel, eagerly; see :mod:`loopkit.optim.fused`).
 
 All of these are pure: they return new tensors and never modify their arguments, so a
 whole training step that calls them can be traced by ``torch.func`` and ``torch.compile``.
@@ -34,13 +34,25 @@ class Transform(NamedTuple):
     """A gradient transformation: ``init(params) -> state``,
     ``update(updates, state, params) -> (updates, state)``.
 
-    ``apply(grads, state, params) -> (new_params, state)``, where given, must equal
-    ``update`` followed by :func:`apply_updates` to rounding, with the same state: a faster
-    way to the same result (see :func:`apply_gradients`)."""
+    An ``update`` function may carry a faster way to its applied result, as its attribute
+    ``update.apply(grads, state, params) -> (new_params, new_state)``: equal to ``update``
+    followed by :func:`apply_updates` to rounding, with the same state (see
+    :func:`apply_gradients` and :func:`with_apply`). Being the function's, it goes
+    wherever the function goes, and a transform that replaces or wraps ``update`` does
+    not inherit it."""
 
     init: InitFn
     update: UpdateFn
-    apply: ApplyFn | None = None
+
+
+def with_apply(update: UpdateFn, apply: ApplyFn) -> UpdateFn:
+    """A copy of ``update`` (a plain function) carrying ``apply`` (see :class:`Transform`)."""
+
+    def update_fn(updates, state, params=None):
+        return update(updates, state, params)
+
+    update_fn.apply = apply  # type: ignore[attr-defined]
+    return update_fn
 
 
 def identity() -> Transform:
@@ -80,9 +92,10 @@ def apply_gradients(
 ) -> tuple[PyTree, OptState]:
     """One optimizer step: ``(new_params, new_state)``, where ``new_params`` is
     ``apply_updates(params, updates)`` for ``updates, new_state = tx.update(grads, state,
-    params)``, computed by ``tx.apply`` where the transform has one."""
-    if tx.apply is not None:
-        return tx.apply(grads, state, params)
+    params)``, computed by ``tx.update.apply`` where the update carries one."""
+    apply = getattr(tx.update, "apply", None)
+    if apply is not None:
+        return apply(grads, state, params)
     updates, state = tx.update(grads, state, params)
     return apply_updates(params, updates), state
 

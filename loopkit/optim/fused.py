@@ -1,25 +1,34 @@
 """torch's fused Adam kernel for eager updates.
 
-Written as a chain of transforms, an eager AdamW update is a dozen elementwise ops per param,
-each allocating its result; ``torch.optim.AdamW`` runs about eight per param in place, and
-with ``fused=True`` one kernel for all params. On this machine's CPU the update of the
-benchmark MLP takes 0.68 ms as the chain, 0.46 ms in torch.optim's default and 0.15 ms with
-the fused kernel (``benchmarks/update_batching.py``).
+Written as a chain of transforms, an eager AdamW update is a dozen elementwise ops per
+param, each allocating its result; ``torch.optim.AdamW`` runs about eight per param in
+place, and with ``fused=True`` one kernel for all params. On this machine's CPU the update
+of the benchmark MLP took 0.71 ms as the chain, 0.50 ms in torch.optim's default and
+0.23 ms with the fused kernel (``benchmarks/update_batching.py``).
 
 :func:`adam_step` runs that kernel functionally: the new params and moments are copies of
 the old ones, updated in place by ``torch._fused_adam_`` / ``torch._fused_adamw_``; the
 inputs are not modified. The kernel computes the equation of
 :func:`~loopkit.optim.transforms.scale_by_adam` in one pass per element (``m = b1 m +
 (1 - b1) g`` rather than ``lerp``), so its results agree with the chain's, and with
-``torch.optim``'s default, to rounding; with ``torch.optim.Adam(fused=True)`` they agree
-bitwise.
+``torch.optim``'s default, to rounding; with ``torch.optim.Adam(fused=True)`` given the
+same lr they agree bitwise.
 
-:func:`adam_step` returns None where the kernel does not apply, and the caller runs the
-chain. It applies eagerly (not under ``torch.compile``, where
-inductor fuses the chain's ops itself, nor under a ``torch.func`` transform or autograd,
-which the kernel has no derivative for), on the devices torch has it for, and on plain,
-contiguous tensors outside autograd whose grads and moments match their param's dtype,
-shape and device.
+It returns None where the kernel does not apply, and the caller runs the chain:
+
+- under ``torch.compile`` (inductor fuses the chain's ops itself), a ``torch.func``
+  transform or forward-mode AD, or where anything requires grad: the kernel has no
+  derivative;
+- on devices other than the CPU and CUDA (torch itself only fuses when asked);
+- for float16 and bfloat16 params, which the kernel computes in float32, unless asked
+  (``any_dtype``); for float64 params off the CPU too, because the CUDA kernel reads the
+  lr as a float32 (the CPU kernel reads a double);
+- for tensors that are not plain dense tensors of one layout (grads and moments must have
+  their param's dtype, shape, device and strides), or params on both the CPU and an
+  accelerator (the lr and step count would be copied to the host every step);
+- on the CPU from update 2**24 on, where the kernel's float32 step count (torch.optim keeps
+  it so) would round; on CUDA reading the count would cost a sync, so there the kernel
+  runs on, as ``torch.optim.Adam(fused=True)`` does.
 """
 
 from __future__ import annotations
@@ -33,21 +42,49 @@ from loopkit.optim.leafwise import _eager
 from loopkit.optim.transforms import ScaleByAdamState
 from loopkit.tree import PyTree, tree_flatten, tree_unflatten
 
-FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
-# The kernel's own dtypes. It computes float16 and bfloat16 params in float32, which is
-# more than rounding away from the per-op chain: those are fused only when asked for.
-FULL_PRECISION = frozenset({torch.float32, torch.float64})
-KERNEL_DTYPES = FULL_PRECISION | {torch.float16, torch.bfloat16}
+FUSED_DEVICES = frozenset({"cpu", "cuda"}) & frozenset(_get_fused_kernels_supported_devices())
+LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
+EXACT_STEPS = 2**24  # float32 holds every integer up to here
 
 
-def _plain(t: object, like: torch.Tensor | None = None) -> bool:
-    """A contiguous strided tensor outside autograd (of ``like``'s dtype, shape and device)."""
-    if type(t) is not torch.Tensor or t.requires_grad or t.layout != torch.strided:
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense in a standard layout: the kernel walks memory in order."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _plain(t: object) -> bool:
+    """A plain dense tensor outside autograd, with no lazy zero/negation/conjugation bit."""
+    return (
+        type(t) is torch.Tensor
+        and not t.requires_grad
+        and t.layout == torch.strided
+        and not (t._is_zerotensor() or t.is_neg() or t.is_conj())
+        and _dense(t)
+    )
+
+
+def _fusable_param(p: object, any_dtype: bool) -> bool:
+    if not _plain(p) or p.device.type not in FUSED_DEVICES:
         return False
-    if not t.is_contiguous():  # the CPU kernel walks memory in order, whatever the strides
-        return False
-    return like is None or (
-        t.dtype == like.dtype and t.shape == like.shape and t.device == like.device
+    if p.dtype == torch.float32:
+        return True
+    if p.dtype == torch.float64:
+        return any_dtype or p.device.type == "cpu"
+    return any_dtype and p.dtype in LOW_PRECISION
+
+
+def _like(t: object, p: torch.Tensor) -> bool:
+    """``t`` can stand beside ``p`` in the kernel: same dtype, shape, device and strides."""
+    return (
+        _plain(t)
+        and t.dtype == p.dtype
+        and t.shape == p.shape
+        and t.device == p.device
+        and t.stride() == p.stride()
     )
 
 
@@ -60,11 +97,9 @@ def _flatten(tree: PyTree) -> tuple[list, Any]:
 
 
 def _unflatten(leaves: list, spec: Any) -> PyTree:
-    return (
-        dict(zip(spec, leaves, strict=True))
-        if type(spec) is tuple
-        else tree_unflatten(leaves, spec)
-    )
+    if type(spec) is tuple:
+        return dict(zip(spec, leaves, strict=True))
+    return tree_unflatten(leaves, spec)
 
 
 def _copies(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -75,8 +110,8 @@ def _copies(ts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _lr_on(lr: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The lr as the kernel takes it: a CPU tensor is read as a double on the host (no sync);
-    on an accelerator the kernel reads a float32 on the params' device."""
+    """The lr as the kernel takes it: a CPU tensor is read as a double on the host; on an
+    accelerator the kernel reads a float32 on the params' device."""
     if lr.device.type == "cpu":
         return lr
     return lr.to(device=device, dtype=torch.float32)
@@ -95,31 +130,31 @@ def adam_step(
     amsgrad: bool,
     maximize: bool,
     decoupled: bool,
-    dtypes: frozenset = FULL_PRECISION,
+    any_dtype: bool = False,
 ) -> tuple[PyTree, ScaleByAdamState] | None:
     """One Adam (``decoupled=False``: L2 decay ``g += weight_decay * p``) or AdamW
     (``p *= 1 - lr * weight_decay``) update with torch's fused kernel: ``(new_params, new
     state)``, the state being :func:`~loopkit.optim.transforms.scale_by_adam`'s after the
-    update. Nothing given is modified.
-
-    None where the kernel does not apply: under ``torch.compile``, a ``torch.func``
-    transform or forward AD; for params that are not plain contiguous tensors of ``dtypes``
-    on a fused-kernel device, or grads and moments not of the params' structure and of each
-    param's dtype, shape and device; where anything requires grad."""
+    update; nothing given is modified. None where the kernel does not apply (see the module
+    docstring; ``any_dtype`` also fuses float16/bfloat16 params, and float64 ones off the
+    CPU)."""
     if not _eager() or lr.requires_grad or state.count.requires_grad:
         return None
     leaves, spec = _flatten(params)
-    for p in leaves:
-        if not _plain(p) or p.dtype not in dtypes or p.device.type not in FUSED_DEVICES:
-            return None
+    if not all(_fusable_param(p, any_dtype) for p in leaves):
+        return None
+    if len({p.device.type == "cpu" for p in leaves}) > 1:
+        return None
     trees = [grads, state.exp_avg, state.exp_avg_sq, *([state.max_exp_avg_sq] if amsgrad else [])]
     others = []
     for tree in trees:
         other, other_spec = _flatten(tree)
-        if other_spec != spec or not all(map(_plain, other, leaves)):
+        if other_spec != spec or not all(map(_like, other, leaves)):
             return None
         others.append(other)
     count = state.count + 1
+    if count.device.type == "cpu" and int(count) >= EXACT_STEPS:
+        return None
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(leaves):

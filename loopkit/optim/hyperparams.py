@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from loopkit.optim.base import Transform
+from loopkit.optim.base import Transform, apply_gradients, with_apply
 from loopkit.optim.transforms import (
     AdafactorState,
     AsgdState,
@@ -142,12 +142,22 @@ def inject_hyperparams(
             hp = {k: v.to(count.device) for k, v in initial.items()}
             return InjectState(count, hp, transform(hp).init(params))
 
+        def current(state: InjectState) -> dict[str, torch.Tensor]:
+            return {k: _current(v, state.hyperparams[k], state.count) for k, v in hyper.items()}
+
         def update(g, state, params=None):
-            hp = {k: _current(v, state.hyperparams[k], state.count) for k, v in hyper.items()}
+            hp = current(state)
             updates, inner = transform(hp).update(g, state.inner, params)
             return updates, InjectState(state.count + 1, hp, inner)
 
-        return Transform(init, update)
+        def apply(g, state, params):
+            # The factory's own apply where it has one (e.g. Adam's fused kernel, when only
+            # the lr is injected and the other hyperparameters stay numbers).
+            hp = current(state)
+            new_params, inner = apply_gradients(transform(hp), g, state.inner, params)
+            return new_params, InjectState(state.count + 1, hp, inner)
+
+        return Transform(init, with_apply(update, apply))
 
     return build
 
