@@ -4,6 +4,7 @@ test_step checks through the train step), pure, and the chain wherever the kerne
 apply."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -242,15 +243,31 @@ def test_injected_lr_alone_keeps_the_kernel():
 
 
 def test_the_transform_stays_an_init_update_pair():
-    """The kernel is carried by the update function (``update.apply``): a transform still
-    unpacks as ``init, update``, and one whose update is replaced does not keep it."""
+    """The kernel is registered for the update function itself: a transform still unpacks
+    as ``init, update``, and one whose update is replaced or wrapped (even with
+    ``functools.wraps``, which copies a function's attributes) does not keep it."""
     params = _params()
     init, update = tx = optim.adamw(lr=0.1)
-    assert callable(update.apply)
-    frozen = tx._replace(update=lambda g, s, p=None: (tree_map(torch.zeros_like, g), s))
-    got, _ = optim.apply_gradients(frozen, _grads(params, 0), init(params), params)
-    for k in params:
-        assert torch.equal(got[k], params[k])
+    grads = _grads(params, 0)
+    with OpCounter() as ops:
+        optim.apply_gradients(tx, grads, init(params), params)
+    assert _fused(ops.count)
+
+    def frozen(g, s, p=None):
+        return tree_map(torch.zeros_like, g), s
+
+    @functools.wraps(update)
+    def logged(g, s, p=None):  # a wrapper that changes what the update does
+        return frozen(g, s, p)
+
+    class ModuleUpdate(nn.Module):  # an object whose own .apply means something else
+        def forward(self, g, s, p=None):
+            return frozen(g, s, p)
+
+    for other in (frozen, logged, ModuleUpdate()):
+        got, _ = optim.apply_gradients(tx._replace(update=other), grads, init(params), params)
+        for k in params:
+            assert torch.equal(got[k], params[k])
 
 
 def test_fused_true_fuses_bfloat16():

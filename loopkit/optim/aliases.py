@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from loopkit.optim import fused as fused_kernel
-from loopkit.optim.base import ApplyFn, Transform, apply_updates, chain, with_apply
+from loopkit.optim.base import (
+    ApplyFn,
+    Transform,
+    _registered_apply,
+    apply_updates,
+    chain,
+    with_apply,
+)
 from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
     Hyper,
@@ -61,15 +68,15 @@ def _checked(tx: Transform) -> Transform:
             check_same_keys(grads, params, "grads", "params")
         return tx.update(grads, state, params)
 
-    inner_apply = getattr(tx.update, "apply", None)
-    if inner_apply is not None:
+    inner_apply = _registered_apply(tx.update)
+    if inner_apply is None:
+        return Transform(init, update)
 
-        def apply(grads, state, params):
-            check_same_keys(grads, params, "grads", "params")
-            return inner_apply(grads, state, params)
+    def apply(grads, state, params):
+        check_same_keys(grads, params, "grads", "params")
+        return inner_apply(grads, state, params)
 
-        update.apply = apply
-    return Transform(init, update)
+    return Transform(init, with_apply(update, apply))
 
 
 def _lr(lr: Any, invalid: Callable[[float], bool]) -> Hyper | Schedule:

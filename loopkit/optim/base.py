@@ -7,8 +7,8 @@ A :class:`Transform` turns gradients into updates::
     params = apply_updates(params, updates)          # params + updates, leaf by leaf
 
 or, in one call, ``params, opt_state = apply_gradients(tx, grads, opt_state, params)``:
-the same, computed by ``tx.update.apply`` where the update carries one (the built-in Adam
-and AdamW: torch's fused kernel, eagerly; see :mod:`loopkit.optim.fused`).
+the same, computed by a faster apply where one is registered for the update function (the
+built-in Adam and AdamW: torch's fused kernel, eagerly; see :mod:`loopkit.optim.fused`).
 
 All of these are pure: they return new tensors and never modify their arguments, so a
 whole training step that calls them can be traced by ``torch.func`` and ``torch.compile``.
@@ -16,6 +16,7 @@ whole training step that calls them can be traced by ``torch.func`` and ``torch.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,25 +35,36 @@ class Transform(NamedTuple):
     """A gradient transformation: ``init(params) -> state``,
     ``update(updates, state, params) -> (updates, state)``.
 
-    An ``update`` function may carry a faster way to its applied result, as its attribute
-    ``update.apply(grads, state, params) -> (new_params, new_state)``: equal to ``update``
-    followed by :func:`apply_updates` to rounding, with the same state (see
-    :func:`apply_gradients` and :func:`with_apply`). Being the function's, it goes
-    wherever the function goes, and a transform that replaces or wraps ``update`` does
-    not inherit it."""
+    An ``update`` function may have a faster way to its applied result registered with
+    :func:`with_apply`: ``apply(grads, state, params) -> (new_params, new_state)``, equal
+    to ``update`` followed by :func:`apply_updates` to rounding, with the same state.
+    :func:`apply_gradients` uses it. It belongs to that function object alone: a transform
+    that replaces or wraps ``update`` (``functools.wraps`` included) does not inherit it."""
 
     init: InitFn
     update: UpdateFn
 
 
+# update function -> its apply (weak keys: a transform's functions die with it)
+_APPLIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def with_apply(update: UpdateFn, apply: ApplyFn) -> UpdateFn:
-    """A copy of ``update`` (a plain function) carrying ``apply`` (see :class:`Transform`)."""
+    """A new update function calling ``update``, with ``apply`` registered as its faster
+    way to the applied result (see :class:`Transform`)."""
 
     def update_fn(updates, state, params=None):
         return update(updates, state, params)
 
-    update_fn.apply = apply  # type: ignore[attr-defined]
+    _APPLIES[update_fn] = apply
     return update_fn
+
+
+def _registered_apply(update: Any) -> ApplyFn | None:
+    try:
+        return _APPLIES.get(update)
+    except TypeError:  # not weakly referenceable, so never registered
+        return None
 
 
 def identity() -> Transform:
@@ -92,8 +104,10 @@ def apply_gradients(
 ) -> tuple[PyTree, OptState]:
     """One optimizer step: ``(new_params, new_state)``, where ``new_params`` is
     ``apply_updates(params, updates)`` for ``updates, new_state = tx.update(grads, state,
-    params)``, computed by ``tx.update.apply`` where the update carries one."""
-    apply = getattr(tx.update, "apply", None)
+    params)``, computed by the apply registered for ``tx.update`` (:func:`with_apply`)
+    where there is one. Inside ``torch.compile`` the update runs: what an apply makes
+    faster eagerly (a fused kernel), inductor fuses itself."""
+    apply = None if torch.compiler.is_compiling() else _registered_apply(tx.update)
     if apply is not None:
         return apply(grads, state, params)
     updates, state = tx.update(grads, state, params)
