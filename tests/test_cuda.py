@@ -107,9 +107,16 @@ def test_eager_step_on_the_device_matches_the_imperative_loop(spec, opt_name_kwa
     assert_state_matches(state, ref, **EAGER)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw"])
+FUSED = {
+    "adam": dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
+    "adamw": dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
+    "sgd": dict(lr=3e-2, momentum=0.9, weight_decay=0.1, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
 def test_eager_fused_update_on_the_device_is_torchs_fused_update(name):
-    """The eager Adam/AdamW update runs torch's fused kernel on the device: bitwise
+    """The eager Adam/AdamW/SGD update runs torch's fused kernel on the device: bitwise
     ``torch.optim``'s ``fused=True`` given the lr the kernel reads (on CUDA a float32 tensor
     on the device, on the CPU a double), with no host sync (CUDA's sync debug mode raises
     on one). float64 params on CUDA, whose kernel would read a float32 lr, run the chain."""
@@ -117,7 +124,7 @@ def test_eager_fused_update_on_the_device_is_torchs_fused_update(name):
     params = {f"w{i}": torch.randn(5, i + 1, generator=g).to(DEVICE) for i in range(4)}
     grads = [{k: torch.randn(v.shape, generator=g).to(DEVICE) for k, v in params.items()}
              for _ in range(3)]  # fmt: skip
-    kwargs = dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)
+    kwargs = dict(FUSED[name])
     tx = getattr(optim, name)(**kwargs)
     state, got = tx.init(params), params
     for grad in grads:
@@ -133,7 +140,7 @@ def test_eager_fused_update_on_the_device_is_torchs_fused_update(name):
 
     lr = torch.tensor(kwargs.pop("lr"), device=DEVICE) if CUDA else kwargs.pop("lr")
     ref = {k: v.clone() for k, v in params.items()}
-    torch_opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    torch_opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
     opt = torch_opt(list(ref.values()), lr=lr, fused=True, **kwargs)
     for grad in grads:
         for p, gr in zip(ref.values(), grad.values(), strict=True):

@@ -15,14 +15,14 @@ from torch import nn
 import loopkit as lk
 from loopkit import optim
 from loopkit.optim import schedules
-from loopkit.optim.transforms import ScaleByAdamState
+from loopkit.optim.transforms import ScaleByAdamState, TraceState
 from loopkit.tree import tree_leaves, tree_map, tree_structure
-from tests.helpers import OpCounter, adam_kwargs
+from tests.helpers import OpCounter, adam_kwargs, sgd_kwargs
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 FP64 = dict(rtol=1e-10, atol=1e-12)
-KERNELS = {"_fused_adam_", "_fused_adamw_"}
-TORCH = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+KERNELS = {"_fused_adam_", "_fused_adamw_", "_fused_sgd_"}
+TORCH = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def _params(dtype=torch.float32, seed=0, widths=(5, 7, 3)) -> dict:
@@ -64,18 +64,33 @@ def _assert_close_trees(a, b, tol):
         torch.testing.assert_close(x, y, **tol)
 
 
-@settings(max_examples=60, deadline=None)
+# The per-param state of Adam and SGD, named as torch.optim names it.
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def _moments(state) -> dict:
+    """The per-param state tensors of an Adam or SGD chain's state, by field name."""
+    out = {}
+    for s in state:
+        if isinstance(s, (ScaleByAdamState, TraceState)):
+            out.update({f: getattr(s, f) for f in MOMENTS if isinstance(getattr(s, f, ()), dict)})
+    return out
+
+
+@settings(max_examples=80, deadline=None)
 @given(
-    name=st.sampled_from(["adam", "adamw"]),
-    kwargs=adam_kwargs(),
+    name_kwargs=st.sampled_from(["adam", "adamw", "sgd"]).flatmap(
+        lambda n: (sgd_kwargs() if n == "sgd" else adam_kwargs()).map(lambda kw: (n, kw))
+    ),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     steps=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name, kwargs, dtype, steps, seed):
-    """After a few updates the params and moments are bitwise torch.optim's with
-    ``fused=True`` (the same kernel given the same numbers), and the chain's to the
-    float32 / float64 standard, with a state of the chain's structure."""
+def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name_kwargs, dtype, steps, seed):
+    """After a few updates the params and the optimizer's per-param state are bitwise
+    torch.optim's with ``fused=True`` (the same kernel given the same numbers), and the
+    chain's to the float32 / float64 standard, with a state of the chain's structure."""
+    name, kwargs = name_kwargs
     params = _params(dtype, seed)
     got, state, ops = _run(getattr(optim, name)(**kwargs), params, steps, seed)
     assert _fused(ops)
@@ -86,13 +101,12 @@ def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name, kwargs, dty
         for p, g in zip(ref.values(), _grads(params, seed + i).values(), strict=True):
             p.grad = g
         opt.step()
+    moments = _moments(state)
+    assert moments or name == "sgd"
     for k, p in ref.items():
         assert torch.equal(got[k], p), k
-        moments = opt.state[p]
-        assert torch.equal(_adam(state).exp_avg[k], moments["exp_avg"])
-        assert torch.equal(_adam(state).exp_avg_sq[k], moments["exp_avg_sq"])
-        if kwargs["amsgrad"]:
-            assert torch.equal(_adam(state).max_exp_avg_sq[k], moments["max_exp_avg_sq"])
+        for field, values in moments.items():
+            assert torch.equal(values[k], opt.state[p][field]), (k, field)
 
     chain = getattr(optim, name)(**kwargs, fused=False)
     chain_params, chain_state, chain_ops = _run(chain, params, steps, seed)
@@ -100,7 +114,9 @@ def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name, kwargs, dty
     tol = FP32 if dtype == torch.float32 else FP64
     _assert_close_trees(got, chain_params, tol)
     _assert_close_trees(state, chain_state, tol)
-    assert torch.equal(_adam(state).count, _adam(chain_state).count)
+    for a, b in zip(tree_leaves(state), tree_leaves(chain_state), strict=True):
+        if not a.is_floating_point():  # step counts, SGD's initialized flag: exact
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(
@@ -156,7 +172,7 @@ def _falls_back(tx, params, grads=None, state=None):
 CASES = [
     "fused_false", "bfloat16", "transposed", "strided_grad", "beta1_schedule", "injected",
     "moment_dtype", "param_requires_grad", "moment_key_order", "zero_grad",
-    "negated_grad", "step_2**24",
+    "negated_grad", "step_2**24", "sgd_fused_false", "sgd_momentum_schedule",
 ]  # fmt: skip
 
 
@@ -198,6 +214,12 @@ def test_the_chain_runs_where_the_kernel_does_not_apply(case):
         grads["0.bias"] = torch._neg_view(grads["0.bias"])
     elif case == "step_2**24":  # the kernel's float32 step count would round
         state = _with_adam(state, adam._replace(count=torch.tensor(2**24 - 1)))
+    elif case == "sgd_fused_false":
+        tx = optim.sgd(lr=0.01, momentum=0.9, fused=False)
+        state = tx.init(params)
+    elif case == "sgd_momentum_schedule":  # OneCycleLR-style cycled momentum
+        tx = optim.sgd(lr=0.01, momentum=lambda t: 0.9 - 0.0 * t)
+        state = tx.init(params)
     _falls_back(tx, params, grads, state)
 
 

@@ -30,6 +30,7 @@ from loopkit.optim.transforms import (
     Hyper,
     ScaleByAdamState,
     ScaleByLearningRateState,
+    TraceState,
     adafactor_update,
     add_decayed_weights,
     asgd_update,
@@ -119,14 +120,19 @@ def sgd(
     nesterov: bool = False,
     *,
     maximize: bool = False,
+    fused: bool | None = None,
 ) -> Transform:
     """torch.optim.SGD: ``g += weight_decay * p``; momentum buffer ``b`` (first ``b = g``,
     then ``b = momentum * b + (1 - dampening) * g``); ``g = g + momentum * b`` (nesterov) or
-    ``g = b``; ``p -= lr * g``. ``maximize`` negates the gradient first."""
+    ``g = b``; ``p -= lr * g``. ``maximize`` negates the gradient first.
+
+    Eager steps run torch's fused SGD kernel where it applies, with numeric momentum,
+    dampening and weight decay; ``fused`` as for :func:`adam`."""
     lr = _lr(lr, lambda v: v < 0.0)  # torch.optim.SGD's check (a NaN lr passes it)
     varying = not _fixed(momentum)  # a schedule (one_cycle_momentum) or injected
     _check("momentum", momentum, lambda v: callable(v) or v >= 0.0)
     _check("weight_decay", weight_decay, lambda v: v >= 0.0)
+    _check_fused(fused)
     if nesterov and (
         (_fixed(momentum) and momentum <= 0) or (_fixed(dampening) and dampening != 0)
     ):
@@ -134,14 +140,59 @@ def sgd(
             "Nesterov momentum requires a momentum and zero dampening: "
             f"got momentum={momentum}, dampening={dampening}"
         )
-    return _checked(
-        chain(
-            *([negate()] if maximize else []),
-            add_decayed_weights(_num(weight_decay)),
-            *([trace(momentum, _num(dampening), nesterov)] if varying or momentum != 0 else []),
-            scale_by_learning_rate(lr),
-        )
+    has_trace = varying or momentum != 0
+    lr_tx = scale_by_learning_rate(lr)
+    tx = chain(
+        *([negate()] if maximize else []),
+        add_decayed_weights(_num(weight_decay)),
+        *([trace(momentum, _num(dampening), nesterov)] if has_trace else []),
+        lr_tx,
     )
+    if fused is not False and all(map(_fixed, (momentum, dampening, weight_decay))):
+        kernel = _fused_sgd(
+            tx, lr_tx, momentum=float(momentum), dampening=float(dampening),
+            weight_decay=float(weight_decay), nesterov=bool(nesterov),
+            maximize=bool(maximize), any_dtype=bool(fused),
+        )  # fmt: skip
+        tx = tx._replace(update=with_apply(tx.update, kernel))
+    return _checked(tx)
+
+
+def _check_fused(fused: Any) -> None:
+    if fused not in (None, True, False):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+
+
+def _fused_sgd(tx: Transform, lr_tx: Transform, *, maximize: bool, **kernel: Any) -> ApplyFn:
+    """The ``apply`` of the SGD chain ``tx`` (built by :func:`sgd`, its last link ``lr_tx``):
+    torch's fused kernel where :func:`loopkit.optim.fused.sgd_step` applies, otherwise
+    ``tx.update`` and ``apply_updates``. The negate and decay links keep no state."""
+    has_trace = kernel["momentum"] != 0
+    at = int(maximize) + 1  # where trace's state sits in the chain's, with momentum
+    links = int(maximize) + 2 + int(has_trace)
+
+    def apply(grads, state, params):
+        if type(state) is tuple and len(state) == links:
+            trace_state = state[at] if has_trace else None
+            lr_state = state[-1]
+            if (not has_trace or isinstance(trace_state, TraceState)) and isinstance(
+                lr_state, ScaleByLearningRateState
+            ):
+                _, lr_state = lr_tx.update({}, lr_state)  # the lr of this update, in its state
+                out = fused_kernel.sgd_step(
+                    params, grads, trace_state, lr_state.lr, maximize=maximize, **kernel
+                )
+                if out is not None:
+                    new_params, trace_state = out
+                    new_state = list(state)
+                    if has_trace:
+                        new_state[at] = trace_state
+                    new_state[-1] = lr_state
+                    return new_params, tuple(new_state)
+        updates, state = tx.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    return apply
 
 
 def _beta1(betas: tuple) -> Hyper | Schedule:
@@ -186,8 +237,7 @@ def adam(
     the chain runs there."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    if fused not in (None, True, False):
-        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    _check_fused(fused)
     adaptive = scale_by_adam(_beta1(betas), _num(betas[1]), _num(eps), amsgrad)
     kernel = None
     if fused is not False and all(map(_fixed, (betas[0], betas[1], eps, weight_decay))):

@@ -1,4 +1,4 @@
-"""torch's fused Adam kernel for eager updates.
+"""torch's fused Adam and SGD kernels for eager updates.
 
 Written as a chain of transforms, an eager AdamW update is a dozen elementwise ops per
 param, each allocating its result; ``torch.optim.AdamW`` runs about eight per param in
@@ -39,7 +39,7 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from loopkit.optim.leafwise import _eager
-from loopkit.optim.transforms import ScaleByAdamState
+from loopkit.optim.transforms import ScaleByAdamState, TraceState
 from loopkit.tree import PyTree, tree_flatten, tree_unflatten
 
 FUSED_DEVICES = frozenset({"cpu", "cuda"}) & frozenset(_get_fused_kernels_supported_devices())
@@ -117,6 +117,33 @@ def _lr_on(lr: torch.Tensor, device: torch.device) -> torch.Tensor:
     return lr.to(device=device, dtype=torch.float32)
 
 
+def _prepared(params: PyTree, trees: list, any_dtype: bool) -> tuple | None:
+    """``(leaves, spec, others)``: ``params`` and each tree of ``trees`` flattened, where the
+    kernels apply to them (see the module docstring), else None."""
+    if not _eager():
+        return None
+    leaves, spec = _flatten(params)
+    if not all(_fusable_param(p, any_dtype) for p in leaves):
+        return None
+    if len({p.device.type == "cpu" for p in leaves}) > 1:
+        return None
+    others = []
+    for tree in trees:
+        other, other_spec = _flatten(tree)
+        if other_spec != spec or not all(map(_like, other, leaves)):
+            return None
+        others.append(other)
+    return leaves, spec, others
+
+
+def _groups(leaves: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the leaves by (device, dtype): one kernel call each, as torch groups."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(leaves):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    return groups
+
+
 def adam_step(
     params: PyTree,
     grads: PyTree,
@@ -138,29 +165,19 @@ def adam_step(
     update; nothing given is modified. None where the kernel does not apply (see the module
     docstring; ``any_dtype`` also fuses float16/bfloat16 params, and float64 ones off the
     CPU)."""
-    if not _eager() or lr.requires_grad or state.count.requires_grad:
-        return None
-    leaves, spec = _flatten(params)
-    if not all(_fusable_param(p, any_dtype) for p in leaves):
-        return None
-    if len({p.device.type == "cpu" for p in leaves}) > 1:
+    if lr.requires_grad or state.count.requires_grad:
         return None
     trees = [grads, state.exp_avg, state.exp_avg_sq, *([state.max_exp_avg_sq] if amsgrad else [])]
-    others = []
-    for tree in trees:
-        other, other_spec = _flatten(tree)
-        if other_spec != spec or not all(map(_like, other, leaves)):
-            return None
-        others.append(other)
+    prepared = _prepared(params, trees, any_dtype)
+    if prepared is None:
+        return None
+    leaves, spec, others = prepared
     count = state.count + 1
     if count.device.type == "cpu" and int(count) >= EXACT_STEPS:
         return None
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(leaves):
-        groups.setdefault((p.device, p.dtype), []).append(i)
     updated = [[None] * len(leaves) for _ in range(len(trees))]  # params, moments (no grads)
-    for (device, _), idx in groups.items():
+    for (device, _), idx in _groups(leaves).items():
         new = [_copies([ts[i] for i in idx]) for ts in (leaves, *others[1:])]
         step = count.to(device=device, dtype=torch.float32)  # as torch.optim keeps it
         kernel(
@@ -173,3 +190,56 @@ def adam_step(
                 out[i] = t
     new_params, exp_avg, exp_avg_sq, *highest = (_unflatten(ts, spec) for ts in updated)
     return new_params, ScaleByAdamState(count, exp_avg, exp_avg_sq, highest[0] if amsgrad else ())
+
+
+def sgd_step(
+    params: PyTree,
+    grads: PyTree,
+    state: TraceState | None,
+    lr: torch.Tensor,
+    *,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    any_dtype: bool = False,
+) -> tuple[PyTree, TraceState | None] | None:
+    """One SGD update with torch's fused kernel: ``(new_params, new state)``, the state being
+    :func:`~loopkit.optim.transforms.trace`'s after the update (None without momentum);
+    nothing given is modified. None where the kernel does not apply (see the module
+    docstring).
+
+    The kernel starts the momentum buffer from the gradient when told it is the first step
+    (``b = g``, torch's rule). On the CPU that is read from ``state.initialized``. On an
+    accelerator reading it would cost a sync: with ``dampening == 0`` the kernel is told it
+    is not the first step, which from the zero buffer of a new state gives ``0 * momentum +
+    g = g`` all the same; with dampening the chain runs."""
+    if lr.requires_grad:
+        return None
+    trees = [grads] if state is None else [grads, state.momentum_buffer]
+    prepared = _prepared(params, trees, any_dtype)
+    if prepared is None:
+        return None
+    leaves, spec, others = prepared
+    first = False
+    if state is not None:
+        if state.initialized.device.type == "cpu":
+            first = not bool(state.initialized)
+        elif dampening != 0:
+            return None
+    updated = [[None] * len(leaves) for _ in range(len(trees))]  # params, buffers
+    for (device, _), idx in _groups(leaves).items():
+        new = [_copies([ts[i] for i in idx]) for ts in (leaves, *others[1:])]
+        torch._fused_sgd_(
+            new[0], [others[0][i] for i in idx], new[1] if state is not None else [],
+            weight_decay=weight_decay, momentum=momentum, lr=_lr_on(lr, device),
+            dampening=dampening, nesterov=nesterov, maximize=maximize, is_first_step=first,
+        )  # fmt: skip
+        for out, values in zip(updated, new, strict=True):
+            for i, t in zip(idx, values, strict=True):
+                out[i] = t
+    new_params, *buffers = (_unflatten(ts, spec) for ts in updated)
+    if state is None:
+        return new_params, None
+    return new_params, TraceState(state.count + 1, state.initialized | True, buffers[0])
