@@ -4,14 +4,16 @@ Written as a chain of transforms, an eager AdamW update is a dozen elementwise o
 param, each allocating its result; ``torch.optim.AdamW`` runs about eight per param in
 place, and with ``fused=True`` one kernel for all params. On this machine's CPU the update
 of the benchmark MLP took 0.71 ms as the chain, 0.50 ms in torch.optim's default and
-0.23 ms with the fused kernel (``benchmarks/update_batching.py``).
+0.23 ms with the fused kernel (``benchmarks/update_batching.py``). SGD with momentum is
+the same story on a smaller scale (``benchmarks/eager_optimizers.py``).
 
-:func:`adam_step` runs that kernel functionally: the new params and moments are copies of
-the old ones, updated in place by ``torch._fused_adam_`` / ``torch._fused_adamw_``; the
-inputs are not modified. The kernel computes the equation of
-:func:`~loopkit.optim.transforms.scale_by_adam` in one pass per element (``m = b1 m +
-(1 - b1) g`` rather than ``lerp``), so its results agree with the chain's, and with
-``torch.optim``'s default, to rounding; with ``torch.optim.Adam(fused=True)`` given the
+:func:`adam_step` and :func:`sgd_step` run those kernels functionally: the new params and
+optimizer state are copies of the old ones, updated in place by ``torch._fused_adam_`` /
+``torch._fused_adamw_`` / ``torch._fused_sgd_``; the inputs are not modified. The kernels
+compute the equations of :func:`~loopkit.optim.transforms.scale_by_adam` and
+:func:`~loopkit.optim.transforms.trace` in one pass per element (Adam: ``m = b1 m +
+(1 - b1) g`` rather than ``lerp``), so their results agree with the chain's, and with
+``torch.optim``'s default, to rounding; with ``torch.optim``'s ``fused=True`` given the
 same lr they agree bitwise.
 
 It returns None where the kernel does not apply, and the caller runs the chain:
@@ -26,9 +28,10 @@ It returns None where the kernel does not apply, and the caller runs the chain:
 - for tensors that are not plain dense tensors of one layout (grads and moments must have
   their param's dtype, shape, device and strides), or params on both the CPU and an
   accelerator (the lr and step count would be copied to the host every step);
-- on the CPU from update 2**24 on, where the kernel's float32 step count (torch.optim keeps
-  it so) would round; on CUDA reading the count would cost a sync, so there the kernel
-  runs on, as ``torch.optim.Adam(fused=True)`` does.
+- Adam on the CPU from update 2**24 on, where the kernel's float32 step count (torch.optim
+  keeps it so) would round; on CUDA reading the count would cost a sync, so there the
+  kernel runs on, as ``torch.optim.Adam(fused=True)`` does;
+- SGD with momentum and dampening off the CPU (see :func:`sgd_step`).
 """
 
 from __future__ import annotations
