@@ -81,13 +81,16 @@ def _fusable_param(p: object, any_dtype: bool) -> bool:
 
 
 def _like(t: object, p: torch.Tensor) -> bool:
-    """``t`` can stand beside ``p`` in the kernel: same dtype, shape, device and strides."""
+    """``t`` can stand beside the plain dense ``p`` in the kernel: a plain tensor of the
+    same dtype, device, shape and strides (so as dense, in the same memory order)."""
     return (
-        _plain(t)
+        type(t) is torch.Tensor
+        and t.layout == torch.strided
         and t.dtype == p.dtype
+        and t.stride() == p.stride()
         and t.shape == p.shape
         and t.device == p.device
-        and t.stride() == p.stride()
+        and not (t.requires_grad or t._is_zerotensor() or t.is_neg() or t.is_conj())
     )
 
 
