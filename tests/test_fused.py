@@ -306,6 +306,17 @@ def test_fused_true_fuses_bfloat16():
         assert torch.equal(got[k], ref[k])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sgd_on_low_precision_cpu_params_runs_the_chain_even_when_asked(dtype):
+    """torch 2.13's CPU ``_fused_sgd_`` skips the param update of 16-element blocks of
+    bf16/fp16 tensors: ``sgd(fused=True)`` must not use it there."""
+    params = {"w": torch.ones(64, dtype=dtype), "b": torch.ones(3, 17, dtype=dtype)}
+    grads = tree_map(torch.ones_like, params)
+    tx = optim.sgd(lr=0.5, momentum=0.9, fused=True)
+    got = _falls_back(tx, params, grads)
+    assert torch.equal(got[0]["w"], torch.full((64,), 0.5, dtype=dtype))
+
+
 def test_the_chain_runs_under_autograd_vmap_and_compile():
     """Hypergradients through the update (the kernel has no derivative), a vmapped
     ensemble of updates, and a compiled step (inductor fuses the chain itself)."""

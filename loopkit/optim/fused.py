@@ -31,7 +31,9 @@ It returns None where the kernel does not apply, and the caller runs the chain:
 - Adam on the CPU from update 2**24 on, where the kernel's float32 step count (torch.optim
   keeps it so) would round; on CUDA reading the count would cost a sync, so there the
   kernel runs on, as ``torch.optim.Adam(fused=True)`` does;
-- SGD with momentum and dampening off the CPU (see :func:`sgd_step`).
+- SGD with momentum and dampening off the CPU (see :func:`sgd_step`), and SGD on float16 or
+  bfloat16 CPU params even when asked: torch 2.13's CPU kernel leaves most of those params
+  unchanged (``torch.optim.SGD(fused=True)`` too).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def _like(t: object, p: torch.Tensor) -> bool:
     return (
         type(t) is torch.Tensor
         and t.layout == torch.strided
+        and not t.is_nested
         and t.dtype == p.dtype
         and t.stride() == p.stride()
         and t.shape == p.shape
@@ -140,6 +143,13 @@ def _prepared(params: PyTree, trees: list, any_dtype: bool) -> tuple | None:
             return None
         others.append(other)
     return leaves, spec, others
+
+
+def _low_precision_on_cpu(params: PyTree) -> bool:
+    return any(
+        isinstance(p, torch.Tensor) and p.is_cpu and p.dtype in LOW_PRECISION
+        for p in _flatten(params)[0]
+    )
 
 
 def _groups(leaves: list[torch.Tensor]) -> dict[tuple, list[int]]:
@@ -223,6 +233,8 @@ def sgd_step(
     g = g`` all the same; with dampening the chain runs."""
     if lr.requires_grad:
         return None
+    if any_dtype and _low_precision_on_cpu(params):
+        return None  # torch 2.13's CPU SGD kernel drops most of their update
     trees = [grads] if state is None else [grads, state.momentum_buffer]
     prepared = _prepared(params, trees, any_dtype)
     if prepared is None:
