@@ -127,7 +127,9 @@ def sgd(
     ``g = b``; ``p -= lr * g``. ``maximize`` negates the gradient first.
 
     Eager steps run torch's fused SGD kernel where it applies, with numeric momentum,
-    dampening and weight decay; ``fused`` as for :func:`adam`."""
+    dampening and weight decay; ``fused`` as for :func:`adam`, except that float16 and
+    bfloat16 CPU params always run the chain (torch 2.13's CPU kernel drops most of their
+    update)."""
     lr = _lr(lr, lambda v: v < 0.0)  # torch.optim.SGD's check (a NaN lr passes it)
     varying = not _fixed(momentum)  # a schedule (one_cycle_momentum) or injected
     _check("momentum", momentum, lambda v: callable(v) or v >= 0.0)
