@@ -253,6 +253,15 @@ KWARGS = {
 }
 
 
+def run_steps(step, state, batches):
+    """``step`` over ``batches`` from ``state``: the last state and the stacked losses."""
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    return state, torch.stack(losses)
+
+
 def imperative_run(model, batches, opt_name, kwargs, *, seed, clip_norm=None, scheduler=None):
     """The oracle: the ordinary PyTorch loop on a deep copy of ``model``. Seeding the
     global generator with the TrainState's seed gives Dropout the same masks."""

@@ -19,6 +19,7 @@ from tests.helpers import (
     loss_fn,
     make_batches,
     mlp_specs,
+    run_steps,
 )
 
 pytestmark = pytest.mark.compile
@@ -47,12 +48,9 @@ def test_compiled_step_matches_the_imperative_loop(spec, opt_name_kwargs, clip_n
     compiled = lk.train_step(model, loss_fn, opt, clip_norm=clip_norm, compile=True)
     state = before = lk.TrainState.create(model, opt, seed=seed)
     snapshot = lk.tree.tree_map(torch.clone, before)
-    losses = []
-    for batch in batches:
-        state, metrics = compiled(state, batch)
-        losses.append(metrics["loss"])
+    state, losses = run_steps(compiled, state, batches)
     ref, ref_losses = imperative_run(model, batches, name, kwargs, seed=seed, clip_norm=clip_norm)
-    torch.testing.assert_close(torch.stack(losses), ref_losses, **COMPILED)
+    torch.testing.assert_close(losses, ref_losses, **COMPILED)
     assert_state_matches(state, ref, **COMPILED)
     # Pure: the input state is untouched.
     for got, want in zip(lk.tree.tree_leaves(before), lk.tree.tree_leaves(snapshot), strict=True):

@@ -28,6 +28,7 @@ from tests.helpers import (
     loss_fn,
     make_batches,
     mlp_specs,
+    run_steps,
 )
 from tests.test_compile import COMPILED, STEP_OPTIONS, assert_compiled_matches_eager
 
@@ -98,12 +99,9 @@ def test_eager_step_on_the_device_matches_the_imperative_loop(spec, opt_name_kwa
     step = lk.train_step(model, loss_fn, opt, clip_norm=clip_norm)
     state = lk.TrainState.create(model, opt, seed=seed)
     assert state.step.device == model[0].weight.device
-    losses = []
-    for batch in data:
-        state, metrics = step(state, batch)
-        losses.append(metrics["loss"])
+    state, losses = run_steps(step, state, data)
     ref, ref_losses = imperative_run(model, data, name, kwargs, seed=seed, clip_norm=clip_norm)
-    torch.testing.assert_close(torch.stack(losses), ref_losses, **EAGER)
+    torch.testing.assert_close(losses, ref_losses, **EAGER)
     assert_state_matches(state, ref, **EAGER)
 
 
@@ -189,12 +187,9 @@ def test_the_compiled_step_matches_the_imperative_loop_on_the_device():
     step = lk.train_step(model, loss_fn, opt, clip_norm=0.5, compile=True, mode="reduce-overhead")
     state = lk.TrainState.create(model, opt, seed=0)
     data = batches(6)
-    losses = []
-    for batch in data:
-        state, metrics = step(state, batch)
-        losses.append(metrics["loss"])
+    state, losses = run_steps(step, state, data)
     ref, ref_losses = imperative_run(model, data, "adamw", kwargs, seed=0, clip_norm=0.5)
-    torch.testing.assert_close(torch.stack(losses), ref_losses, **COMPILED)
+    torch.testing.assert_close(losses, ref_losses, **COMPILED)
     assert_state_matches(state, ref, **COMPILED)
 
 

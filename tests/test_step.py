@@ -20,6 +20,7 @@ from tests.helpers import (
     loss_fn,
     make_batches,
     mlp_specs,
+    run_steps,
 )
 
 # equal_nan: a maximizing optimizer with a large lr can diverge, in torch's loop as in ours.
@@ -29,12 +30,7 @@ FP64 = dict(rtol=1e-10, atol=1e-12, equal_nan=True)
 
 def run_loopkit(model, batches, opt, seed, **step_kwargs):
     state = lk.TrainState.create(model, opt, seed=seed)
-    step = lk.train_step(model, loss_fn, opt, **step_kwargs)
-    losses = []
-    for batch in batches:
-        state, metrics = step(state, batch)
-        losses.append(metrics["loss"])
-    return state, torch.stack(losses)
+    return run_steps(lk.train_step(model, loss_fn, opt, **step_kwargs), state, batches)
 
 
 @given(

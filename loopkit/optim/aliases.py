@@ -151,12 +151,16 @@ def sgd(
         lr_tx,
     )
     if fused is not False and all(map(_fixed, (momentum, dampening, weight_decay))):
-        kernel = _fused_sgd(
-            tx, lr_tx, momentum=float(momentum), dampening=float(dampening),
-            weight_decay=float(weight_decay), nesterov=bool(nesterov),
-            maximize=bool(maximize), any_dtype=bool(fused),
+        kernel = functools.partial(
+            fused_kernel.sgd_step, momentum=float(momentum), dampening=float(dampening),
+            weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize),
+            any_dtype=bool(fused),
         )  # fmt: skip
-        tx = tx._replace(update=with_apply(tx.update, kernel))
+        # the chain is [negate], decay, [trace], lr
+        at = int(maximize) + 1 if has_trace else None
+        links = int(maximize) + 2 + int(has_trace)
+        apply = _kernel_apply(tx, lr_tx, kernel, links=links, at=at, kind=TraceState)
+        tx = tx._replace(update=with_apply(tx.update, apply))
     return _checked(tx)
 
 
@@ -165,32 +169,37 @@ def _check_fused(fused: Any) -> None:
         raise TypeError(f"fused must be None, True or False, got {fused!r}")
 
 
-def _fused_sgd(tx: Transform, lr_tx: Transform, *, maximize: bool, **kernel: Any) -> ApplyFn:
-    """The ``apply`` of the SGD chain ``tx`` (built by :func:`sgd`, its last link ``lr_tx``):
-    torch's fused kernel where :func:`loopkit.optim.fused.sgd_step` applies, otherwise
-    ``tx.update`` and ``apply_updates``. The negate and decay links keep no state."""
-    has_trace = kernel["momentum"] != 0
-    at = int(maximize) + 1  # where trace's state sits in the chain's, with momentum
-    links = int(maximize) + 2 + int(has_trace)
+def _kernel_apply(
+    tx: Transform,
+    lr_tx: Transform,
+    kernel: Callable,
+    *,
+    links: int,
+    at: int | None,
+    kind: type,
+) -> ApplyFn:
+    """The ``apply`` of a built-in chain ``tx`` of ``links`` transforms ending in ``lr_tx``,
+    whose only other state is the ``kind`` state at position ``at`` (None: no other state;
+    the negate and decay links keep none): ``kernel(params, grads, that state, lr)``
+    (:mod:`loopkit.optim.fused`) where it returns ``(new params, new state)``, otherwise
+    ``tx.update`` and ``apply_updates``. ``tx`` is the chain before the apply is attached."""
 
     def apply(grads, state, params):
-        if type(state) is tuple and len(state) == links:
-            trace_state = state[at] if has_trace else None
-            lr_state = state[-1]
-            if (not has_trace or isinstance(trace_state, TraceState)) and isinstance(
-                lr_state, ScaleByLearningRateState
-            ):
-                _, lr_state = lr_tx.update({}, lr_state)  # the lr of this update, in its state
-                out = fused_kernel.sgd_step(
-                    params, grads, trace_state, lr_state.lr, maximize=maximize, **kernel
-                )
-                if out is not None:
-                    new_params, trace_state = out
-                    new_state = list(state)
-                    if has_trace:
-                        new_state[at] = trace_state
-                    new_state[-1] = lr_state
-                    return new_params, tuple(new_state)
+        if (
+            type(state) is tuple
+            and len(state) == links
+            and isinstance(state[-1], ScaleByLearningRateState)
+            and (at is None or isinstance(state[at], kind))
+        ):
+            _, lr_state = lr_tx.update({}, state[-1])  # the lr of this update, in its state
+            out = kernel(params, grads, None if at is None else state[at], lr_state.lr)
+            if out is not None:
+                new_params, link_state = out
+                new_state = list(state)
+                if at is not None:
+                    new_state[at] = link_state
+                new_state[-1] = lr_state
+                return new_params, tuple(new_state)
         updates, state = tx.update(grads, state, params)
         return apply_updates(params, updates), state
 
@@ -244,45 +253,12 @@ def adam(
     kernel = None
     if fused is not False and all(map(_fixed, (betas[0], betas[1], eps, weight_decay))):
         kernel = functools.partial(
-            _fused_adam,
+            fused_kernel.adam_step,
             b1=float(betas[0]), b2=float(betas[1]), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
             decoupled=decoupled_weight_decay, any_dtype=bool(fused),
         )  # fmt: skip
     return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize, kernel)
-
-
-def _fused_adam(
-    tx: Transform, lr_tx: Transform, *, maximize: bool, decoupled: bool, **kernel: Any
-) -> ApplyFn:
-    """The ``apply`` of the Adam chain ``tx`` (built by :func:`_adaptive`; its last link
-    ``lr_tx``): torch's fused kernel where :func:`loopkit.optim.fused.adam_step` applies,
-    otherwise ``tx.update`` and ``apply_updates``. The chain's other links (negate, decay)
-    keep no state. (``tx`` is the chain before the apply is attached: its update is the
-    chain's own.)"""
-    at = int(maximize) + int(not decoupled)  # where scale_by_adam's state sits in the chain's
-    links = int(maximize) + 3
-
-    def apply(grads, state, params):
-        if type(state) is tuple and len(state) == links:
-            adam_state, lr_state = state[at], state[-1]
-            if isinstance(adam_state, ScaleByAdamState) and isinstance(
-                lr_state, ScaleByLearningRateState
-            ):
-                _, lr_state = lr_tx.update({}, lr_state)  # the lr of this update, in its state
-                out = fused_kernel.adam_step(
-                    params, grads, adam_state, lr_state.lr, maximize=maximize,
-                    decoupled=decoupled, **kernel,
-                )  # fmt: skip
-                if out is not None:
-                    new_params, adam_state = out
-                    new_state = list(state)
-                    new_state[at], new_state[-1] = adam_state, lr_state
-                    return new_params, tuple(new_state)
-        updates, state = tx.update(grads, state, params)
-        return apply_updates(params, updates), state
-
-    return apply
 
 
 def _adaptive(
@@ -291,17 +267,20 @@ def _adaptive(
     weight_decay: float,
     decoupled: bool,
     maximize: bool,
-    kernel: Callable[[Transform, Transform], ApplyFn] | None = None,
+    kernel: Callable | None = None,
 ) -> Transform:
     """``[negate] -> L2 decay -> direction -> -lr``, or with decoupled decay (AdamW-style,
     ``p -= lr * weight_decay * p``) ``[negate] -> direction -> decay -> -lr``; with
-    ``kernel``, whose ``apply`` is ``kernel(chain, its lr link)``."""
+    ``kernel`` (Adam's, see :func:`_kernel_apply`) as the chain's apply."""
     decay = add_decayed_weights(_num(weight_decay))
     core = [direction, decay] if decoupled else [decay, direction]
     lr_tx = scale_by_learning_rate(lr)
     tx = chain(*([negate()] if maximize else []), *core, lr_tx)
-    if kernel is not None:
-        tx = tx._replace(update=with_apply(tx.update, kernel(tx, lr_tx)))
+    if kernel is not None:  # scale_by_adam's state follows [negate] and, if L2, decay
+        at = int(maximize) + int(not decoupled)
+        links = int(maximize) + 3
+        apply = _kernel_apply(tx, lr_tx, kernel, links=links, at=at, kind=ScaleByAdamState)
+        tx = tx._replace(update=with_apply(tx.update, apply))
     return _checked(tx)
 
 
