@@ -1,5 +1,6 @@
 """The compiled step: same numbers as the eager step, one compilation, clear errors."""
 
+import gc
 from typing import Any, NamedTuple
 
 import pytest
@@ -427,6 +428,43 @@ class _Batch(tuple):
 
     def __new__(cls, x, y):
         return super().__new__(cls, (x, y))
+
+
+@pytest.mark.parametrize("factory", [optim.sgd, optim.adam])
+def test_optimizers_built_inside_the_trace_survive_garbage_collection_while_compiling(factory):
+    """Regression (CI, intermittent): inject_hyperparams rebuilds its optimizer inside the
+    compiled step, and building one registered its fused apply in a weak-keyed registry
+    while Dynamo traced. Dynamo then guarded on the registry's keys, and a key collected
+    between tracing and guard building failed the compile with an IndexError. Here dead
+    registry entries are left for the collector, which runs inside the backend."""
+
+    def collecting_backend(gm, example_inputs):
+        gc.collect()
+        return gm.forward
+
+    def loss(net, batch):
+        x, y = batch
+        return nn.functional.mse_loss(net(x), y)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    opt = optim.inject_hyperparams(factory)(lr=0.1)
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
+    eager = lk.train_step(model, loss, opt)
+    compiled = lk.train_step(model, loss, opt, compile=True, backend=collecting_backend)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(8):
+            cycle: list = [factory()]  # its update function dies only with the cycle
+            cycle.append(cycle)
+        del cycle
+        state, _ = run_steps(compiled, lk.TrainState.create(model, opt), [batch] * 2)
+    finally:
+        if was_enabled:
+            gc.enable()
+    want, _ = run_steps(eager, lk.TrainState.create(model, opt), [batch] * 2)
+    torch.testing.assert_close(state.params, want.params, rtol=1e-12, atol=1e-12)
 
 
 def test_donated_step_reads_a_replaced_lr_and_hypergradients_reach_the_lr():

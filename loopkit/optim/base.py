@@ -56,11 +56,17 @@ def with_apply(update: UpdateFn, apply: ApplyFn) -> UpdateFn:
     def update_fn(updates, state, params=None):
         return update(updates, state, params)
 
-    _APPLIES[update_fn] = apply
+    # Optimizers built inside a compiled step (inject_hyperparams rebuilds its factory's
+    # each step) must leave the registry alone: Dynamo would guard on its weak keys, and a
+    # key collected between tracing and guard building fails the compile.
+    if not torch.compiler.is_compiling():
+        _APPLIES[update_fn] = apply
     return update_fn
 
 
 def _registered_apply(update: Any) -> ApplyFn | None:
+    if torch.compiler.is_compiling():  # as in with_apply: no registry inside a trace
+        return None
     try:
         return _APPLIES.get(update)
     except TypeError:  # not weakly referenceable, so never registered
@@ -107,7 +113,7 @@ def apply_gradients(
     params)``, computed by the apply registered for ``tx.update`` (:func:`with_apply`)
     where there is one. Inside ``torch.compile`` the update runs: what an apply makes
     faster eagerly (a fused kernel), inductor fuses itself."""
-    apply = None if torch.compiler.is_compiling() else _registered_apply(tx.update)
+    apply = _registered_apply(tx.update)
     if apply is not None:
         return apply(grads, state, params)
     updates, state = tx.update(grads, state, params)
