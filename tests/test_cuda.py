@@ -154,6 +154,32 @@ def test_eager_fused_update_on_the_device_is_torchs_fused_update(name):
     assert bool(ops.count[f"_fused_{name}_"]) == (not CUDA)
 
 
+def test_eager_adagrad_fuses_on_the_cpu_only():
+    """torch 2.13 has no CUDA Adagrad kernel (and a later torch's is not checked against
+    torch.optim here): on CUDA the chain runs, with no host sync; on the CPU the kernel."""
+    g = torch.Generator().manual_seed(0)
+    params = {f"w{i}": torch.randn(5, i + 1, generator=g).to(DEVICE) for i in range(3)}
+    grads = {k: torch.randn(v.shape, generator=g).to(DEVICE) for k, v in params.items()}
+    tx = optim.adagrad(lr=0.1, lr_decay=0.01, weight_decay=0.1)
+    state = tx.init(params)
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with OpCounter() as ops:
+            got, _ = optim.apply_gradients(tx, grads, state, params)
+    finally:
+        if CUDA:
+            torch.cuda.set_sync_debug_mode("default")
+    assert bool(ops.count["_fused_adagrad_"]) == (not CUDA)
+    ref = {k: v.clone() for k, v in params.items()}
+    opt = torch.optim.Adagrad(list(ref.values()), lr=0.1, lr_decay=0.01, weight_decay=0.1)
+    for p, gr in zip(ref.values(), grads.values(), strict=True):
+        p.grad = gr
+    opt.step()
+    for k in params:
+        torch.testing.assert_close(got[k], ref[k], **EAGER)
+
+
 # ------------------------------------------------------------------------ CUDA graphs
 
 

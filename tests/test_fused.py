@@ -1,4 +1,4 @@
-"""Eager Adam and AdamW through torch's fused kernel (loopkit.optim.fused): bitwise
+"""Eager Adam, AdamW, SGD and Adagrad through torch's fused kernels (loopkit.optim.fused): bitwise
 torch.optim's ``fused=True``, to rounding the chain (and torch.optim's default, which
 test_step checks through the train step), pure, and the chain wherever the kernel does not
 apply."""
@@ -15,14 +15,20 @@ from torch import nn
 import loopkit as lk
 from loopkit import optim
 from loopkit.optim import schedules
-from loopkit.optim.transforms import ScaleByAdamState, TraceState
+from loopkit.optim.transforms import ScaleByAdagradState, ScaleByAdamState, TraceState
 from loopkit.tree import tree_leaves, tree_map, tree_structure
-from tests.helpers import OpCounter, adam_kwargs, sgd_kwargs
+from tests.helpers import OpCounter, adagrad_kwargs, adam_kwargs, sgd_kwargs
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 FP64 = dict(rtol=1e-10, atol=1e-12)
-KERNELS = {"_fused_adam_", "_fused_adamw_", "_fused_sgd_"}
-TORCH = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+KERNELS = {"_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_"}
+TORCH = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+}
+KWARGS = {"adam": adam_kwargs, "adamw": adam_kwargs, "sgd": sgd_kwargs, "adagrad": adagrad_kwargs}
 
 
 def _params(dtype=torch.float32, seed=0, widths=(5, 7, 3)) -> dict:
@@ -64,23 +70,23 @@ def _assert_close_trees(a, b, tol):
         torch.testing.assert_close(x, y, **tol)
 
 
-# The per-param state of Adam and SGD, named as torch.optim names it.
-MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+# The per-param state of Adam, SGD and Adagrad, named as torch.optim names it.
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum")
 
 
 def _moments(state) -> dict:
-    """The per-param state tensors of an Adam or SGD chain's state, by field name."""
+    """The per-param state tensors of an Adam, SGD or Adagrad chain's state, by name."""
     out = {}
     for s in state:
-        if isinstance(s, (ScaleByAdamState, TraceState)):
+        if isinstance(s, (ScaleByAdamState, TraceState, ScaleByAdagradState)):
             out.update({f: getattr(s, f) for f in MOMENTS if isinstance(getattr(s, f, ()), dict)})
     return out
 
 
 @settings(max_examples=80, deadline=None)
 @given(
-    name_kwargs=st.sampled_from(["adam", "adamw", "sgd"]).flatmap(
-        lambda n: (sgd_kwargs() if n == "sgd" else adam_kwargs()).map(lambda kw: (n, kw))
+    name_kwargs=st.sampled_from(sorted(TORCH)).flatmap(
+        lambda n: KWARGS[n]().map(lambda kw: (n, kw))
     ),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     steps=st.integers(1, 4),
@@ -121,7 +127,11 @@ def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name_kwargs, dtyp
 
 @pytest.mark.parametrize(
     "tx",
-    [optim.adamw(lr=0.1, amsgrad=True), optim.adam(lr=0.1, weight_decay=0.1, maximize=True)],
+    [
+        optim.adamw(lr=0.1, amsgrad=True),
+        optim.adam(lr=0.1, weight_decay=0.1, maximize=True),
+        optim.adagrad(lr=0.1, weight_decay=0.1, initial_accumulator_value=0.5),
+    ],
 )
 def test_inputs_are_not_modified(tx):
     params = _params()
@@ -173,6 +183,7 @@ CASES = [
     "fused_false", "bfloat16", "transposed", "strided_grad", "beta1_schedule", "injected",
     "moment_dtype", "param_requires_grad", "moment_key_order", "zero_grad",
     "negated_grad", "step_2**24", "sgd_fused_false", "sgd_momentum_schedule",
+    "adagrad_fused_false", "adagrad_step_2**24", "adagrad_injected_lr_decay",
 ]  # fmt: skip
 
 
@@ -219,6 +230,16 @@ def test_the_chain_runs_where_the_kernel_does_not_apply(case):
         state = tx.init(params)
     elif case == "sgd_momentum_schedule":  # OneCycleLR-style cycled momentum
         tx = optim.sgd(lr=0.01, momentum=lambda t: 0.9 - 0.0 * t)
+        state = tx.init(params)
+    elif case == "adagrad_fused_false":
+        tx = optim.adagrad(lr=0.01, fused=False)
+        state = tx.init(params)
+    elif case == "adagrad_step_2**24":
+        tx = optim.adagrad(lr=0.01, weight_decay=0.1)
+        state = tx.init(params)
+        state = (state[0], state[1]._replace(count=torch.tensor(2**24 - 1)), state[2])
+    elif case == "adagrad_injected_lr_decay":  # the kernel takes lr_decay as a number
+        tx = optim.inject_hyperparams(optim.adagrad, names=("lr", "lr_decay"))(lr_decay=0.1)
         state = tx.init(params)
     _falls_back(tx, params, grads, state)
 
@@ -292,18 +313,32 @@ def test_the_transform_stays_an_init_update_pair():
             assert torch.equal(got[k], params[k])
 
 
-def test_fused_true_fuses_bfloat16():
-    params = tree_map(lambda v: v.to(torch.bfloat16), _params())
-    got, _, ops = _run(optim.adamw(lr=0.01, fused=True), params, 2)
+@pytest.mark.parametrize("name", ["adamw", "adagrad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_true_fuses_low_precision(name, dtype):
+    """Bitwise torch's ``fused=True``, and the float32 chain's values to the dtype's
+    rounding (an lr of 0.3 moves each param by about that much per step, so a skipped
+    update, as torch's CPU SGD kernel does for these dtypes, would show)."""
+    params = tree_map(lambda v: v.to(dtype), _params())
+    got, _, ops = _run(getattr(optim, name)(lr=0.3, fused=True), params, 2)
     assert _fused(ops)
     ref = {k: v.clone() for k, v in params.items()}
-    opt = torch.optim.AdamW(list(ref.values()), lr=0.01, fused=True)
+    opt = TORCH[name](list(ref.values()), lr=0.3, fused=True)
     for i in range(2):
         for p, g in zip(ref.values(), _grads(params, i).values(), strict=True):
             p.grad = g
         opt.step()
     for k in ref:
         assert torch.equal(got[k], ref[k])
+    # the chain in float32, from the same low-precision params and grads
+    chain = getattr(optim, name)(lr=0.3, fused=False)
+    wide = tree_map(lambda v: v.float(), params)
+    state = chain.init(wide)
+    for i in range(2):
+        grads = tree_map(lambda v: v.float(), _grads(params, i))
+        wide, state = optim.apply_gradients(chain, grads, state, wide)
+    for k in ref:
+        torch.testing.assert_close(got[k].float(), wide[k], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -28,6 +28,7 @@ from loopkit.optim.base import (
 from loopkit.optim.schedules import Schedule
 from loopkit.optim.transforms import (
     Hyper,
+    ScaleByAdagradState,
     ScaleByAdamState,
     ScaleByLearningRateState,
     TraceState,
@@ -258,7 +259,9 @@ def adam(
             weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
             decoupled=decoupled_weight_decay, any_dtype=bool(fused),
         )  # fmt: skip
-    return _adaptive(adaptive, lr, weight_decay, decoupled_weight_decay, maximize, kernel)
+    return _adaptive(
+        adaptive, lr, weight_decay, decoupled_weight_decay, maximize, kernel, ScaleByAdamState
+    )
 
 
 def _adaptive(
@@ -268,18 +271,20 @@ def _adaptive(
     decoupled: bool,
     maximize: bool,
     kernel: Callable | None = None,
+    kind: type | None = None,
 ) -> Transform:
     """``[negate] -> L2 decay -> direction -> -lr``, or with decoupled decay (AdamW-style,
     ``p -= lr * weight_decay * p``) ``[negate] -> direction -> decay -> -lr``; with
-    ``kernel`` (Adam's, see :func:`_kernel_apply`) as the chain's apply."""
+    ``kernel`` (Adam's or Adagrad's, see :func:`_kernel_apply`), taking ``direction``'s
+    state of type ``kind``, as the chain's apply."""
     decay = add_decayed_weights(_num(weight_decay))
     core = [direction, decay] if decoupled else [decay, direction]
     lr_tx = scale_by_learning_rate(lr)
     tx = chain(*([negate()] if maximize else []), *core, lr_tx)
-    if kernel is not None:  # scale_by_adam's state follows [negate] and, if L2, decay
+    if kernel is not None:  # direction's state follows [negate] and, if L2, decay
         at = int(maximize) + int(not decoupled)
         links = int(maximize) + 3
-        apply = _kernel_apply(tx, lr_tx, kernel, links=links, at=at, kind=ScaleByAdamState)
+        apply = _kernel_apply(tx, lr_tx, kernel, links=links, at=at, kind=kind)
         tx = tx._replace(update=with_apply(tx.update, apply))
     return _checked(tx)
 
@@ -339,16 +344,30 @@ def adagrad(
     eps: float = 1e-10,
     *,
     maximize: bool = False,
+    fused: bool | None = None,
 ) -> Transform:
     """torch.optim.Adagrad: ``g += weight_decay * p``; ``s += g^2``;
-    ``p -= lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)``. Dense gradients only."""
+    ``p -= lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)``. Dense gradients only.
+
+    Eager steps run torch's fused Adagrad kernel where it applies: as for :func:`adam`,
+    with numeric lr_decay, weight decay and eps, and on the CPU only (torch 2.13 has no
+    CUDA kernel). ``fused`` as for :func:`adam`: ``True`` also fuses float16 and bfloat16
+    params."""
     lr = _lr(lr, _negative_or_nan)
     _check("lr_decay", lr_decay, lambda v: 0.0 <= v)
     _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
     _check("initial_accumulator_value", initial_accumulator_value, lambda v: 0.0 <= v)
     _check("epsilon", eps, lambda v: 0.0 <= v)
+    _check_fused(fused)
     direction = scale_by_adagrad(_num(lr_decay), _num(initial_accumulator_value), _num(eps))
-    return _adaptive(direction, lr, weight_decay, False, maximize)
+    kernel = None
+    if fused is not False and all(map(_fixed, (lr_decay, weight_decay, eps))):
+        kernel = functools.partial(
+            fused_kernel.adagrad_step, lr_decay=float(lr_decay),
+            weight_decay=float(weight_decay), eps=float(eps), maximize=bool(maximize),
+            any_dtype=bool(fused),
+        )  # fmt: skip
+    return _adaptive(direction, lr, weight_decay, False, maximize, kernel, ScaleByAdagradState)
 
 
 def adamax(

@@ -1,17 +1,18 @@
-"""torch's fused Adam and SGD kernels for eager updates.
+"""torch's fused Adam, SGD and Adagrad kernels for eager updates.
 
 Written as a chain of transforms, an eager AdamW update is a dozen elementwise ops per
 param, each allocating its result; ``torch.optim.AdamW`` runs about eight per param in
 place, and with ``fused=True`` one kernel for all params. On this machine's CPU the update
 of the benchmark MLP took 0.71 ms as the chain, 0.50 ms in torch.optim's default and
 0.23 ms with the fused kernel (``benchmarks/update_batching.py``). SGD with momentum is
-the same story on a smaller scale (``benchmarks/eager_optimizers.py``).
+the same story on a smaller scale, and Adagrad (``benchmarks/eager_optimizers.py``).
 
-:func:`adam_step` and :func:`sgd_step` run those kernels functionally: the new params and
-optimizer state are copies of the old ones, updated in place by ``torch._fused_adam_`` /
-``torch._fused_adamw_`` / ``torch._fused_sgd_``; the inputs are not modified. The kernels
-compute the equations of :func:`~loopkit.optim.transforms.scale_by_adam` and
-:func:`~loopkit.optim.transforms.trace` in one pass per element (Adam: ``m = b1 m +
+:func:`adam_step`, :func:`sgd_step` and :func:`adagrad_step` run those kernels
+functionally: the new params and optimizer state are copies of the old ones, updated in
+place by ``torch._fused_adam_`` / ``torch._fused_adamw_`` / ``torch._fused_sgd_`` /
+``torch._fused_adagrad_``; the inputs are not modified. The kernels compute the equations
+of :func:`~loopkit.optim.transforms.scale_by_adam`, :func:`~loopkit.optim.transforms.trace`
+and :func:`~loopkit.optim.transforms.scale_by_adagrad` in one pass per element (Adam: ``m = b1 m +
 (1 - b1) g`` rather than ``lerp``), so their results agree with the chain's, and with
 ``torch.optim``'s default, to rounding; with ``torch.optim``'s ``fused=True`` given the
 same lr they agree bitwise.
@@ -21,14 +22,15 @@ It returns None where the kernel does not apply, and the caller runs the chain:
 - under ``torch.compile`` (inductor fuses the chain's ops itself), a ``torch.func``
   transform or forward-mode AD, or where anything requires grad: the kernel has no
   derivative;
-- on devices other than the CPU and CUDA (torch itself only fuses when asked);
+- on devices other than the CPU and CUDA (torch itself only fuses when asked), and for
+  Adagrad off the CPU;
 - for float16 and bfloat16 params, which the kernel computes in float32, unless asked
   (``any_dtype``); for float64 params off the CPU too, because the CUDA kernel reads the
   lr as a float32 (the CPU kernel reads a double);
 - for tensors that are not plain dense tensors of one layout (grads and moments must have
   their param's dtype, shape, device and strides), or params on both the CPU and an
   accelerator (the lr and step count would be copied to the host every step);
-- Adam on the CPU from update 2**24 on, where the kernel's float32 step count (torch.optim
+- Adam and Adagrad on the CPU from update 2**24 on, where the kernel's float32 step count (torch.optim
   keeps it so) would round; on CUDA reading the count would cost a sync, so there the
   kernel runs on, as ``torch.optim.Adam(fused=True)`` does;
 - SGD with momentum and dampening off the CPU (see :func:`sgd_step`), and SGD on float16 or
@@ -38,13 +40,14 @@ It returns None where the kernel does not apply, and the caller runs the chain:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from loopkit.optim.leafwise import _eager
-from loopkit.optim.transforms import ScaleByAdamState, TraceState
+from loopkit.optim.transforms import ScaleByAdagradState, ScaleByAdamState, TraceState
 from loopkit.tree import PyTree, tree_flatten, tree_unflatten
 
 FUSED_DEVICES = frozenset({"cpu", "cuda"}) & frozenset(_get_fused_kernels_supported_devices())
@@ -126,13 +129,15 @@ def _lr_on(lr: torch.Tensor, device: torch.device) -> torch.Tensor:
     return lr.to(device=device, dtype=torch.float32)
 
 
-def _prepared(params: PyTree, trees: list, any_dtype: bool) -> tuple | None:
+def _prepared(
+    params: PyTree, trees: list, any_dtype: bool, devices: frozenset = FUSED_DEVICES
+) -> tuple | None:
     """``(leaves, spec, others)``: ``params`` and each tree of ``trees`` flattened, where the
-    kernels apply to them (see the module docstring), else None."""
+    kernels apply to them (see the module docstring) on ``devices``, else None."""
     if not _eager():
         return None
     leaves, spec = _flatten(params)
-    if not all(_fusable_param(p, any_dtype) for p in leaves):
+    if not all(_fusable_param(p, any_dtype) and p.device.type in devices for p in leaves):
         return None
     if len({p.device.type == "cpu" for p in leaves}) > 1:
         return None
@@ -152,12 +157,43 @@ def _low_precision_on_cpu(params: PyTree) -> bool:
     )
 
 
+def _exact_count(count: torch.Tensor) -> torch.Tensor | None:
+    """``count + 1``, the step the kernel is given, or None on the CPU from 2**24 on: the
+    kernel reads it as a float32 (torch.optim keeps it so), which would round. On an
+    accelerator reading it would cost a sync, so the kernel runs on, as torch's does."""
+    count = count + 1
+    if count.device.type == "cpu" and int(count) >= EXACT_STEPS:
+        return None
+    return count
+
+
+def _steps(count: torch.Tensor, device: torch.device, params: list) -> list[torch.Tensor]:
+    """The per-param step tensors of torch's fused kernels: ``count`` as a float32 on
+    ``device``, shared (the kernels only read them)."""
+    return [count.to(device=device, dtype=torch.float32)] * len(params)
+
+
 def _groups(leaves: list[torch.Tensor]) -> dict[tuple, list[int]]:
     """Indices of the leaves by (device, dtype): one kernel call each, as torch groups."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(leaves):
         groups.setdefault((p.device, p.dtype), []).append(i)
     return groups
+
+
+def _run(prepared: tuple, call: Callable[..., None]) -> list[PyTree]:
+    """``call(device, params, grads, *states)`` once per (device, dtype) group of the
+    ``prepared`` leaves (``others`` being the grads, then the states), on fresh copies of
+    the params and states; returns the new params and states as trees like ``params``."""
+    leaves, spec, (grads, *states) = prepared
+    updated = [[None] * len(leaves) for _ in range(1 + len(states))]
+    for (device, _), idx in _groups(leaves).items():
+        new = [_copies([ts[i] for i in idx]) for ts in (leaves, *states)]
+        call(device, new[0], [grads[i] for i in idx], *new[1:])
+        for out, values in zip(updated, new, strict=True):
+            for i, t in zip(idx, values, strict=True):
+                out[i] = t
+    return [_unflatten(ts, spec) for ts in updated]
 
 
 def adam_step(
@@ -187,24 +223,19 @@ def adam_step(
     prepared = _prepared(params, trees, any_dtype)
     if prepared is None:
         return None
-    leaves, spec, others = prepared
-    count = state.count + 1
-    if count.device.type == "cpu" and int(count) >= EXACT_STEPS:
+    count = _exact_count(state.count)
+    if count is None:
         return None
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    updated = [[None] * len(leaves) for _ in range(len(trees))]  # params, moments (no grads)
-    for (device, _), idx in _groups(leaves).items():
-        new = [_copies([ts[i] for i in idx]) for ts in (leaves, *others[1:])]
-        step = count.to(device=device, dtype=torch.float32)  # as torch.optim keeps it
+
+    def call(device, params, grads, exp_avg, exp_avg_sq, highest=()):
         kernel(
-            new[0], [others[0][i] for i in idx], new[1], new[2], new[3] if amsgrad else [],
-            [step] * len(idx), lr=_lr_on(lr, device), beta1=b1, beta2=b2,
-            weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+            params, grads, exp_avg, exp_avg_sq, list(highest), _steps(count, device, params),
+            lr=_lr_on(lr, device), beta1=b1, beta2=b2, weight_decay=weight_decay, eps=eps,
+            amsgrad=amsgrad, maximize=maximize,
         )  # fmt: skip
-        for out, values in zip(updated, new, strict=True):
-            for i, t in zip(idx, values, strict=True):
-                out[i] = t
-    new_params, exp_avg, exp_avg_sq, *highest = (_unflatten(ts, spec) for ts in updated)
+
+    new_params, exp_avg, exp_avg_sq, *highest = _run(prepared, call)
     return new_params, ScaleByAdamState(count, exp_avg, exp_avg_sq, highest[0] if amsgrad else ())
 
 
@@ -239,25 +270,58 @@ def sgd_step(
     prepared = _prepared(params, trees, any_dtype)
     if prepared is None:
         return None
-    leaves, spec, others = prepared
     first = False
     if state is not None:
         if state.initialized.device.type == "cpu":
             first = not bool(state.initialized)
         elif dampening != 0:
             return None
-    updated = [[None] * len(leaves) for _ in range(len(trees))]  # params, buffers
-    for (device, _), idx in _groups(leaves).items():
-        new = [_copies([ts[i] for i in idx]) for ts in (leaves, *others[1:])]
+
+    def call(device, params, grads, buffers=()):
         torch._fused_sgd_(
-            new[0], [others[0][i] for i in idx], new[1] if state is not None else [],
-            weight_decay=weight_decay, momentum=momentum, lr=_lr_on(lr, device),
-            dampening=dampening, nesterov=nesterov, maximize=maximize, is_first_step=first,
+            params, grads, list(buffers), weight_decay=weight_decay, momentum=momentum,
+            lr=_lr_on(lr, device), dampening=dampening, nesterov=nesterov, maximize=maximize,
+            is_first_step=first,
         )  # fmt: skip
-        for out, values in zip(updated, new, strict=True):
-            for i, t in zip(idx, values, strict=True):
-                out[i] = t
-    new_params, *buffers = (_unflatten(ts, spec) for ts in updated)
+
+    new_params, *buffers = _run(prepared, call)
     if state is None:
         return new_params, None
     return new_params, TraceState(state.count + 1, state.initialized | True, buffers[0])
+
+
+def adagrad_step(
+    params: PyTree,
+    grads: PyTree,
+    state: ScaleByAdagradState,
+    lr: torch.Tensor,
+    *,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    any_dtype: bool = False,
+) -> tuple[PyTree, ScaleByAdagradState] | None:
+    """One Adagrad update (L2 decay ``g += weight_decay * p``) with torch's fused kernel:
+    ``(new_params, new state)``, the state being
+    :func:`~loopkit.optim.transforms.scale_by_adagrad`'s after the update; nothing given is
+    modified. CPU params only: torch 2.13 has no CUDA kernel for it, and a later torch's
+    has not been checked against torch.optim here. None where the kernel does not apply
+    (see the module docstring)."""
+    if lr.requires_grad or state.count.requires_grad:
+        return None
+    prepared = _prepared(params, [grads, state.sum], any_dtype, devices=frozenset({"cpu"}))
+    if prepared is None:
+        return None
+    count = _exact_count(state.count)
+    if count is None:
+        return None
+
+    def call(device, params, grads, sums):
+        torch._fused_adagrad_(
+            params, grads, sums, _steps(count, device, params), lr=_lr_on(lr, device),
+            lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize,
+        )  # fmt: skip
+
+    new_params, sums = _run(prepared, call)
+    return new_params, ScaleByAdagradState(count, sums)
