@@ -1,5 +1,6 @@
 """The compiled step: same numbers as the eager step, one compilation, clear errors."""
 
+import copy
 import gc
 from typing import Any, NamedTuple
 
@@ -413,7 +414,7 @@ def test_lifted_arguments_lower_back_to_the_same_tensors(first, second):
             assert not any(m and not s for m, s in zip(marks, scalar, strict=True))
             if lifter is not shared:
                 assert marks == scalar
-            got, got_spec = lk.tree.tree_flatten(scalars.lower(lifted))
+            got, got_spec = lk.tree.tree_flatten(scalars.lower(lifted, lifter.paths))
             assert got_spec == spec
             for g, w in zip(got, want, strict=True):
                 if isinstance(w, torch.Tensor):
@@ -428,6 +429,29 @@ class _Batch(tuple):
 
     def __new__(cls, x, y):
         return super().__new__(cls, (x, y))
+
+
+def test_donated_step_names_where_the_optimizer_changed_its_state_structure():
+    """donate=True writes the new state into the old one, so the two must line up: an
+    optimizer whose state grows a key gets an error naming the place, and the state it was
+    given is untouched."""
+
+    def grow(params):
+        return {"n": torch.zeros(())}
+
+    def grow_update(g, s, p=None):
+        return g, {"n": s["n"] + 1, "extra": torch.zeros(())}
+
+    tx = optim.chain(optim.sgd(lr=0.1), optim.Transform(grow, grow_update))
+    model = nn.Linear(3, 1)
+    step = lk.train_step(model, lambda net, b: net(b).pow(2).mean(), tx, compile=True,
+                         backend="eager", donate=True)  # fmt: skip
+    state = lk.TrainState.create(model, tx)
+    before = copy.deepcopy(state)
+    with pytest.raises(lk.StepError, match=r"at opt_state\[1\] it got \{n: float32\[\], extra"):
+        step(state, torch.ones(2, 3))
+    for a, b in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(before), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("factory", [optim.sgd, optim.adam])

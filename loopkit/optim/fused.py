@@ -30,9 +30,9 @@ It returns None where the kernel does not apply, and the caller runs the chain:
 - for tensors that are not plain dense tensors of one layout (grads and moments must have
   their param's dtype, shape, device and strides), or params on both the CPU and an
   accelerator (the lr and step count would be copied to the host every step);
-- Adam and Adagrad on the CPU from update 2**24 on, where the kernel's float32 step count (torch.optim
-  keeps it so) would round; on CUDA reading the count would cost a sync, so there the
-  kernel runs on, as ``torch.optim.Adam(fused=True)`` does;
+- Adam and Adagrad on the CPU from update 2**24 on, where the kernel's float32 step count
+  (torch.optim keeps it so) would round; on CUDA reading the count would cost a sync, so
+  there the kernel runs on, as ``torch.optim.Adam(fused=True)`` does;
 - SGD with momentum and dampening off the CPU (see :func:`sgd_step`), and SGD on float16 or
   bfloat16 CPU params even when asked: torch 2.13's CPU kernel leaves most of those params
   unchanged (``torch.optim.SGD(fused=True)`` too).
