@@ -533,29 +533,37 @@ _STATE_PARTS = ("params", "buffers", "opt_state", "step")
 def _write_into(old: Any, new: Any, path: tuple = (), write: bool = True) -> None:
     """Copy each tensor of ``new`` into the tensor at the same place in ``old`` (a state's
     ``(params, buffers, opt_state, step)``), where they are not the same tensor; a
-    :class:`StepError` naming the place where the structures differ (``write=False``: only
-    that check).
+    :class:`StepError` naming the place where the structures differ, raised before anything
+    is written (``write=False``: only that check). Non-tensor leaves must be equal.
 
     Dicts, lists, tuples and NamedTuples are walked here, their tensors handled inline:
     Dynamo traces every line of this, and torch's generic ``tree_flatten`` of both states
     cost 0.4-0.9 s of each compile of the benchmark MLP's step. Other pytree nodes are
     flattened."""
+    pairs: list = []
+    _pair_up(old, new, path, pairs)
+    if write:
+        for o, n in pairs:
+            o.copy_(n)
+
+
+def _pair_up(old: Any, new: Any, path: tuple, out: list) -> None:
     kind = type(old)
     if kind is dict and type(new) is dict:
         if old.keys() != new.keys():
             raise _structure_error(path, old, new)
-        pairs = [(k, o, new[k]) for k, o in old.items()]
+        items = [(k, o, new[k]) for k, o in old.items()]
     elif kind is type(new) and (
         kind is list or kind is tuple or (isinstance(old, tuple) and hasattr(kind, "_fields"))
     ):
         if len(old) != len(new):
             raise _structure_error(path, old, new)
-        pairs = list(zip(range(len(old)), old, new, strict=True))
+        items = list(zip(range(len(old)), old, new, strict=True))
     elif isinstance(old, torch.Tensor):
         if not isinstance(new, torch.Tensor):
             raise _structure_error(path, old, new)
-        if write and new is not old:
-            old.copy_(new)
+        if new is not old:
+            out.append((old, new))
         return
     else:  # anything else: torch's pytree, leaf by leaf
         (old_leaves, old_spec), (new_leaves, new_spec) = tree_flatten(old), tree_flatten(new)
@@ -565,13 +573,18 @@ def _write_into(old: Any, new: Any, path: tuple = (), write: bool = True) -> Non
             for o, n in zip(old_leaves, new_leaves, strict=True)
         ):
             raise _structure_error(path, old, new)
-        pairs = [(None, o, n) for o, n in zip(old_leaves, new_leaves, strict=True) if n is not o]
-    for key, o, n in pairs:
+        out.extend(
+            (o, n)
+            for o, n in zip(old_leaves, new_leaves, strict=True)
+            if isinstance(o, torch.Tensor) and n is not o
+        )
+        return
+    for key, o, n in items:
         if type(o) is torch.Tensor and type(n) is torch.Tensor:  # the common case, inline
-            if write and n is not o:
-                o.copy_(n)
+            if n is not o:
+                out.append((o, n))
         else:
-            _write_into(o, n, path if key is None else (*path, key), write)
+            _pair_up(o, n, (*path, key), out)
 
 
 def _structure_error(path: tuple, old: Any, new: Any) -> StepError:

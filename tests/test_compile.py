@@ -431,10 +431,12 @@ class _Batch(tuple):
         return super().__new__(cls, (x, y))
 
 
-def test_donated_step_names_where_the_optimizer_changed_its_state_structure():
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_donated_step_names_where_the_optimizer_changed_its_state_structure(fullgraph):
     """donate=True writes the new state into the old one, so the two must line up: an
     optimizer whose state grows a key gets an error naming the place, and the state it was
-    given is untouched."""
+    given is untouched (with graph breaks allowed too, where the check runs compiled after
+    the params were computed: nothing is written before the whole structure is checked)."""
 
     def grow(params):
         return {"n": torch.zeros(())}
@@ -445,13 +447,41 @@ def test_donated_step_names_where_the_optimizer_changed_its_state_structure():
     tx = optim.chain(optim.sgd(lr=0.1), optim.Transform(grow, grow_update))
     model = nn.Linear(3, 1)
     step = lk.train_step(model, lambda net, b: net(b).pow(2).mean(), tx, compile=True,
-                         backend="eager", donate=True)  # fmt: skip
+                         backend="eager", donate=True, fullgraph=fullgraph)  # fmt: skip
     state = lk.TrainState.create(model, tx)
     before = copy.deepcopy(state)
     with pytest.raises(lk.StepError, match=r"at opt_state\[1\] it got \{n: float32\[\], extra"):
         step(state, torch.ones(2, 3))
     for a, b in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(before), strict=True):
         assert torch.equal(a, b)
+
+
+class _Scaled(NamedTuple):
+    n: torch.Tensor
+    beta: float
+
+
+def test_donated_step_keeps_equal_non_tensor_state_leaves():
+    """A state holding a Python float the update rebuilds each step (equal, not the same
+    object) donates like any other: the tensors are written, the float is left alone."""
+
+    def init(params):
+        return _Scaled(torch.zeros(()), 0.5)
+
+    def update(g, s, p=None):
+        return {k: -s.beta * v for k, v in g.items()}, _Scaled(s.n + 1, s.beta * 1.0)
+
+    tx = optim.Transform(init, update)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    loss = lambda net, b: net(b).pow(2).mean()  # noqa: E731
+    eager = lk.train_step(model, loss, tx)
+    donated = lk.train_step(model, loss, tx, compile=True, backend="eager", donate=True)
+    batches = [torch.randn(2, 3) for _ in range(2)]
+    got, _ = run_steps(donated, lk.TrainState.create(model, tx), batches)
+    want, _ = run_steps(eager, lk.TrainState.create(model, tx), batches)
+    torch.testing.assert_close(got.params, want.params, **COMPILED)
+    assert int(got.opt_state.n) == 2 and got.opt_state.beta == 0.5
 
 
 @pytest.mark.parametrize("factory", [optim.sgd, optim.adam])
