@@ -7,6 +7,7 @@ These run only where CUDA is (``benchmarks/gpu.sh`` runs them first, and
 ``benchmarks/RESULTS.md`` records the run). ``LOOPKIT_TEST_DEVICE=cpu`` runs them on the
 CPU, where inductor skips CUDA graphs: a check of the tests themselves, not of CUDA."""
 
+import contextlib
 import os
 from itertools import pairwise
 
@@ -105,6 +106,18 @@ def test_eager_step_on_the_device_matches_the_imperative_loop(spec, opt_name_kwa
     assert_state_matches(state, ref, **EAGER)
 
 
+@contextlib.contextmanager
+def _syncs_raise():
+    """On CUDA, a host sync inside the block raises (sync debug mode); elsewhere nothing."""
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if CUDA:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 FUSED = {
     "adam": dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
     "adamw": dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
@@ -126,14 +139,8 @@ def test_eager_fused_update_on_the_device_is_torchs_fused_update(name):
     tx = getattr(optim, name)(**kwargs)
     state, got = tx.init(params), params
     for grad in grads:
-        if CUDA:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            with OpCounter() as ops:
-                got, state = optim.apply_gradients(tx, grad, state, got)
-        finally:
-            if CUDA:
-                torch.cuda.set_sync_debug_mode("default")
+        with _syncs_raise(), OpCounter() as ops:
+            got, state = optim.apply_gradients(tx, grad, state, got)
         assert ops.count[f"_fused_{name}_"] == 1
 
     lr = torch.tensor(kwargs.pop("lr"), device=DEVICE) if CUDA else kwargs.pop("lr")
@@ -162,14 +169,8 @@ def test_eager_adagrad_fuses_on_the_cpu_only():
     grads = {k: torch.randn(v.shape, generator=g).to(DEVICE) for k, v in params.items()}
     tx = optim.adagrad(lr=0.1, lr_decay=0.01, weight_decay=0.1)
     state = tx.init(params)
-    if CUDA:
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        with OpCounter() as ops:
-            got, _ = optim.apply_gradients(tx, grads, state, params)
-    finally:
-        if CUDA:
-            torch.cuda.set_sync_debug_mode("default")
+    with _syncs_raise(), OpCounter() as ops:
+        got, _ = optim.apply_gradients(tx, grads, state, params)
     assert bool(ops.count["_fused_adagrad_"]) == (not CUDA)
     ref = {k: v.clone() for k, v in params.items()}
     opt = torch.optim.Adagrad(list(ref.values()), lr=0.1, lr_decay=0.01, weight_decay=0.1)
