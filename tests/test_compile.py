@@ -456,7 +456,7 @@ def test_donated_step_names_where_the_optimizer_changed_its_state_structure(full
         assert torch.equal(a, b)
 
 
-class _Scaled(NamedTuple):
+class _FloatState(NamedTuple):
     n: torch.Tensor
     beta: float
 
@@ -466,10 +466,10 @@ def test_donated_step_keeps_equal_non_tensor_state_leaves():
     object) donates like any other: the tensors are written, the float is left alone."""
 
     def init(params):
-        return _Scaled(torch.zeros(()), 0.5)
+        return _FloatState(torch.zeros(()), 0.5)
 
     def update(g, s, p=None):
-        return {k: -s.beta * v for k, v in g.items()}, _Scaled(s.n + 1, s.beta * 1.0)
+        return {k: -s.beta * v for k, v in g.items()}, _FloatState(s.n + 1, s.beta * 1.0)
 
     tx = optim.Transform(init, update)
     torch.manual_seed(0)
