@@ -530,7 +530,7 @@ def _donating(train: Callable) -> Callable:
 _STATE_PARTS = ("params", "buffers", "opt_state", "step")
 
 
-def _write_into(old: Any, new: Any, path: tuple = (), write: bool = True) -> None:
+def _write_into(old: Any, new: Any, write: bool = True) -> None:
     """Copy each tensor of ``new`` into the tensor at the same place in ``old`` (a state's
     ``(params, buffers, opt_state, step)``), where they are not the same tensor; a
     :class:`StepError` naming the place where the structures differ, raised before anything
@@ -541,13 +541,15 @@ def _write_into(old: Any, new: Any, path: tuple = (), write: bool = True) -> Non
     cost 0.4-0.9 s of each compile of the benchmark MLP's step. Other pytree nodes are
     flattened."""
     pairs: list = []
-    _pair_up(old, new, path, pairs)
+    _pair_up(old, new, (), pairs)
     if write:
         for o, n in pairs:
             o.copy_(n)
 
 
 def _pair_up(old: Any, new: Any, path: tuple, out: list) -> None:
+    """Append to ``out`` the ``(old tensor, new tensor)`` pairs of :func:`_write_into`, or
+    raise where ``new`` (at ``path``) differs from ``old`` in structure."""
     kind = type(old)
     if kind is dict and type(new) is dict:
         if old.keys() != new.keys():
