@@ -157,24 +157,34 @@ def lower(tree: Any, paths: tuple[Path, ...], written: list | None = None) -> An
     the :class:`Lifted` at each of ``paths`` (a :class:`Lifter`'s) viewed back as its 0-dim
     tensor; containers off the paths are returned as they are.
 
-    With ``written`` (a donated step), each lifted tensor comes back as a fresh 0-dim copy,
-    also appended to ``written`` in the order of ``paths``: the step writes its new value
-    there, the graph returns it, and :func:`lifting` copies it into the caller's tensor
-    outside the graph. (Written in place through the view, the value is lost when the
-    tensor's ``.data`` has been replaced: AOTAutograd writes to the storage it had.)"""
+    With ``written`` (a donated step), each lifted tensor of the state (see
+    :func:`is_donated`) comes back as a fresh 0-dim copy, also appended to ``written``
+    in the order of ``paths``: the step writes its new value there, the graph returns it,
+    and :func:`lifting` copies it into the caller's tensor outside the graph. (Written in
+    place through the view, the value is lost when the tensor's ``.data`` has been
+    replaced: AOTAutograd writes to the storage it had.)"""
 
-    def unwrap(lifted: Any) -> torch.Tensor:
+    def unwrap(lifted: Any, copy: bool) -> torch.Tensor:
         if type(lifted) is not Lifted:
             raise TypeError(f"expected a lifted scalar, got {type(lifted).__name__}")
         value = lifted.value.view(())
-        if written is not None:
+        if copy:
             value = value.clone()
             written.append(value)
         return value
 
     for path in paths:
-        tree = _replaced(tree, path, unwrap)
+        copy = written is not None and is_donated(path)
+        tree = _replaced(tree, path, lambda t, copy=copy: unwrap(t, copy))
     return tree
+
+
+def is_donated(path: Path) -> bool:
+    """Whether a donated train step writes back the lifted tensor at ``path``: one of its
+    state, ``(params, buffers, opt_state, step)``, not of its batch (argument 4), which
+    the step only reads and which may be a tensor that cannot be written (one requiring
+    grad, or made in inference mode)."""
+    return path[0] < 4
 
 
 def check_donatable(args: tuple) -> None:
@@ -230,7 +240,7 @@ def lifting(compiled: Callable, donate: bool = False) -> Callable:
         if checked[0] is not lifter._paths:
             check_donatable(args[:-1])
             checked[0] = lifter._paths
-        targets = lifter.lifted
+        targets = [t for t, p in zip(lifter.lifted, lifter.paths, strict=True) if is_donated(p)]
         out, written = compiled(*lifted, lifter.paths)
         for target, value in zip(targets, written, strict=True):
             target.copy_(value)

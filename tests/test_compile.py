@@ -587,3 +587,41 @@ def test_donation_refuses_float64_scalars_it_cannot_write_back():
     for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
         torch.testing.assert_close(x, y, **COMPILED)
     assert float(b.opt_state["lr"]) == 0.025
+
+
+@pytest.mark.parametrize("kind", ["plain", "requires_grad", "inference"])
+def test_donated_step_reads_float64_scalars_of_the_batch_without_writing_them(kind):
+    """Regression: a donated step lifted a float64 0-dim tensor of the *batch* (a loss
+    target scale here) like one of the state, and copied it back after the call: a batch tensor
+    requiring grad or made in inference mode then raised, after the state had advanced.
+    Only the state is written: the batch's tensor keeps its version, and the steps equal
+    eager."""
+
+    def loss(net, batch):
+        x, y, w = batch
+        return nn.functional.mse_loss(net(x), w * y)
+
+    def weight(value: float) -> torch.Tensor:
+        if kind == "inference":
+            with torch.inference_mode():
+                return torch.tensor(value, dtype=torch.float64)
+        return torch.tensor(value, dtype=torch.float64, requires_grad=kind == "requires_grad")
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    opt = optim.inject_hyperparams(optim.adam)(lr=0.1)  # a lifted lr in the state too
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, generator=g, dtype=torch.float64),
+                torch.randn(4, 1, generator=g, dtype=torch.float64), weight(w))
+               for w in (2.0, 0.5, 3.0)]  # fmt: skip
+    version = lambda w: None if w.is_inference() else w._version  # noqa: E731
+    versions = [version(b[2]) for b in batches]
+    donated = lk.train_step(model, loss, opt, compile=True, backend="aot_eager", donate=True)
+    eager = lk.train_step(model, loss, opt)
+    got, got_losses = run_steps(donated, lk.TrainState.create(model, opt), batches)
+    want, want_losses = run_steps(eager, lk.TrainState.create(model, opt), batches)
+    torch.testing.assert_close(got.params, want.params, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.opt_state, want.opt_state, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_losses.detach(), want_losses.detach(), rtol=1e-12, atol=1e-12)
+    assert [version(b[2]) for b in batches] == versions
+    assert [float(b[2]) for b in batches] == [2.0, 0.5, 3.0]
