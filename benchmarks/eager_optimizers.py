@@ -32,6 +32,10 @@ OPTIMIZERS = {
     ),
     "adagrad (chain)": (functools.partial(optim.adagrad, fused=False), torch.optim.Adagrad,
                         {"lr": 1e-2}),
+    "rmsprop (chain)": (functools.partial(optim.rmsprop, foreach=False), torch.optim.RMSprop,
+                        {"lr": 1e-3}),
+    "rmsprop centered momentum": (optim.rmsprop, torch.optim.RMSprop,
+                                  {"lr": 1e-3, "momentum": 0.9, "centered": True}),
 }  # fmt: skip
 
 

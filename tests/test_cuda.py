@@ -161,19 +161,28 @@ def test_eager_fused_update_on_the_device_is_torchs_fused_update(name):
     assert bool(ops.count[f"_fused_{name}_"]) == (not CUDA)
 
 
-def test_eager_adagrad_fuses_on_the_cpu_only():
+@pytest.mark.parametrize(
+    "name, kwargs, marker",
+    [
+        ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.1), "_fused_adagrad_"),
+        ("RMSprop", dict(lr=0.01, weight_decay=0.1, momentum=0.9, centered=True),
+         "_foreach_addcdiv_"),
+    ],
+)  # fmt: skip
+def test_eager_adagrad_and_rmsprop_batch_on_the_cpu_only(name, kwargs, marker):
     """torch 2.13 has no CUDA Adagrad kernel (and a later torch's is not checked against
-    torch.optim here): on CUDA the chain runs, with no host sync; on the CPU the kernel."""
+    torch.optim here), and RMSprop's batched ops read the lr as a number: on CUDA the chain
+    runs, with no host sync; on the CPU the kernel or the batched ops."""
     g = torch.Generator().manual_seed(0)
     params = {f"w{i}": torch.randn(5, i + 1, generator=g).to(DEVICE) for i in range(3)}
     grads = {k: torch.randn(v.shape, generator=g).to(DEVICE) for k, v in params.items()}
-    tx = optim.adagrad(lr=0.1, lr_decay=0.01, weight_decay=0.1)
+    tx = getattr(optim, name.lower())(**kwargs)
     state = tx.init(params)
     with _syncs_raise(), OpCounter() as ops:
         got, _ = optim.apply_gradients(tx, grads, state, params)
-    assert bool(ops.count["_fused_adagrad_"]) == (not CUDA)
+    assert bool(ops.count[marker]) == (not CUDA)
     ref = {k: v.clone() for k, v in params.items()}
-    opt = torch.optim.Adagrad(list(ref.values()), lr=0.1, lr_decay=0.01, weight_decay=0.1)
+    opt = getattr(torch.optim, name)(list(ref.values()), **kwargs)
     for p, gr in zip(ref.values(), grads.values(), strict=True):
         p.grad = gr
     opt.step()

@@ -1,7 +1,8 @@
 """Eager Adam, AdamW, SGD and Adagrad through torch's fused kernels (loopkit.optim.fused): bitwise
 torch.optim's ``fused=True``, to rounding the chain (and torch.optim's default, which
 test_step checks through the train step), pure, and the chain wherever the kernel does not
-apply."""
+apply. RMSprop through torch.optim's own ops batched with ``_foreach_*`` calls: bitwise
+torch.optim.RMSprop's default."""
 
 import copy
 import functools
@@ -15,13 +16,19 @@ from torch import nn
 import loopkit as lk
 from loopkit import optim
 from loopkit.optim import schedules
-from loopkit.optim.transforms import ScaleByAdagradState, ScaleByAdamState, TraceState
+from loopkit.optim.transforms import (
+    ScaleByAdagradState,
+    ScaleByAdamState,
+    ScaleByRmsState,
+    TraceState,
+)
 from loopkit.tree import tree_leaves, tree_map, tree_structure
-from tests.helpers import OpCounter, adagrad_kwargs, adam_kwargs, sgd_kwargs
+from tests.helpers import OpCounter, adagrad_kwargs, adam_kwargs, rmsprop_kwargs, sgd_kwargs
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 FP64 = dict(rtol=1e-10, atol=1e-12)
-KERNELS = {"_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_"}
+# the kernels, and the op only RMSprop's batched path runs (its chain runs no foreach op)
+KERNELS = {"_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_", "_foreach_addcdiv_"}
 TORCH = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -131,6 +138,7 @@ def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name_kwargs, dtyp
         optim.adamw(lr=0.1, amsgrad=True),
         optim.adam(lr=0.1, weight_decay=0.1, maximize=True),
         optim.adagrad(lr=0.1, weight_decay=0.1, initial_accumulator_value=0.5),
+        optim.rmsprop(lr=0.1, weight_decay=0.1, momentum=0.9, centered=True, maximize=True),
     ],
 )
 def test_inputs_are_not_modified(tx):
@@ -184,6 +192,8 @@ CASES = [
     "moment_dtype", "param_requires_grad", "moment_key_order", "zero_grad",
     "negated_grad", "step_2**24", "sgd_fused_false", "sgd_momentum_schedule",
     "adagrad_fused_false", "adagrad_step_2**24", "adagrad_injected_lr_decay",
+    "rmsprop_foreach_false", "rmsprop_injected_alpha", "rmsprop_transposed",
+    "rmsprop_param_requires_grad",
 ]  # fmt: skip
 
 
@@ -240,6 +250,17 @@ def test_the_chain_runs_where_the_kernel_does_not_apply(case):
         state = (state[0], state[1]._replace(count=torch.tensor(2**24 - 1)), state[2])
     elif case == "adagrad_injected_lr_decay":  # the kernel takes lr_decay as a number
         tx = optim.inject_hyperparams(optim.adagrad, names=("lr", "lr_decay"))(lr_decay=0.1)
+        state = tx.init(params)
+    elif case.startswith("rmsprop"):
+        tx = optim.rmsprop(lr=0.01, momentum=0.9, centered=True, foreach=None)
+        if case == "rmsprop_foreach_false":
+            tx = optim.rmsprop(lr=0.01, momentum=0.9, centered=True, foreach=False)
+        elif case == "rmsprop_injected_alpha":  # the batched ops take alpha as a number
+            tx = optim.inject_hyperparams(optim.rmsprop, names=("lr", "alpha"))(momentum=0.9)
+        elif case == "rmsprop_transposed":
+            params["0.weight"] = params["0.weight"].t().contiguous().t()
+        elif case == "rmsprop_param_requires_grad":
+            params["1.bias"] = params["1.bias"].clone().requires_grad_()
         state = tx.init(params)
     _falls_back(tx, params, grads, state)
 
@@ -430,3 +451,83 @@ def test_a_changed_learning_rate_is_used():
     assert optim.learning_rates(got_state) == [0.003]
     unchanged, _ = optim.apply_gradients(tx, grads, tx.init(params), params)
     assert not torch.equal(got["0.weight"], unchanged["0.weight"])
+
+
+def _rms_state(state) -> dict:
+    """RMSprop's per-param state tensors in a chain's state, named as torch.optim names
+    them (square_avg; grad_avg if centered; momentum_buffer with momentum)."""
+    out = {}
+    for s in state:
+        if isinstance(s, tuple) and not isinstance(s, (ScaleByRmsState, TraceState)):
+            out.update(_rms_state(s))
+        elif isinstance(s, ScaleByRmsState):
+            out["square_avg"] = s.square_avg
+            if s.grad_avg != ():
+                out["grad_avg"] = s.grad_avg
+        elif isinstance(s, TraceState):
+            out["momentum_buffer"] = s.momentum_buffer
+    return out
+
+
+def _torch_rmsprop(params, kwargs, steps, seed):
+    ref = {k: v.clone() for k, v in params.items()}
+    opt = torch.optim.RMSprop(list(ref.values()), **kwargs)  # its default: single-tensor
+    for i in range(steps):
+        for p, g in zip(ref.values(), _grads(params, seed + i).values(), strict=True):
+            p.grad = g
+        opt.step()
+    return ref, opt
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kwargs=rmsprop_kwargs(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    steps=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_rmsprop_matches_torch_bitwise_and_the_chain_to_rounding(kwargs, dtype, steps, seed):
+    """Eager RMSprop runs torch.optim.RMSprop's single-tensor ops, batched: after a few
+    updates the params and per-param state are bitwise torch's default (centered, momentum,
+    weight decay and maximize included), and the chain's to the float32 / float64
+    standard, in a state of the chain's structure."""
+    params = _params(dtype, seed)
+    got, state, ops = _run(optim.rmsprop(**kwargs), params, steps, seed)
+    assert ops["_foreach_addcdiv_"] == 1
+    ref, opt = _torch_rmsprop(params, kwargs, steps, seed)
+    moments = _rms_state(state)
+    want = {"square_avg", "grad_avg", "momentum_buffer"}
+    want -= {"grad_avg"} if not kwargs["centered"] else set()
+    want -= {"momentum_buffer"} if not kwargs["momentum"] else set()
+    assert set(moments) == want
+    for k, p in ref.items():
+        assert torch.equal(got[k], p), k
+        for field, values in moments.items():
+            assert torch.equal(values[k], opt.state[p][field]), (k, field)
+
+    chain = optim.rmsprop(**kwargs, foreach=False)
+    chain_params, chain_state, chain_ops = _run(chain, params, steps, seed)
+    assert not _fused(chain_ops)
+    tol = FP32 if dtype == torch.float32 else FP64
+    _assert_close_trees(got, chain_params, tol)
+    _assert_close_trees(state, chain_state, tol)
+    for a, b in zip(tree_leaves(state), tree_leaves(chain_state), strict=True):
+        if not a.is_floating_point():  # step counts, the momentum's initialized flag
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("momentum, centered", [(0.0, False), (0.9, True)])
+def test_rmsprop_low_precision_matches_torch_bitwise(dtype, momentum, centered):
+    """float16 and bfloat16 params take the same ops as torch's (whose CPU
+    ``_foreach_mul_`` by a number rounds differently from ``mul_`` in these dtypes)."""
+    kwargs = dict(lr=0.05, alpha=0.9, weight_decay=0.1, momentum=momentum, centered=centered)
+    params = tree_map(lambda v: v.to(dtype), _params(widths=(17, 33, 5)))
+    got, state, ops = _run(optim.rmsprop(**kwargs), params, 3)
+    assert ops["_foreach_addcdiv_"] == 1
+    ref, opt = _torch_rmsprop(params, kwargs, 3, 0)
+    moments = _rms_state(state)
+    for k, p in ref.items():
+        assert torch.equal(got[k], p), k
+        for field, values in moments.items():
+            assert torch.equal(values[k], opt.state[p][field]), (k, field)

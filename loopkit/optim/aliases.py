@@ -31,6 +31,7 @@ from loopkit.optim.transforms import (
     ScaleByAdagradState,
     ScaleByAdamState,
     ScaleByLearningRateState,
+    ScaleByRmsState,
     TraceState,
     adafactor_update,
     add_decayed_weights,
@@ -321,19 +322,35 @@ def rmsprop(
     centered: bool = False,
     *,
     maximize: bool = False,
+    foreach: bool | None = None,
 ) -> Transform:
     """torch.optim.RMSprop: ``g += weight_decay * p``; ``x = g / (sqrt(v) + eps)`` with
     :func:`scale_by_rms`; with momentum ``b = momentum * b + x`` and ``p -= lr * b``,
-    otherwise ``p -= lr * x``."""
+    otherwise ``p -= lr * x``.
+
+    Eager steps on the CPU run torch.optim.RMSprop's own in-place ops, batched over the
+    params (:func:`loopkit.optim.fused.rmsprop_step`: bitwise torch's default result),
+    where its rules allow and alpha, eps, weight decay and momentum are numbers;
+    ``foreach=False`` always runs the chain."""
     lr = _lr(lr, _negative_or_nan)
     _check("epsilon", eps, lambda v: 0.0 <= v)
     _check("momentum", momentum, lambda v: 0.0 <= v)
     _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
     _check("alpha", alpha, lambda v: 0.0 <= v)
+    if foreach not in (None, True, False):
+        raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
     direction = scale_by_rms(_num(alpha), _num(eps), centered)
     if not _fixed(momentum) or momentum > 0:
         direction = chain(direction, trace(_num(momentum)))
-    return _adaptive(direction, lr, weight_decay, False, maximize)
+    kernel = kind = None
+    if foreach is not False and all(map(_fixed, (alpha, eps, weight_decay, momentum))):
+        kernel = functools.partial(
+            fused_kernel.rmsprop_step, alpha=float(alpha), eps=float(eps),
+            weight_decay=float(weight_decay), momentum=float(momentum),
+            centered=bool(centered), maximize=bool(maximize),
+        )  # fmt: skip
+        kind = ScaleByRmsState if momentum == 0 else tuple
+    return _adaptive(direction, lr, weight_decay, False, maximize, kernel, kind)
 
 
 def adagrad(

@@ -1,4 +1,5 @@
-"""torch's fused Adam, SGD and Adagrad kernels for eager updates.
+"""torch's fused Adam, SGD and Adagrad kernels for eager updates, and RMSprop's own ops
+batched.
 
 Written as a chain of transforms, an eager AdamW update is a dozen elementwise ops per
 param, each allocating its result; ``torch.optim.AdamW`` runs about eight per param in
@@ -15,7 +16,9 @@ of :func:`~loopkit.optim.transforms.scale_by_adam`, :func:`~loopkit.optim.transf
 and :func:`~loopkit.optim.transforms.scale_by_adagrad` in one pass per element (Adam: ``m = b1 m +
 (1 - b1) g`` rather than ``lerp``), so their results agree with the chain's, and with
 ``torch.optim``'s default, to rounding; with ``torch.optim``'s ``fused=True`` given the
-same lr they agree bitwise.
+same lr they agree bitwise. torch has no RMSprop kernel: :func:`rmsprop_step` runs
+``torch.optim.RMSprop``'s own in-place ops on the copies, each one ``torch._foreach_*`` call
+for all params, bitwise torch's default.
 
 It returns None where the kernel does not apply, and the caller runs the chain:
 
@@ -23,10 +26,11 @@ It returns None where the kernel does not apply, and the caller runs the chain:
   transform or forward-mode AD, or where anything requires grad: the kernel has no
   derivative;
 - on devices other than the CPU and CUDA (torch itself only fuses when asked), and for
-  Adagrad off the CPU;
+  Adagrad and RMSprop off the CPU;
 - for float16 and bfloat16 params, which the kernel computes in float32, unless asked
-  (``any_dtype``); for float64 params off the CPU too, because the CUDA kernel reads the
-  lr as a float32 (the CPU kernel reads a double);
+  (``any_dtype``; RMSprop's ops compute in the param's dtype, as torch's, and take
+  them); for float64 params off the CPU too, because the CUDA kernel reads the lr as a
+  float32 (the CPU kernel reads a double);
 - for tensors that are not plain dense tensors of one layout (grads and moments must have
   their param's dtype, shape, device and strides), or params on both the CPU and an
   accelerator (the lr and step count would be copied to the host every step);
@@ -47,7 +51,12 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from loopkit.optim.leafwise import _eager
-from loopkit.optim.transforms import ScaleByAdagradState, ScaleByAdamState, TraceState
+from loopkit.optim.transforms import (
+    ScaleByAdagradState,
+    ScaleByAdamState,
+    ScaleByRmsState,
+    TraceState,
+)
 from loopkit.tree import PyTree, tree_flatten, tree_unflatten
 
 FUSED_DEVICES = frozenset({"cpu", "cuda"}) & frozenset(_get_fused_kernels_supported_devices())
@@ -325,3 +334,79 @@ def adagrad_step(
 
     new_params, sums = _run(prepared, call)
     return new_params, ScaleByAdagradState(count, sums)
+
+
+def rmsprop_step(
+    params: PyTree,
+    grads: PyTree,
+    state: ScaleByRmsState | tuple,
+    lr: torch.Tensor,
+    *,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> tuple[PyTree, ScaleByRmsState | tuple] | None:
+    """One RMSprop update as ``torch.optim.RMSprop`` runs it by default on the CPU: its
+    single-tensor ops in the same order (so bitwise its result), each batched over the
+    params as one ``torch._foreach_*`` call, on fresh copies of the params and state.
+    torch has no fused RMSprop kernel; the chain of transforms makes about seven allocating
+    passes per param and pays Python for each. ``state`` is
+    :func:`~loopkit.optim.transforms.scale_by_rms`'s, or with ``momentum`` the pair of it
+    and :func:`~loopkit.optim.transforms.trace`'s. CPU params only: on an accelerator
+    reading the lr as a number would cost a sync. None where it does not apply (the module
+    docstring's rules, float16 and bfloat16 included as torch computes them)."""
+    rms, buffer = (state, None) if momentum == 0 else (state[0], state[1])
+    if not isinstance(rms, ScaleByRmsState) or (momentum and not isinstance(buffer, TraceState)):
+        return None
+    if lr.requires_grad or lr.device.type != "cpu":
+        return None
+    trees = [grads, rms.square_avg, *([rms.grad_avg] if centered else [])]
+    trees += [buffer.momentum_buffer] if buffer is not None else []
+    prepared = _prepared(params, trees, any_dtype=True, devices=frozenset({"cpu"}))
+    if prepared is None:
+        return None
+    lr_value = float(lr)  # a CPU float64: exact, as torch's float lr
+
+    def call(device, params, grads, square_avg, *rest):
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        if weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        _scale_(square_avg, alpha)
+        torch._foreach_addcmul_(square_avg, grads, grads, value=1 - alpha)
+        if centered:
+            grad_avg = rest[0]
+            torch._foreach_lerp_(grad_avg, grads, 1 - alpha)
+            avg = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
+            torch._foreach_sqrt_(avg)
+        else:
+            avg = torch._foreach_sqrt(square_avg)
+        torch._foreach_add_(avg, eps)
+        if buffer is None:
+            torch._foreach_addcdiv_(params, grads, avg, value=-lr_value)
+            return
+        buf = rest[-1]  # zeros in a new state, as torch's: b_1 = x_1, the chain's first b
+        _scale_(buf, momentum)
+        torch._foreach_addcdiv_(buf, grads, avg)
+        torch._foreach_add_(params, buf, alpha=-lr_value)
+
+    new_params, square_avg, *rest = _run(prepared, call)
+    new_rms = ScaleByRmsState(square_avg, rest[0] if centered else ())
+    if buffer is None:
+        return new_params, new_rms
+    trace_state = TraceState(buffer.count + 1, buffer.initialized | True, rest[-1])
+    return new_params, (new_rms, trace_state)
+
+
+def _scale_(ts: list[torch.Tensor], factor: float) -> None:
+    """``t.mul_(factor)`` for each of ``ts``: one ``_foreach_mul_``, except in float16 and
+    bfloat16, where torch 2.13's CPU ``_foreach_mul_`` by a number rounds differently from
+    ``mul_`` (torch.optim's single-tensor op)."""
+    if ts and ts[0].dtype in LOW_PRECISION:
+        for t in ts:
+            t.mul_(factor)
+    else:
+        torch._foreach_mul_(ts, factor)
