@@ -185,6 +185,22 @@ def test_errors_name_the_fix():
         optim.inject_hyperparams(optim.sgd)(nesterov=True)
 
 
+def test_values_set_later_are_used_unchecked_as_torch_uses_a_param_groups():
+    """torch checks hyperparameters when the optimizer is built; a value set later in a
+    param group (here a negative lr: gradient ascent) is used as it is. So with injected
+    values, which the optimizer is rebuilt from at every update."""
+    params = {"w": torch.tensor([1.0, -2.0])}
+    tx = optim.inject_hyperparams(optim.adam)(lr=0.1)
+    state = optim.set_learning_rate(tx.init(params), -0.1)
+    got, _ = optim.apply_gradients(tx, {"w": torch.tensor([0.5, 0.5])}, state, params)
+    ref = params["w"].clone().requires_grad_()
+    opt = torch.optim.Adam([ref], lr=0.1)
+    opt.param_groups[0]["lr"] = -0.1
+    ref.grad = torch.tensor([0.5, 0.5])
+    opt.step()
+    torch.testing.assert_close(got["w"], ref.detach(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.compile
 def test_changing_lr_weight_decay_and_betas_compiles_once():
     from torch._dynamo.testing import CompileCounterWithBackend

@@ -125,15 +125,21 @@ def test_constant_schedule_and_warmup():
     assert values == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
 
 
+MIXED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 @given(
     max_norm=st.floats(1e-3, 10.0),
     norm_type=st.sampled_from([2.0, 1.0, 3.0, float("inf")]),
     seed=st.integers(0, 2**16),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
+    dtype=st.sampled_from([torch.float32, torch.float64, "mixed"]),
 )
 def test_clip_by_global_norm_matches_clip_grad_norm(max_norm, norm_type, seed, dtype):
+    """Bitwise torch's, also for a mix of dtypes (the coefficient is not rounded to a
+    float16 leaf's dtype before it scales it)."""
     g = torch.Generator().manual_seed(seed)
-    grads = {f"g{i}": torch.randn(i + 1, 3, generator=g, dtype=dtype) for i in range(4)}
+    dtypes = MIXED if dtype == "mixed" else (dtype,) * 4
+    grads = {f"g{i}": torch.randn(i + 1, 3, generator=g).to(d) for i, d in enumerate(dtypes)}
     ps = [torch.zeros_like(v, requires_grad=True) for v in grads.values()]
     for p, v in zip(ps, grads.values(), strict=True):
         p.grad = v.clone()
@@ -172,6 +178,12 @@ def test_clip_by_global_norm_matches_clip_grad_norm(max_norm, norm_type, seed, d
         (optim.radam, dict(weight_decay=-0.1), "Invalid weight_decay"),
         (optim.adadelta, dict(rho=1.1), "Invalid rho"),
         (optim.adadelta, dict(lr=-1.0), "Invalid learning rate"),
+        # tensors given by the user are checked too, as torch checks them
+        (optim.sgd, dict(lr=torch.tensor(-0.1)), "Invalid learning rate"),
+        (optim.adam, dict(lr=torch.tensor(float("nan"))), "Invalid learning rate"),
+        (optim.adam, dict(betas=(torch.tensor(1.0), 0.999)), "beta parameter at index 0"),
+        (optim.rmsprop, dict(eps=torch.tensor(-1.0)), "Invalid epsilon"),
+        (optim.adagrad, dict(lr=torch.tensor([-0.1])), "Invalid learning rate"),
     ],
 )
 def test_invalid_hyperparameters(factory, kwargs, match):

@@ -9,9 +9,11 @@ values; structure (``amsgrad``, ``nesterov``, ``centered``, ``maximize``...) sta
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -82,19 +84,49 @@ def _checked(tx: Transform) -> Transform:
     return Transform(init, with_apply(update, apply))
 
 
+# Set while inject_hyperparams rebuilds an optimizer from its current tensors, which it
+# validated once as numbers: torch checks values when an optimizer is built, not when a
+# param group's value changes, and reading a CUDA tensor would cost a sync each update.
+_INJECTING: contextvars.ContextVar[bool] = contextvars.ContextVar("injecting", default=False)
+
+
+@contextlib.contextmanager
+def injecting() -> Iterator[None]:
+    """Within the block the optimizers built here take tensor hyperparameters unchecked
+    (see :func:`~loopkit.optim.inject_hyperparams`)."""
+    token = _INJECTING.set(True)
+    try:
+        yield
+    finally:
+        _INJECTING.reset(token)
+
+
+def _checked_value(value: Any) -> float | None:
+    """``value`` as the number torch validates: a number, or a one-element tensor given
+    by the user (as torch checks a tensor lr, eps or beta); None for a schedule, and for a
+    tensor under ``torch.compile`` or passed by inject_hyperparams (see ``_INJECTING``)."""
+    if callable(value):
+        return None
+    if isinstance(value, torch.Tensor):
+        if torch.compiler.is_compiling() or _INJECTING.get():
+            return None
+        return float(value)
+    return value
+
+
 def _lr(lr: Any, invalid: Callable[[float], bool]) -> Hyper | Schedule:
     """A schedule or a one-element tensor as it is (a 0-dim view, read at every update, as
-    torch reads a tensor lr), or the lr as a float, rejected with torch's message where
-    ``invalid(lr)``."""
+    torch reads a tensor lr), or the lr as a float; rejected with torch's message where
+    ``invalid(lr)`` (a tensor as :func:`_checked_value` says)."""
     if callable(lr):
         return lr
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        return lr.reshape(())
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+    tensor = isinstance(lr, torch.Tensor) and lr.numel() == 1
+    if not tensor and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)):
         raise TypeError(f"lr must be a number or a schedule (callable step -> lr), got {lr!r}")
-    if invalid(float(lr)):
-        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-    return float(lr)
+    value = _checked_value(lr)
+    if value is not None and invalid(float(value)):
+        raise ValueError(f"Invalid learning rate: {value} (must be >= 0)")
+    return lr.reshape(()) if tensor else float(lr)
 
 
 def _num(value: Any) -> Hyper:
@@ -103,9 +135,10 @@ def _num(value: Any) -> Hyper:
 
 
 def _check(name: str, value: Any, valid: Callable[[float], bool]) -> None:
-    """torch's ``Invalid <name> value`` error where ``valid(value)`` fails; a tensor
-    (injected, validated once as a number by inject_hyperparams) is not checked."""
-    if not isinstance(value, torch.Tensor) and not valid(value):
+    """torch's ``Invalid <name> value`` error where ``valid(value)`` fails (a tensor as
+    :func:`_checked_value` says)."""
+    value = _checked_value(value)
+    if value is not None and not valid(value):
         raise ValueError(f"Invalid {name} value: {value}")
 
 
@@ -220,7 +253,8 @@ def _check_adam(betas, eps, weight_decay) -> None:
     for i, b in enumerate(betas):
         if i == 0 and callable(b):
             continue  # a beta1 schedule (OneCycleLR-style cycling)
-        if _fixed(b) and not 0.0 <= b < 1.0:
+        value = _checked_value(b)
+        if value is not None and not 0.0 <= value < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
     _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
 

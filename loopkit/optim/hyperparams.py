@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from loopkit.optim.aliases import injecting
 from loopkit.optim.base import Transform, apply_gradients, with_apply
 from loopkit.optim.transforms import (
     AdafactorState,
@@ -135,7 +136,11 @@ def inject_hyperparams(
         factory(**(values | {k: _as_python(v) for k, v in initial.items()}))  # validate
 
         def transform(hp: dict[str, torch.Tensor]) -> Transform:
-            return factory(**(values | {k: _as_argument(hyper[k], v) for k, v in hp.items()}))
+            arguments = values | {k: _as_argument(hyper[k], v) for k, v in hp.items()}
+            if torch.compiler.is_compiling():  # (where tensors are not read anyway)
+                return factory(**arguments)
+            with injecting():  # the values were validated above, as torch validates them
+                return factory(**arguments)
 
         def init(params):
             count = _count(params)

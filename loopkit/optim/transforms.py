@@ -314,7 +314,9 @@ def clip_by_global_norm_with_norm(
             "anyway, set error_if_nonfinite=False",
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    return leafwise(lambda x: x * coef.to(x.device, x.dtype), tree), total
+    # x * coef in coef's precision, rounded once to x's dtype (torch's _foreach_mul_ by a
+    # tensor): a float16 leaf beside float32 ones is not scaled by a rounded coefficient.
+    return leafwise(lambda x: (x * coef.to(x.device)).to(x.dtype), tree), total
 
 
 def clip_by_value(clip_value: float) -> Transform:
