@@ -478,3 +478,36 @@ def test_adafactor_takes_eps1_from_the_first_param_as_torch_does():
     got, _ = loopkit_run(params, grads, optim.adafactor(lr=0.01))
     for k in ps:
         torch.testing.assert_close(got[k], ps[k].detach(), rtol=1e-6, atol=1e-9)
+
+
+def _storages(tree) -> list[int]:
+    return [x.untyped_storage().data_ptr() for x in lk.tree.tree_leaves(tree)
+            if isinstance(x, torch.Tensor) and x.numel()]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [*sorted(TORCH_OPTIMIZERS), "adafactor"])
+@pytest.mark.parametrize("lr", ["float", "tensor", "schedule", "injected"])
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+def test_new_states_share_no_tensor(name, lr, default):
+    """Regression: a state's lr was the injected (or given) lr tensor itself, shared by
+    every state built from the optimizer, and ASGD's lr and eta were one tensor under a
+    float64 default dtype. A donated step writes a state's tensors in place, so that wrote
+    into other states and into the optimizer. Each state's tensors must be its own."""
+    factory = getattr(optim, name)
+    given = torch.tensor(0.01, dtype=torch.float64)
+    if lr == "injected":
+        tx = optim.inject_hyperparams(factory)(lr=0.01)
+    else:
+        value = {"float": 0.01, "tensor": given, "schedule": lambda t: 0.01 + 0.0 * t}[lr]
+        tx = factory(lr=value)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        params = {"w": torch.randn(3, 2), "b": torch.randn(3)}
+        first, second = tx.init(params), tx.init(params)
+    finally:
+        torch.set_default_dtype(previous)
+    own = _storages(first)
+    assert len(set(own)) == len(own), "two leaves of one state share a tensor"
+    assert not set(own) & set(_storages(second)), "two states share a tensor"
+    assert not set(own) & set(_storages((params, given))), "a state holds a given tensor"

@@ -144,7 +144,7 @@ def inject_hyperparams(
 
         def init(params):
             count = _count(params)
-            hp = {k: v.to(count.device) for k, v in initial.items()}
+            hp = {k: v.to(count.device, copy=True) for k, v in initial.items()}  # per state
             return InjectState(count, hp, transform(hp).init(params))
 
         def current(state: InjectState) -> dict[str, torch.Tensor]:

@@ -251,8 +251,11 @@ def _lr_at(lr: Hyper | Schedule, state_lr: torch.Tensor, count: torch.Tensor) ->
 
 
 def _first_lr(lr: Hyper | Schedule, count: torch.Tensor) -> torch.Tensor:
+    """The lr a new state records: a tensor of its own, never the lr tensor given (a
+    donated step writes the state's tensors in place, and other states share that one)."""
     value = lr(count) if callable(lr) else lr
-    return torch.as_tensor(value, dtype=torch.float64, device=count.device)
+    first = torch.as_tensor(value, dtype=torch.float64, device=count.device)
+    return first.clone() if first is value else first
 
 
 def scale_by_learning_rate(lr: Hyper | Schedule) -> Transform:
@@ -636,7 +639,7 @@ def asgd_update(
         return AsgdState(
             count,
             first_lr,
-            first_lr.to(dtype),
+            first_lr.to(dtype, copy=True),  # lr and eta: two tensors, also in float64
             torch.ones((), dtype=dtype, device=count.device),
             zeros_like_tree(params),
         )
