@@ -158,24 +158,24 @@ def lower(tree: Any, paths: tuple[Path, ...], written: list | None = None) -> An
     tensor; containers off the paths are returned as they are.
 
     With ``written`` (a donated step), each lifted tensor of the state (see
-    :func:`is_donated`) comes back as a fresh 0-dim copy, also appended to ``written``
-    in the order of ``paths``: the step writes its new value there, the graph returns it,
-    and :func:`lifting` copies it into the caller's tensor outside the graph. (Written in
-    place through the view, the value is lost when the tensor's ``.data`` has been
-    replaced: AOTAutograd writes to the storage it had.)"""
+    :func:`is_donated`) is also appended to ``written``, in the order of ``paths``: the
+    donated step returns its new value instead of writing it, the graph returns that, and
+    :func:`lifting` copies it into the caller's tensor outside the graph. (Written in place
+    through the view, the value is lost when the tensor's ``.data`` has been replaced --
+    AOTAutograd writes to the storage it had -- and after a graph break, where torch
+    drops in-place writes to float64 0-dim CPU inputs.)"""
 
-    def unwrap(lifted: Any, copy: bool) -> torch.Tensor:
+    def unwrap(lifted: Any, donated: bool) -> torch.Tensor:
         if type(lifted) is not Lifted:
             raise TypeError(f"expected a lifted scalar, got {type(lifted).__name__}")
         value = lifted.value.view(())
-        if copy:
-            value = value.clone()
+        if donated:
             written.append(value)
         return value
 
     for path in paths:
-        copy = written is not None and is_donated(path)
-        tree = _replaced(tree, path, lambda t, copy=copy: unwrap(t, copy))
+        donated = written is not None and is_donated(path)
+        tree = _replaced(tree, path, lambda t, donated=donated: unwrap(t, donated))
     return tree
 
 
@@ -209,13 +209,16 @@ def lowering(fn: Callable, train: bool, donate: bool = False) -> Callable:
     the paths they were lifted at (Dynamo guards on their values). The
     parameter names are those the compiled step's guard filter reads. With ``donate`` (a
     train step writing its new state into its inputs) it returns ``(fn's result, the new
-    values of the lifted tensors)``: see :func:`lower`."""
+    values of the lifted tensors)``: see :func:`lower`, and ``fn`` takes those tensors as
+    ``returned`` (see :func:`loopkit.step._donating`)."""
     if train:
 
         def train_step(params, buffers, opt_state, step, batch, lifted_at):
-            written: list | None = [] if donate else None
-            out = fn(*lower((params, buffers, opt_state, step, batch), lifted_at, written))
-            return (out, written) if donate else out
+            args = (params, buffers, opt_state, step, batch)
+            if not donate:
+                return fn(*lower(args, lifted_at))
+            written: list = []
+            return fn(*lower(args, lifted_at, written), returned=written)
 
         return train_step
 

@@ -9,6 +9,7 @@ flags are set for the call and restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -131,6 +132,23 @@ def _is_compiler_error(e: BaseException) -> bool:
     return isinstance(e, TorchDynamoException)
 
 
+def _is_recompile_limit(e: BaseException) -> bool:
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    return isinstance(e, FailOnRecompileLimitHit)
+
+
+def _recompile_limit_error(kind: str, e: BaseException) -> CompileError:
+    return CompileError(
+        f"torch.compile recompiled the {kind} until Dynamo's recompile limit: something it "
+        "specializes on changes from call to call. Most often that is a Python number in "
+        "the batch (e.g. mixup's lam), compiled in as a constant: pass it as a tensor, "
+        "torch.tensor(lam). Batches of ever new shapes do it too: keep the shapes fixed "
+        "(drop_last=True) or compile with dynamic=True. A number read from a closure or "
+        f"a config does not recompile: it is stale (see guards=). torch says: {e}"
+    )
+
+
 class _Step:
     """Shared machinery of train and eval steps: training flags, errors, compilation.
 
@@ -172,6 +190,8 @@ class _Step:
         except _PASS_THROUGH:
             raise
         except Exception as e:
+            if self.compiled and _is_recompile_limit(e):
+                raise _recompile_limit_error(self.kind, e) from e
             if not (self.compiled and _is_compiler_error(e)):
                 raise self._step_error(state, args[-1], e) from e
             cause = e
@@ -189,6 +209,15 @@ class _Step:
             raise self._step_error(state, args[-1], e) from e
         if self.donate:  # (the eager run above wrote nothing: it is the step undonated)
             _write_into(args[:4], tuple(out[:4]), write=False)
+            if torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(args[-1])
+            ):
+                raise StepError(
+                    "donate=True cannot take a batch holding tensors that require grad: the "
+                    "donated step's in-place writes cannot be part of their autograd graph. "
+                    "Detach the batch, or compile without donate to differentiate through "
+                    "the step."
+                ) from cause
         raise CompileError(
             f"torch.compile could not compile the {self.kind} as one graph "
             f"(fullgraph=True):\n{str(cause).strip()[:2000]}\n"
@@ -508,6 +537,14 @@ def compile_step(
 
         options = {**list_mode_options(mode, dynamic), **options}
         mode = None
+    elif mode is not None and guards == "inputs":
+        # Another backend ignores the mode (it configures inductor), and torch would reject
+        # it beside the guard filter's option.
+        warnings.warn(
+            f"mode={mode!r} configures inductor; with backend={backend!r} it is ignored",
+            stacklevel=2,
+        )
+        mode = None
     lifts = isinstance(step, (TrainStep, EvalStep))  # the steps whose float64 scalars
     if lifts:  # are lifted (an ensemble's are stacked, not 0-dim): see loopkit.scalars
         pure = scalars.lowering(pure, isinstance(step, TrainStep), donate)
@@ -527,15 +564,21 @@ def compile_step(
 
 
 def _donating(train: Callable) -> Callable:
-    """``train`` that writes the new state into the input state's tensors and returns only
-    the metrics. Inside a compiled graph each ``copy_`` becomes the update kernel's store
-    into the input's memory."""
+    """``train`` that writes the new state into the input state's tensors and returns the
+    metrics. Inside a compiled graph each ``copy_`` becomes the update kernel's store into
+    the input's memory.
 
-    def train_in_place(params, buffers, opt_state, step, batch):
+    ``returned``: input tensors (the lifted float64 scalars, see :mod:`loopkit.scalars`)
+    whose new values are returned, ``(metrics, their values)``, instead of written: torch
+    2.13 drops in-place writes to float64 0-dim CPU inputs of a graph, which they would be
+    after a graph break. The metrics are copies: one may be a state tensor (a logged
+    param), which the writes overwrite."""
+
+    def train_in_place(params, buffers, opt_state, step, batch, returned=()):
         old = (params, buffers, opt_state, step)
         *new, metrics = train(params, buffers, opt_state, step, batch)
-        _write_into(old, tuple(new))
-        return metrics
+        metrics = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        return metrics, _write_into(old, tuple(new), returned=returned)
 
     return train_in_place
 
@@ -543,11 +586,15 @@ def _donating(train: Callable) -> Callable:
 _STATE_PARTS = ("params", "buffers", "opt_state", "step")
 
 
-def _write_into(old: Any, new: Any, write: bool = True) -> None:
+def _write_into(old: Any, new: Any, write: bool = True, returned: Any = ()) -> list:
     """Copy each tensor of ``new`` into the tensor at the same place in ``old`` (a state's
     ``(params, buffers, opt_state, step)``), where they are not the same tensor; a
-    :class:`StepError` naming the place where the structures differ, raised before anything
-    is written (``write=False``: only that check). Non-tensor leaves must be equal.
+    :class:`StepError` naming the place where the structures, dtypes, shapes or devices
+    differ, raised before anything is written (``write=False``: only that check).
+    Non-tensor leaves must be equal. A new tensor that is itself one of the old ones being
+    written (a state keeping the previous params, or shifting a history) is copied first.
+    The old tensors of ``returned`` are not written: their new values are returned, in
+    order.
 
     Dicts, lists, tuples and NamedTuples are walked here, their tensors handled inline:
     Dynamo traces every line of this, and torch's generic ``tree_flatten`` of both states
@@ -555,9 +602,23 @@ def _write_into(old: Any, new: Any, write: bool = True) -> None:
     flattened."""
     pairs: list = []
     _pair_up(old, new, (), pairs)
-    if write:
-        for o, n in pairs:
-            o.copy_(n)
+    if not write:
+        return []
+    overwritten = {id(o) for o, _ in pairs}
+    slots = {id(t): i for i, t in enumerate(returned)}
+    values = list(returned)  # an old tensor left as it is keeps its value
+    writes = []
+    for o, n in pairs:
+        if id(n) in overwritten:
+            n = n.clone()
+        slot = slots.get(id(o))
+        if slot is None:
+            writes.append((o, n))
+        else:
+            values[slot] = n
+    for o, n in writes:
+        o.copy_(n)
+    return values
 
 
 def _pair_up(old: Any, new: Any, path: tuple, out: list) -> None:
@@ -575,7 +636,7 @@ def _pair_up(old: Any, new: Any, path: tuple, out: list) -> None:
             raise _structure_error(path, old, new)
         items = list(zip(range(len(old)), old, new, strict=True))
     elif isinstance(old, torch.Tensor):
-        if not isinstance(new, torch.Tensor):
+        if not isinstance(new, torch.Tensor) or _differs(old, new):
             raise _structure_error(path, old, new)
         if new is not old:
             out.append((old, new))
@@ -584,7 +645,7 @@ def _pair_up(old: Any, new: Any, path: tuple, out: list) -> None:
         (old_leaves, old_spec), (new_leaves, new_spec) = tree_flatten(old), tree_flatten(new)
         if old_spec != new_spec or not all(
             isinstance(n, torch.Tensor) == isinstance(o, torch.Tensor)
-            and (isinstance(o, torch.Tensor) or n is o or n == o)
+            and (not _differs(o, n) if isinstance(o, torch.Tensor) else n is o or n == o)
             for o, n in zip(old_leaves, new_leaves, strict=True)
         ):
             raise _structure_error(path, old, new)
@@ -597,15 +658,24 @@ def _pair_up(old: Any, new: Any, path: tuple, out: list) -> None:
     for key, o, n in items:
         if type(o) is torch.Tensor and type(n) is torch.Tensor:  # the common case, inline
             if n is not o:
+                if _differs(o, n):
+                    raise _structure_error((*path, key), o, n)
                 out.append((o, n))
         else:
             _pair_up(o, n, (*path, key), out)
 
 
+def _differs(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether ``new`` cannot be written into ``old``: another dtype, shape or device (a
+    copy would cast or broadcast it silently)."""
+    return old.dtype != new.dtype or old.shape != new.shape or old.device != new.device
+
+
 def _structure_error(path: tuple, old: Any, new: Any) -> StepError:
     where = _STATE_PARTS[path[0]] + "".join(f"[{k!r}]" for k in path[1:]) if path else "state"
     return StepError(
-        "donate=True needs the step to return a state of the structure it was given: at "
+        "donate=True needs the step to return a state of the structure, dtypes and shapes it "
+        "was given: at "
         f"{where} it got {describe(new)}, expected {describe(old)}. Make the optimizer keep "
         "its state's structure, or compile without donate."
     )

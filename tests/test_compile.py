@@ -625,3 +625,168 @@ def test_donated_step_reads_float64_scalars_of_the_batch_without_writing_them(ki
     torch.testing.assert_close(got_losses.detach(), want_losses.detach(), rtol=1e-12, atol=1e-12)
     assert [version(b[2]) for b in batches] == versions
     assert [float(b[2]) for b in batches] == [2.0, 0.5, 3.0]
+
+
+def _keep_previous_params() -> optim.Transform:
+    """A state holding the params the update started from (as lookahead or
+    Barzilai-Borwein keep them): the new state *is* input tensors, at other places."""
+    return optim.Transform(
+        lambda params: {k: v.clone() for k, v in params.items()},
+        lambda g, state, params=None: (g, dict(params)),
+    )
+
+
+def _shift_history() -> optim.Transform:
+    """``prev2 <- prev1 <- g``: the new state holds an input tensor one place over."""
+
+    def init(params):
+        return tuple({k: torch.zeros_like(v) for k, v in params.items()} for _ in range(2))
+
+    return optim.Transform(init, lambda g, state, params=None: (g, (dict(g), state[0])))
+
+
+@pytest.mark.parametrize("keep", [_keep_previous_params, _shift_history])
+def test_donated_step_writes_a_state_that_holds_input_tensors_elsewhere(keep):
+    """Regression: donation copied new into old pair by pair, so a new leaf that is an old
+    tensor being overwritten (the previous params, a history shifted by one) was read
+    after its overwrite. Donated equals eager, state and params."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    tx = optim.chain(keep(), optim.sgd(lr=0.5))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g))
+               for _ in range(3)]  # fmt: skip
+    donated = lk.train_step(model, loss_fn, tx, compile=True, backend="aot_eager", donate=True)
+    got, _ = run_steps(donated, lk.TrainState.create(model, tx), batches)
+    want, _ = run_steps(lk.train_step(model, loss_fn, tx), lk.TrainState.create(model, tx),
+                        batches)  # fmt: skip
+    torch.testing.assert_close(got.params, want.params, **COMPILED)
+    torch.testing.assert_close(got.opt_state, want.opt_state, **COMPILED)
+
+
+class _Logged(nn.Module):
+    """A float64 0-dim param (lifted, as the lr), logged as a metric, and a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.t = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        out = self.lin(x) / self.t
+        torch._dynamo.graph_break()
+        return out
+
+
+def test_donated_step_with_graph_breaks_updates_float64_scalars_and_logs_old_values():
+    """Regressions: with fullgraph=False and a graph break, torch 2.13 dropped the donated
+    writes of the state's float64 0-dim CPU tensors (a 0-dim param and its moments, the lr
+    a schedule sets); and a metric that is a param came back with the value after the
+    update. Donated equals eager: params, moments, lr and metrics."""
+
+    def logged(net, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(net(x), y), {"t": net.params["t"]}
+
+    torch.manual_seed(0)
+    model = _Logged().double()
+    tx = optim.adam(lr=optim.schedules.linear_warmup(0.05, warmup_steps=3, start_factor=0.2))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 5, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]  # fmt: skip
+    donated = lk.train_step(model, logged, tx, compile=True, backend="aot_eager",
+                            donate=True, fullgraph=False)  # fmt: skip
+    eager = lk.train_step(model, logged, tx)
+    states = [lk.TrainState.create(model, tx) for _ in range(2)]
+    for batch in batches:
+        for i, step in enumerate((donated, eager)):
+            states[i], metrics = step(states[i], batch)
+            if i == 0:
+                got_t = metrics["t"]
+        torch.testing.assert_close(got_t, metrics["t"], rtol=1e-12, atol=1e-12)
+        assert optim.learning_rates(states[0].opt_state) == optim.learning_rates(
+            states[1].opt_state
+        )
+    got, want = ((s.params, s.buffers, s.opt_state, s.step) for s in states)
+    for a, b in zip(lk.tree.tree_leaves(got), lk.tree.tree_leaves(want), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert float(states[0].params["t"]) != 1.5
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape"])
+def test_donated_step_names_a_state_leaf_that_changed_dtype_or_shape(change):
+    """A copy into the input's tensor would cast (int64 <- float: truncated) or broadcast
+    silently: the step names the leaf instead, and the state is untouched."""
+
+    def init(params):
+        return {"n": torch.tensor(0) if change == "dtype" else torch.zeros(2)}
+
+    def update(g, s, p=None):
+        return g, {"n": s["n"] + 0.5 if change == "dtype" else s["n"].sum()}
+
+    tx = optim.chain(optim.Transform(init, update), optim.sgd(lr=0.1))
+    model = nn.Linear(3, 1)
+    step = lk.train_step(model, lambda net, b: net(b).pow(2).mean(), tx, compile=True,
+                         backend="eager", donate=True)  # fmt: skip
+    state = lk.TrainState.create(model, tx)
+    before = copy.deepcopy(state)
+    got, expected = ("float32[]", "int64[]") if change == "dtype" else ("float32[]", "float32[2]")
+    with pytest.raises(lk.StepError) as error:
+        step(state, torch.ones(2, 3))
+    assert f"at opt_state[0]['n'] it got {got}, expected {expected}" in str(error.value)
+    for a, b in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(before), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_python_number_in_the_batch_that_recompiles_is_named_at_the_recompile_limit():
+    """A Python float in the batch (mixup's lam) compiles in as a constant: each new value
+    recompiles, and at Dynamo's limit the step raised a StepError blaming the data. It
+    names the usual causes and the fix instead, state untouched."""
+
+    def mixup(net, batch):
+        x, y, lam = batch
+        return lam * nn.functional.cross_entropy(net(x), y)
+
+    torch.manual_seed(0)
+    model, tx = nn.Linear(5, 3), optim.sgd(lr=0.1)
+    step = lk.train_step(model, mixup, tx, compile=True, backend="eager", donate=True)
+    state = lk.TrainState.create(model, tx)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with torch._dynamo.config.patch(recompile_limit=2):
+        state, _ = step(state, (x, y, 0.25))
+        state, _ = step(state, (x, y, 0.5))
+        before = copy.deepcopy(state)
+        with pytest.raises(lk.CompileError, match=r"Python number in the batch.*torch.tensor"):
+            step(state, (x, y, 0.75))
+    for a, b in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(before), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_donated_step_refuses_a_batch_that_requires_grad_by_name():
+    """Undonated, a batch being learned (dataset distillation) trains through the step; a
+    donated step cannot be part of its graph, and says so (it blamed a graph break)."""
+    torch.manual_seed(0)
+    model, tx = nn.Linear(5, 3), optim.sgd(lr=0.1)
+    x, y = torch.randn(8, 5, requires_grad=True), torch.randint(0, 3, (8,))
+    step = lk.train_step(model, loss_fn, tx, compile=True, backend="aot_eager", donate=True)
+    state = lk.TrainState.create(model, tx)
+    before = copy.deepcopy(state)
+    with pytest.raises(lk.StepError, match="batch holding tensors that require grad"):
+        step(state, (x, y))
+    for a, b in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(before), strict=True):
+        assert torch.equal(a, b)
+    step(state, (x.detach(), y))  # detached, it trains
+
+
+def test_a_mode_with_another_backend_is_ignored_with_a_warning():
+    """mode= configures inductor; with another backend torch rejected it beside the guard
+    filter's option. The step builds, warns, and equals eager."""
+    torch.manual_seed(0)
+    model, tx = nn.Linear(5, 3), optim.sgd(lr=0.1)
+    with pytest.warns(UserWarning, match="configures inductor"):
+        step = lk.train_step(model, loss_fn, tx, compile=True, backend="aot_eager",
+                             mode="max-autotune-no-cudagraphs")  # fmt: skip
+    batch = (torch.randn(8, 5), torch.randint(0, 3, (8,)))
+    got, _ = step(lk.TrainState.create(model, tx), batch)
+    want, _ = lk.train_step(model, loss_fn, tx)(lk.TrainState.create(model, tx), batch)
+    torch.testing.assert_close(got.params, want.params, **COMPILED)
