@@ -1,14 +1,16 @@
-"""The eager AdamW update, four ways, on one device: the measurement behind
+"""The eager AdamW (or RMSprop) update, four ways, on one device: the measurement behind
 ``loopkit.optim.leafwise.FOREACH_DEVICES`` and ``loopkit.optim.fused``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/update_batching.py [--device cuda]
+    PYTHONPATH=. .venv/bin/python benchmarks/update_batching.py --optimizer rmsprop
 
 For the benchmark MLP and transformer, interleaved rounds in one process, the fastest and
 the median round of:
 
 - ``per leaf``: the chain's update plus ``apply_updates``, each op once per param;
 - ``batched``: the same with torch's multi-tensor kernels forced on (``leafwise``);
-- ``fused``: ``apply_gradients``, which runs torch's fused AdamW kernel on copies;
+- ``fused``: ``apply_gradients``, which runs torch's fused AdamW kernel on copies (for
+  RMSprop: torch.optim's own ops, batched, on copies);
 - ``torch.optim``: ``torch.optim.AdamW(...).step()`` with its default implementation, in
   place (the imperative loop's update).
 """
@@ -23,11 +25,19 @@ import loopkit as lk
 import loopkit.optim.leafwise as leafwise
 from loopkit import bench, optim
 
+OPTIMIZERS = {  # loopkit's and torch.optim's, with the same hyperparameters
+    "adamw": (optim.adamw, torch.optim.AdamW, dict(lr=bench.LR, weight_decay=bench.WEIGHT_DECAY)),
+    "rmsprop": (optim.rmsprop, torch.optim.RMSprop, dict(lr=bench.LR)),
+}
 
-def update_us(case: bench.Case, device: torch.device, rounds: int = 40, reps: int = 10) -> dict:
+
+def update_us(
+    case: bench.Case, device: torch.device, rounds: int = 40, reps: int = 10, name: str = "adamw"
+) -> dict:
+    ours, theirs, kwargs = OPTIMIZERS[name]
     torch.manual_seed(0)
     model = case.build().to(device)
-    opt = optim.adamw(lr=bench.LR, weight_decay=bench.WEIGHT_DECAY)
+    opt = ours(**kwargs)
     state = lk.TrainState.create(model, opt)
     params = state.params
     grads = {k: torch.randn_like(v) for k, v in params.items()}
@@ -42,7 +52,7 @@ def update_us(case: bench.Case, device: torch.device, rounds: int = 40, reps: in
 
     for p, g in zip(model.parameters(), grads.values(), strict=True):
         p.grad = g.clone()
-    imperative = torch.optim.AdamW(model.parameters(), lr=bench.LR, weight_decay=bench.WEIGHT_DECAY)
+    imperative = theirs(model.parameters(), **kwargs)
 
     default = leafwise.FOREACH_DEVICES
     variants: dict[str, tuple[Callable[[], None], frozenset]] = {
@@ -70,7 +80,9 @@ def update_us(case: bench.Case, device: torch.device, rounds: int = 40, reps: in
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
-    device = torch.device(parser.parse_args().device)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
+    args = parser.parse_args()
+    device = torch.device(args.device)
     for case in (bench.CASES[0], bench.CASES[2]):
-        rows = update_us(case, device).items()
+        rows = update_us(case, device, name=args.optimizer).items()
         print(case.label, ", ".join(f"{k}: {a:.0f} µs (median {b:.0f})" for k, (a, b) in rows))

@@ -121,14 +121,21 @@ def test_matches_torch_fused_bitwise_and_the_chain_to_rounding(name_kwargs, dtyp
         for field, values in moments.items():
             assert torch.equal(values[k], opt.state[p][field]), (k, field)
 
-    chain = getattr(optim, name)(**kwargs, fused=False)
+    _assert_like_the_chain(getattr(optim, name)(**kwargs, fused=False), params, steps, seed,
+                           (got, state))  # fmt: skip
+
+
+def _assert_like_the_chain(chain, params, steps: int, seed: int, result) -> None:
+    """``result`` (params, state) equals ``chain``'s over the same updates, to the float32 /
+    float64 standard, in a state of the same structure; counts and flags exactly."""
+    got, state = result
     chain_params, chain_state, chain_ops = _run(chain, params, steps, seed)
     assert not _fused(chain_ops)
-    tol = FP32 if dtype == torch.float32 else FP64
+    tol = FP32 if next(iter(params.values())).dtype == torch.float32 else FP64
     _assert_close_trees(got, chain_params, tol)
     _assert_close_trees(state, chain_state, tol)
     for a, b in zip(tree_leaves(state), tree_leaves(chain_state), strict=True):
-        if not a.is_floating_point():  # step counts, SGD's initialized flag: exact
+        if not a.is_floating_point():  # step counts, the momentum's initialized flag
             assert torch.equal(a, b)
 
 
@@ -505,15 +512,8 @@ def test_rmsprop_matches_torch_bitwise_and_the_chain_to_rounding(kwargs, dtype, 
         for field, values in moments.items():
             assert torch.equal(values[k], opt.state[p][field]), (k, field)
 
-    chain = optim.rmsprop(**kwargs, foreach=False)
-    chain_params, chain_state, chain_ops = _run(chain, params, steps, seed)
-    assert not _fused(chain_ops)
-    tol = FP32 if dtype == torch.float32 else FP64
-    _assert_close_trees(got, chain_params, tol)
-    _assert_close_trees(state, chain_state, tol)
-    for a, b in zip(tree_leaves(state), tree_leaves(chain_state), strict=True):
-        if not a.is_floating_point():  # step counts, the momentum's initialized flag
-            assert torch.equal(a, b)
+    _assert_like_the_chain(optim.rmsprop(**kwargs, foreach=False), params, steps, seed,
+                           (got, state))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
