@@ -444,6 +444,8 @@ def test_train_step_uses_the_kernel_and_keeps_its_checks():
         optim.apply_gradients(tx, _grads(params, 0), state.opt_state[:2], params)
     with pytest.raises(TypeError, match="fused must be"):
         optim.adamw(fused="yes")
+    with pytest.raises(TypeError, match="foreach must be"):
+        optim.rmsprop(foreach="yes")
 
 
 def test_a_changed_learning_rate_is_used():

@@ -169,7 +169,7 @@ def sgd(
     varying = not _fixed(momentum)  # a schedule (one_cycle_momentum) or injected
     _check("momentum", momentum, lambda v: callable(v) or v >= 0.0)
     _check("weight_decay", weight_decay, lambda v: v >= 0.0)
-    _check_fused(fused)
+    _check_switch("fused", fused)
     if nesterov and (
         (_fixed(momentum) and momentum <= 0) or (_fixed(dampening) and dampening != 0)
     ):
@@ -199,9 +199,10 @@ def sgd(
     return _checked(tx)
 
 
-def _check_fused(fused: Any) -> None:
-    if fused not in (None, True, False):
-        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+def _check_switch(name: str, value: Any) -> None:
+    """``fused`` / ``foreach``: None (where it applies), True or False, as torch takes them."""
+    if value not in (None, True, False):
+        raise TypeError(f"{name} must be None, True or False, got {value!r}")
 
 
 def _kernel_apply(
@@ -284,7 +285,7 @@ def adam(
     the chain runs there."""
     lr = _lr(lr, _negative_or_nan)
     _check_adam(betas, eps, weight_decay)
-    _check_fused(fused)
+    _check_switch("fused", fused)
     adaptive = scale_by_adam(_beta1(betas), _num(betas[1]), _num(eps), amsgrad)
     kernel = None
     if fused is not False and all(map(_fixed, (betas[0], betas[1], eps, weight_decay))):
@@ -371,8 +372,7 @@ def rmsprop(
     _check("momentum", momentum, lambda v: 0.0 <= v)
     _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
     _check("alpha", alpha, lambda v: 0.0 <= v)
-    if foreach not in (None, True, False):
-        raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+    _check_switch("foreach", foreach)
     direction = scale_by_rms(_num(alpha), _num(eps), centered)
     if not _fixed(momentum) or momentum > 0:
         direction = chain(direction, trace(_num(momentum)))
@@ -409,7 +409,7 @@ def adagrad(
     _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
     _check("initial_accumulator_value", initial_accumulator_value, lambda v: 0.0 <= v)
     _check("epsilon", eps, lambda v: 0.0 <= v)
-    _check_fused(fused)
+    _check_switch("fused", fused)
     direction = scale_by_adagrad(_num(lr_decay), _num(initial_accumulator_value), _num(eps))
     kernel = None
     if fused is not False and all(map(_fixed, (lr_decay, weight_decay, eps))):
