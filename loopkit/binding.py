@@ -10,6 +10,8 @@ once, when a step is built, and keeps it while the module's structure is unchang
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -96,32 +98,65 @@ class ModuleBinding:
         return True
 
     def __call__(self, tensors: dict[str, Any], args: tuple, kwargs: dict) -> Any:
+        plan = self._plan(tensors)
+        if plan is None:
+            return functional_call(self.module, tensors, args, kwargs)
+        saved: list = []
+        try:
+            self._swap_in(plan, saved)
+            return self.module(*args, **kwargs)
+        finally:
+            self._swap_out(tensors, plan, saved)
+
+    @contextlib.contextmanager
+    def holding(self, tensors: dict[str, Any]) -> Iterator[bool]:
+        """Within the block the module holds ``tensors`` (as a call does) and ``True`` is
+        yielded; afterwards ``tensors`` holds what the block left in each name's slot and
+        the module is as it was. Where only ``functional_call`` applies (see the class
+        docstring) nothing is swapped and ``False`` is yielded. (Not for compiled code:
+        Dynamo would trace the generator.)"""
+        plan = self._plan(tensors)
+        if plan is None:
+            yield False
+            return
+        saved: list = []
+        try:
+            self._swap_in(plan, saved)
+            yield True
+        finally:
+            self._swap_out(tensors, plan, saved)
+
+    @staticmethod
+    def _swap_in(plan: list, saved: list) -> None:
+        for _, slots, value in plan:
+            for store, attr in slots:
+                saved.append((store, attr, store[attr]))
+                store[attr] = value
+
+    def _swap_out(self, tensors: dict[str, Any], plan: list, saved: list) -> None:
+        for name, _, _ in plan:
+            store, attr = self._own[name]
+            tensors[name] = store.get(attr)
+        for store, attr, old in reversed(saved):
+            store[attr] = old
+
+    def _plan(self, tensors: dict[str, Any]) -> list | None:
+        """``(name, slots, value)`` for each given tensor, or None where the binding does
+        not apply."""
         if not self._intact():
             if torch.compiler.is_compiling():  # resolving traces slowly: let torch do it
-                return functional_call(self.module, tensors, args, kwargs)
+                return None
             self._resolve()
         if not self._plain:
-            return functional_call(self.module, tensors, args, kwargs)
+            return None
         plan, claimed = [], {}
         for name, value in tensors.items():
             group = self._group.get(name)
             if group is None or claimed.get(group, value) is not value:
-                return functional_call(self.module, tensors, args, kwargs)
+                return None
             claimed[group] = value
             plan.append((name, self._slots[name], value))
-        saved = []
-        try:
-            for _, slots, value in plan:
-                for store, attr in slots:
-                    saved.append((store, attr, store[attr]))
-                    store[attr] = value
-            return self.module(*args, **kwargs)
-        finally:
-            for name, _, _ in plan:
-                store, attr = self._own[name]
-                tensors[name] = store.get(attr)
-            for store, attr, old in reversed(saved):
-                store[attr] = old
+        return plan
 
 
 _MISSING = object()

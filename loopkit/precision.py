@@ -58,6 +58,11 @@ def dynamic_loss_scale(
     ``inner`` and, after ``growth_interval`` such steps in a row, multiplies the scale by
     ``growth_factor`` (unless that overflows float32). To clip gradients, clip the
     unscaled ones inside: ``dynamic_loss_scale(chain(clip_by_global_norm(1.0), opt))``.
+
+    A skipped step keeps all of ``inner``'s state, the step counts of its schedules
+    included: an lr schedule counts the updates applied, as in a loop that calls
+    ``scheduler.step()`` only when ``scaler.step`` did not skip (Hugging Face's Trainer
+    does so), not as in one that steps the scheduler every iteration.
     """
     if not init_scale > 0:
         raise ValueError(f"init_scale must be positive, got {init_scale}")

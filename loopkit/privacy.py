@@ -58,6 +58,8 @@ def per_sample_grads(
     training mode cannot see a batch of one (use GroupNorm or LayerNorm). Random ops (Dropout)
     follow ``vmap``'s ``randomness`` (by default a different mask per example)."""
 
+    _check_no_batchnorm(model, in_use_only=True)
+
     def one(p: Grads, example: Any) -> tuple[torch.Tensor, tuple]:
         example = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
         loss, metrics = _split_loss(loss_fn(Net(model, p, buffers), example))
@@ -81,14 +83,25 @@ def clip_per_sample(grads: Grads, max_norm: float) -> tuple[Grads, torch.Tensor]
     return clipped, norms
 
 
-def _check_no_batchnorm(model: nn.Module) -> None:
+def _check_no_batchnorm(model: nn.Module, in_use_only: bool = False) -> None:
+    """Raise if ``model`` has a BatchNorm (``in_use_only``: one that would normalise with
+    the batch's statistics as the model is now, in training mode or without running
+    statistics)."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            not in_use_only or m.training or m.running_mean is None
+        ):
             raise TypeError(
                 f"module {name!r} is {type(m).__name__}: its statistics mix the examples of a "
                 "batch, so per-example gradients (and DP-SGD's guarantee) do not exist. "
                 "Replace it with GroupNorm or LayerNorm."
             )
+
+
+def _example_mean(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mean over the examples (dim 0) of a per-example metric; integer and bool metrics
+    (a count of correct predictions) become fractions in ``dtype``."""
+    return (values if values.is_floating_point() else values.to(dtype)).mean(0)
 
 
 def dp_train_step(
@@ -121,7 +134,7 @@ def dp_train_step(
         params, opt_state = apply_gradients(optimizer, noisy, opt_state, params)
         metrics = {
             "loss": losses.mean().detach(),
-            **{k: v.mean() for k, v in aux.items()},
+            **{k: _example_mean(v, losses.dtype) for k, v in aux.items()},
             "clipped": (norms > clip).to(losses.dtype).mean(),
         }
         return params, buffers, opt_state, step + 1, metrics

@@ -9,6 +9,7 @@ flags are set for the call and restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from loopkit.optim.transforms import clip_by_global_norm_with_norm
 from loopkit.precision import LossScaleState, autocast_dtype
 from loopkit.rng import rng_scope
 from loopkit.state import TrainState
-from loopkit.tree import describe, tree_flatten, tree_leaves, tree_map
+from loopkit.tree import describe, tree_flatten, tree_leaves, tree_map, tree_structure
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[Callable[..., Any], Any], "torch.Tensor | tuple[torch.Tensor, dict]"]
@@ -63,6 +64,14 @@ class Net:
         # Both write the tensors the forward reassigned back into `tensors`.
         self.buffers = {k: tensors[k] for k in self.buffers}
         return out
+
+    def holding(self) -> contextlib.AbstractContextManager:
+        """A block in which the module holds this net's tensors, as during a call: the
+        backward runs in one, so that what it recomputes (activation checkpointing) reads
+        the tensors the forward read, not the module's own."""
+        if self.binding is None:
+            return contextlib.nullcontext()
+        return self.binding.holding({**self.params, **self.buffers})
 
 
 def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
@@ -126,6 +135,59 @@ def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterato
 _PASS_THROUGH = (LossError, StepError, CompileError, torch.OutOfMemoryError)
 
 
+# Failures whose cause is known from torch's message, and their fix.
+_KNOWN_CAUSES = [
+    (
+        "don't yet support saved tensor hooks",
+        "Activation checkpointing (torch.utils.checkpoint) in the model or loss_fn works in "
+        "an eager step only: a compiled step differentiates with torch.func.grad_and_value, "
+        "which does not support it (nor does an eager step whose params require grad or "
+        "that runs under a torch.func transform). Build the step without compile=True, or "
+        "remove the checkpointing.",
+    ),
+    (
+        "torch.utils.checkpoint is incompatible with .grad()",
+        "The step differentiates with torch.autograd.grad, which reentrant checkpointing "
+        "does not support: use torch.utils.checkpoint.checkpoint(..., use_reentrant=False).",
+    ),
+]
+
+
+def _state_mismatch(model: nn.Module, optimizer: Transform | None, state: Any) -> str | None:
+    """Why ``state`` cannot be a state of ``model`` trained by ``optimizer`` (None if it
+    can): params the model does not train, or an optimizer state of another structure."""
+    if not isinstance(state, TrainState):
+        return None
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unknown = sorted(trained - set(state.params)), sorted(set(state.params) - trained)
+    fix = "build it with lk.TrainState.create(model, optimizer) from this step's model and "
+    if missing or unknown:
+        return (
+            f"the state's params are not the model's trainable parameters (missing "
+            f"{missing[:5]}, unknown {unknown[:5]}): {fix}optimizer."
+        )
+    if optimizer is None:
+        return None
+    try:
+        want = optimizer.init(state.params)
+    except Exception:  # an optimizer that cannot start from these params says so itself
+        return None
+    if tree_structure(want) != tree_structure(state.opt_state):
+        return (
+            "the state's optimizer state was not built by this step's optimizer: it holds "
+            f"{_kinds(state.opt_state)}, the optimizer makes {_kinds(want)}. {fix[0].upper()}"
+            f"{fix[1:]}optimizer."
+        )
+    return None
+
+
+def _kinds(opt_state: Any) -> str:
+    """The names of an optimizer state's parts (one per transform of a chain)."""
+    if type(opt_state) in (tuple, list):
+        return "(" + ", ".join(_kinds(part) for part in opt_state) + ")"
+    return type(opt_state).__name__
+
+
 def _is_compiler_error(e: BaseException) -> bool:
     from torch._dynamo.exc import TorchDynamoException
 
@@ -157,6 +219,7 @@ class _Step:
     input state's tensors and returns only the metrics (see :func:`compile_step`)."""
 
     kind = "step"
+    optimizer: Transform | None = None  # set by train_step: checks a failing step's state
     donate = False  # set by compile_step
     cudagraphs = False  # set by compile_step: the call prepares and copies out of a CUDA graph
 
@@ -173,6 +236,11 @@ class _Step:
         self.compiled = compiled is not None
         self.prepare = prepare
         self._modules = list(model.modules())
+        # A forward may write a param or buffer in place (Embedding's max_norm): the step
+        # passes copy-on-write views, so the caller's state stays as it was. Eager steps
+        # always do; a compiled step on its first call, and on every call only if its
+        # graph wrote them (an inductor kernel materialises the views it reads: a copy).
+        self._guard_inputs = True
 
     @property
     def data_parallel(self) -> bool:
@@ -180,11 +248,16 @@ class _Step:
         return self.prepare is not None
 
     def compiled_with(self, fn: Callable) -> _Step:
-        return type(self)(self.model, self.pure, fn, self.prepare)
+        out = type(self)(self.model, self.pure, fn, self.prepare)
+        out.optimizer = self.optimizer
+        return out
 
     def _call(self, state: TrainState, args: tuple) -> Any:
         if self.cudagraphs:
             _prepare_cudagraph_call(args[:-1])
+        guarded = not self.donate and self._guard_inputs
+        if guarded:  # the module gets copy-on-write views of the state's params and buffers
+            args = (_lazy_copies(args[0]), _lazy_copies(args[1]), *args[2:])
         try:
             out = self.fn(*args)
         except _PASS_THROUGH:
@@ -196,6 +269,8 @@ class _Step:
                 raise self._step_error(state, args[-1], e) from e
             cause = e
         else:
+            if guarded and self.compiled:  # keep guarding only a graph that writes them
+                self._guard_inputs = _written(args[0]) or _written(args[1])
             # A CUDA graph's outputs live in memory its next replay overwrites: the metrics
             # are copied out (the state is the donated input, which the caller owns).
             return _clone_metrics(out) if self.cudagraphs else out
@@ -227,12 +302,17 @@ class _Step:
         ) from cause
 
     def _step_error(self, state: TrainState, batch: Any, e: Exception) -> StepError:
+        mismatch = _state_mismatch(self.model, self.optimizer, state)
+        if mismatch:
+            return StepError(f"{self.kind} {int(state.step)} failed: {mismatch}")
+        known = [fix for cause, fix in _KNOWN_CAUSES if cause in str(e)]
         return StepError(
             f"{self.kind} {int(state.step)} failed on a batch of {describe(batch)}: "
             f"{type(e).__name__}: {e}\n"
-            "If the batch is not what the model and loss_fn expect, fix the data; otherwise "
-            "the cause is in loss_fn or the model (its traceback is above)."
-        )
+            + (known[0] if known else
+               "If the batch is not what the model and loss_fn expect, fix the data; "
+               "otherwise the cause is in loss_fn or the model (its traceback is above).")
+        )  # fmt: skip
 
 
 class TrainStep(_Step):
@@ -328,14 +408,19 @@ def train_step(
                 "with loopkit.precision.dynamic_loss_scale(optimizer)"
             )
 
+        nets = []  # the objective's net, held by the module during the backward
+
         def objective(p, b):
             net = Net(model, p, b, binding)
+            nets.append(net)
             with _autocast(p, amp_dtype):
                 loss, metrics = _split_loss(loss_fn(net, batch))
             grad_of = loss * opt_state.scale if scaled else loss
             return grad_of, (loss, metrics, net.buffers)
 
-        grads, (_, (loss, aux, buffers)) = _grad_and_value(objective, params, buffers)
+        grads, (_, (loss, aux, buffers)) = _grad_and_value(
+            objective, params, buffers, lambda: nets[-1].holding()
+        )
         metrics = {"loss": loss.detach(), **aux}
         if sync is not None:
             grads, metrics, buffers = sync(grads, metrics, before, buffers, batch)
@@ -346,10 +431,17 @@ def train_step(
         params, opt_state = apply_gradients(optimizer, grads, opt_state, params)
         return params, buffers, opt_state, step + 1, metrics
 
-    return _maybe_compile(TrainStep(model, train, prepare=prepare), compile, compile_kwargs)
+    step = TrainStep(model, train, prepare=prepare)
+    step.optimizer = optimizer
+    return _maybe_compile(step, compile, compile_kwargs)
 
 
-def _grad_and_value(objective: Callable, params: dict, buffers: dict) -> tuple[dict, Any]:
+def _grad_and_value(
+    objective: Callable,
+    params: dict,
+    buffers: dict,
+    backward_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[dict, Any]:
     """``grad_and_value(objective, has_aux=True)(params, buffers)``.
 
     Outside any torch.func transform and outside compilation, the same gradients come from
@@ -359,7 +451,9 @@ def _grad_and_value(objective: Callable, params: dict, buffers: dict) -> tuple[d
     outputs are the same tensors torch.func returns -- detached, zeros for params the loss
     does not use. Where the loss also depends on other tensors that require grad (a batch
     being learned, a tensor ``loss_fn`` closes over) and grad mode is on, the gradient and
-    the outputs keep their graph back to those tensors, as torch.func's do."""
+    the outputs keep their graph back to those tensors, as torch.func's do. The backward
+    runs inside ``backward_scope()`` (where the module holds the step's tensors, for what
+    activation checkpointing recomputes)."""
     if not _plain_autograd_applies(params):
         return grad_and_value(objective, has_aux=True)(params, buffers)
     outer_graph = torch.is_grad_enabled()
@@ -370,10 +464,11 @@ def _grad_and_value(objective: Callable, params: dict, buffers: dict) -> tuple[d
             keep, grads = False, [torch.zeros_like(v) for v in leaves.values()]
         else:
             keep = outer_graph and _reaches_other_leaves(out, leaves.values())
-            grads = torch.autograd.grad(
-                out, list(leaves.values()), create_graph=keep, allow_unused=True,
-                materialize_grads=True,
-            )  # fmt: skip
+            with backward_scope():
+                grads = torch.autograd.grad(
+                    out, list(leaves.values()), create_graph=keep, allow_unused=True,
+                    materialize_grads=True,
+                )  # fmt: skip
     if not keep:
         out, aux = out.detach(), _detached(aux)
     return dict(zip(leaves, grads, strict=True)), (out, aux)
@@ -412,9 +507,11 @@ def _plain_autograd_applies(params: Any) -> bool:
 
 
 def _reaches_other_leaves(out: torch.Tensor, leaves: Any) -> bool:
-    """Whether ``out``'s autograd graph reaches a leaf tensor other than ``leaves``: a batch
-    or a closed-over tensor that requires grad (a walk over the graph's nodes: 10 µs for
-    the benchmark MLP)."""
+    """Whether ``out``'s autograd graph reaches a leaf tensor other than ``leaves`` that
+    the caller can still reach: a batch or a closed-over tensor that requires grad (a walk
+    over the graph's nodes: 10 µs for the benchmark MLP). A leaf that ``loss_fn`` made and
+    dropped (the input of a gradient penalty, ``x.clone().requires_grad_()``) is held by
+    the graph alone: no one can differentiate with respect to it after the step."""
     own = {id(v) for v in leaves}
     if out.grad_fn is None:  # the loss is itself a leaf
         return id(out) not in own
@@ -425,7 +522,7 @@ def _reaches_other_leaves(out: torch.Tensor, leaves: Any) -> bool:
             continue
         seen.add(node)
         if type(node) is _ACCUMULATE_GRAD:  # a leaf's node
-            if id(node.variable) not in own:
+            if id(node.variable) not in own and _python_refs(node) > _GRAPH_ONLY_REFS:
                 return True
             continue
         for next_node, _ in node.next_functions:
@@ -435,6 +532,22 @@ def _reaches_other_leaves(out: torch.Tensor, leaves: Any) -> bool:
 
 
 _ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
+
+
+def _python_refs(node: Any) -> int:
+    """References to the Python object of the leaf of ``node`` (an AccumulateGrad)."""
+    return sys.getrefcount(node.variable)
+
+
+def _graph_only_refs() -> int:
+    """:func:`_python_refs` of a leaf that only its autograd graph holds."""
+    leaf = torch.zeros((), requires_grad=True)
+    out = leaf * 1
+    del leaf
+    return _python_refs(out.grad_fn.next_functions[0][0])
+
+
+_GRAPH_ONLY_REFS = _graph_only_refs()
 
 
 def _autocast(params: dict, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -713,6 +826,27 @@ def _prepare_cudagraph_call(state_parts: tuple) -> None:
         if isinstance(t, torch.Tensor) and not hasattr(t, "_dynamo_static_input_type"):
             torch._dynamo.mark_static_address(t, guard=False)
     torch.compiler.cudagraph_mark_step_begin()
+
+
+def _lazy_copies(tensors: dict) -> dict:
+    """``tensors`` with each plain tensor replaced by a copy-on-write view of it
+    (``torch._lazy_clone``): the same values and storage, copied only when written (the
+    writer gets the copy). Subclasses and tensors without such views are passed as they
+    are."""
+    if _lazy_clone is None:
+        return tensors
+    return {
+        k: _lazy_clone(v) if type(v) is torch.Tensor and v.layout == torch.strided else v
+        for k, v in tensors.items()
+    }
+
+
+_lazy_clone = getattr(torch, "_lazy_clone", None)  # torch >= 2.3
+
+
+def _written(views: dict) -> bool:
+    """Whether anything wrote into one of :func:`_lazy_copies`' fresh views."""
+    return any(isinstance(v, torch.Tensor) and v._version != 0 for v in views.values())
 
 
 def _clone_metrics(metrics: Metrics) -> Metrics:

@@ -790,3 +790,54 @@ def test_a_mode_with_another_backend_is_ignored_with_a_warning():
     got, _ = step(lk.TrainState.create(model, tx), batch)
     want, _ = lk.train_step(model, loss_fn, tx)(lk.TrainState.create(model, tx), batch)
     torch.testing.assert_close(got.params, want.params, **COMPILED)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_compiled_forward_that_writes_its_params_leaves_an_undonated_input_intact(donate):
+    """Embedding(max_norm) renormalises its weight in place: the compiled graph writes it
+    back into its input, which the step gives as a copy-on-write view unless donated (a
+    donated state is the step's to write)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, max_norm=1.0), nn.Flatten(), nn.Linear(18, 4))
+    opt = optim.sgd(lr=0.5, momentum=0.9)
+
+    def loss(net, batch):
+        return F.cross_entropy(net(batch[0]), batch[1])
+
+    eager = lk.train_step(model, loss, opt)
+    compiled = lk.train_step(model, loss, opt, compile=True, donate=donate)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 10, (5, 3), generator=g), torch.randint(0, 4, (5,), generator=g))
+               for _ in range(3)]  # fmt: skip
+    a = b = lk.TrainState.create(model, opt)
+    for batch in batches:
+        before = lk.tree.tree_map(torch.clone, b)
+        a, _ = eager(a, batch)
+        given_state = b
+        b, _ = compiled(b, batch)
+        if not donate:
+            for x, y in zip(
+                lk.tree.tree_leaves(given_state), lk.tree.tree_leaves(before), strict=True
+            ):
+                assert torch.equal(x, y)
+    for x, y in zip(lk.tree.tree_leaves(b), lk.tree.tree_leaves(a), strict=True):
+        torch.testing.assert_close(x, y, **COMPILED)
+
+
+def test_activation_checkpointing_under_compile_is_named_with_its_fix():
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(checkpoint(self.a, x, use_reentrant=False))
+
+    model, opt = Block(), optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt, compile=True)
+    with pytest.raises(lk.StepError, match="checkpointing.*without compile=True"):
+        step(lk.TrainState.create(model, opt), (torch.randn(4, 3), torch.randint(0, 2, (4,))))

@@ -129,6 +129,38 @@ def test_fp16_step_matches_the_imperative_grad_scaler_loop():
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_schedule_counts_the_updates_the_scaler_applied():
+    """Skipped steps keep the inner state, the schedule's count included: as a loop that
+    steps its scheduler only when ``scaler.step`` did not skip."""
+    model, batches = _model(), _batches(8)
+    kw = dict(init_scale=2.0**24, growth_interval=2)
+    ref = copy.deepcopy(model)
+    torch_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", **kw)
+    lr = optim.schedules.step_lr(0.1, step_size=2, gamma=0.5)
+    opt = dynamic_loss_scale(optim.sgd(lr=lr, momentum=0.9), **kw)
+    step = lk.train_step(model, loss_fn, opt, precision="fp16")
+    state = lk.TrainState.create(model, opt)
+    skipped = 0
+    for batch in batches:
+        torch_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, _ = loss_fn(ref, batch)
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(torch_opt)
+        scaler.update()
+        if scaler.get_scale() < scale:
+            skipped += 1
+        else:
+            sched.step()
+        state, _ = step(state, batch)
+    assert skipped > 0
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_precision_errors_name_the_fix():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="precision must be"):

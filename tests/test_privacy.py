@@ -124,3 +124,41 @@ def test_dp_step_rejects_batchnorm_and_bad_arguments():
         lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="noise_multiplier must be >= 0"):
         lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=1, noise_multiplier=-1)
+
+
+def test_dp_step_metrics_are_means_over_the_examples_of_any_shape_and_dtype():
+    """A vector metric keeps its shape; a count or a flag becomes the fraction of examples.
+    The reference: loss_fn on each example alone, averaged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    def loss(net, batch):
+        x, y = batch
+        logits = net(x)
+        right = logits.argmax(-1) == y
+        return torch.nn.functional.cross_entropy(logits, y), {
+            "logits": logits.mean(0), "correct": right.sum(), "all_right": right.all(), "n": 1,
+        }  # fmt: skip
+
+    opt = optim.sgd(lr=0.1)
+    state = lk.TrainState.create(model, opt)
+    batch = (torch.randn(6, 3), torch.randint(0, 4, (6,)))
+    _, got = lk.dp_train_step(model, loss, opt, max_grad_norm=1.0, noise_multiplier=0.0)(
+        state, batch
+    )
+    net = lk.Net(model, state.params, state.buffers)
+    each = [loss(net, (batch[0][i : i + 1], batch[1][i : i + 1]))[1] for i in range(6)]
+    for k in ("logits", "correct", "all_right", "n"):
+        want = torch.stack([torch.as_tensor(m[k]).float() for m in each]).mean(0)
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_per_sample_grads_names_a_batchnorm_that_uses_batch_statistics():
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    state = lk.TrainState.create(bn, optim.sgd(lr=0.1))
+    batch = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    with pytest.raises(TypeError, match=r"'1' is BatchNorm1d.*GroupNorm or LayerNorm"):
+        lk.per_sample_grads(bn, loss_fn, state.params, state.buffers, batch)
+    bn.eval()  # running statistics: each example's gradient exists
+    grads, losses, _ = lk.per_sample_grads(bn, loss_fn, state.params, state.buffers, batch)
+    assert losses.shape == (5,) and grads["0.weight"].shape == (5, 4, 3)

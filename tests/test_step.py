@@ -472,3 +472,150 @@ def test_a_mode_switch_inside_loss_fn_does_not_leak_out_of_the_step():
     opt = optim.sgd(lr=0.1)
     lk.train_step(model, loss_fn, opt)(lk.TrainState.create(model, opt), torch.randn(8, 3))
     assert all(m.training for m in model.modules())
+
+
+class Checkpointed(nn.Module):
+    """A block under activation checkpointing: its backward recomputes the forward."""
+
+    def __init__(self, width: int, p: float, reentrant: bool = False):
+        super().__init__()
+        self.reentrant = reentrant
+        self.inp, self.out = nn.Linear(5, width), nn.Linear(width, 3)
+        self.block = nn.Sequential(
+            nn.Linear(width, width), nn.BatchNorm1d(width), nn.Tanh(), nn.Dropout(p)
+        )
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.block, torch.tanh(self.inp(x)), use_reentrant=self.reentrant)
+        return self.out(h)
+
+
+def _torch_loop(model, loss_fn, make_opt, batches, seed):
+    """The imperative loop on a copy of ``model``, the global generator seeded as the
+    state's ``rng`` is."""
+    model = copy.deepcopy(model).train()
+    opt = make_opt(model.parameters())
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for batch in batches:
+            opt.zero_grad()
+            out = loss_fn(model, batch)
+            (out[0] if isinstance(out, tuple) else out).backward()
+            opt.step()
+    return model
+
+
+@given(width=st.integers(2, 12), p=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2**16))
+def test_activation_checkpointing_matches_the_imperative_loop(width, p, seed):
+    """The backward's recomputation sees the step's params and buffers, not the module's
+    own: the same gradients as torch's loop, and BatchNorm's statistics updated by the
+    forward and again by the recomputation, as torch's are; Dropout's recomputed masks are
+    the forward's."""
+    torch.manual_seed(seed)
+    model = Checkpointed(width, p).double()
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(6, 5, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]  # fmt: skip
+    opt = optim.sgd(lr=0.3, momentum=0.9)
+    state, _ = run_loopkit(model, batches, opt, seed)
+    want = _torch_loop(
+        model, loss_fn, lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9), batches, seed
+    )
+    assert_state_matches(state, want, **FP64)
+
+
+def test_reentrant_checkpointing_is_named_with_its_fix():
+    model = Checkpointed(4, 0.0, reentrant=True)
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    with pytest.raises(lk.StepError, match="use_reentrant=False"):
+        step(lk.TrainState.create(model, opt), (torch.randn(4, 5), torch.randint(0, 3, (4,))))
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_forward_that_writes_its_params_leaves_the_input_state_intact(kind):
+    """Embedding(max_norm) renormalises its weight in place during the forward. The step
+    reads the state's tensors without ever writing them; the new state is torch's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, max_norm=1.0), nn.Flatten(), nn.Linear(18, 4))
+
+    def loss(net, batch):
+        return F.cross_entropy(net(batch[0]), batch[1])
+
+    x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 4, (5,))
+    opt = optim.sgd(lr=0.5)
+    state = lk.TrainState.create(model, opt)
+    snapshot = lk.tree.tree_map(torch.clone, state)
+    if kind == "train":
+        new, _ = lk.train_step(model, loss, opt)(state, (x, y))
+        want = _torch_loop(model, loss, lambda ps: torch.optim.SGD(ps, lr=0.5), [(x, y)], 0)
+        assert_state_matches(new, want, rtol=1e-6, atol=1e-7)
+    else:
+        lk.eval_step(model, loss)(state, (x, y))
+    for got, before in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(snapshot), strict=True):
+        assert torch.equal(got, before)
+
+
+def test_a_frozen_param_written_by_the_forward_stays_intact_in_the_input_state():
+    model = nn.Sequential(nn.Embedding(10, 6, max_norm=1.0), nn.Flatten(), nn.Linear(18, 4))
+    model[0].weight.requires_grad_(False)
+    opt = optim.sgd(lr=0.5)
+    state = lk.TrainState.create(model, opt)
+    before = state.buffers["0.weight"].clone()
+    x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 4, (5,))
+    new, _ = lk.train_step(model, lambda net, b: F.cross_entropy(net(b[0]), b[1]), opt)(
+        state, (x, y)
+    )
+    assert torch.equal(state.buffers["0.weight"], before)
+    want = _torch_loop(
+        model, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        lambda ps: torch.optim.SGD(ps, lr=0.5), [(x, y)], 0,
+    )  # fmt: skip
+    assert_state_matches(new, want, rtol=1e-6, atol=1e-7)
+
+
+def _input_penalty_loss(net, batch):
+    """Cross-entropy plus a penalty on the gradient with respect to the inputs (R1,
+    WGAN-GP style): the input is a leaf loss_fn makes and drops."""
+    x, y = batch
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(net(x), y)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    return loss + 0.1 * gx.pow(2).sum()
+
+
+@given(seed=st.integers(0, 2**16), steps=st.integers(2, 4))
+def test_a_gradient_penalty_on_the_inputs_trains_like_torch(seed, steps):
+    """The penalty's own input leaf is no tensor the caller could differentiate to, so the
+    new state carries no autograd graph and every step runs as the first."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(8, 6, generator=g, dtype=torch.float64),
+                torch.randint(0, 4, (8,), generator=g)) for _ in range(steps)]  # fmt: skip
+    opt = optim.adam(lr=0.05)
+    state = lk.TrainState.create(model, opt)
+    step = lk.train_step(model, _input_penalty_loss, opt)
+    for batch in batches:
+        state, metrics = step(state, batch)
+    assert not any(t.requires_grad for t in lk.tree.tree_leaves(state))
+    assert not metrics["loss"].requires_grad
+    want = _torch_loop(
+        model, _input_penalty_loss, lambda ps: torch.optim.Adam(ps, lr=0.05), batches, 0
+    )
+    assert_state_matches(state, want, **FP64)
+
+
+def test_a_state_of_another_model_or_optimizer_is_named():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    adam, sgd = optim.adam(lr=0.1), optim.sgd(lr=0.1, momentum=0.9)
+    state = lk.TrainState.create(model, adam)
+    step = lk.train_step(model, loss_fn, adam)
+    missing = state.replace(params={k: v for k, v in state.params.items() if k != "2.bias"})
+    with pytest.raises(lk.StepError, match=r"missing \['2.bias'\].*TrainState.create"):
+        step(missing, batch)
+    with pytest.raises(lk.StepError, match="ScaleByAdamState.*TraceState.*TrainState.create"):
+        lk.train_step(model, loss_fn, sgd)(state, batch)
