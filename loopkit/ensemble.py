@@ -306,6 +306,8 @@ def _batch_dims(batch: Any, k: int, shared: bool) -> Any:
 class _EnsembleStep(_Step):
     """A step over an ensemble state; ``shared_batch`` as in :func:`ensemble_step`."""
 
+    traced = True  # under vmap
+
     def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None, *,
                  shared_batch: bool = True):  # fmt: skip
         super().__init__(model, pure, compiled)

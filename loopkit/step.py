@@ -188,6 +188,26 @@ def _kinds(opt_state: Any) -> str:
     return type(opt_state).__name__
 
 
+def _untraceable_modules(model: nn.Module) -> str | None:
+    """The fix for modules whose forward reads a tensor as a Python number, which neither
+    torch.compile's one graph nor vmap can trace (None if there are none)."""
+    cumulative = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.momentum is None
+        and m.track_running_stats
+    ]
+    if not cumulative:
+        return None
+    return (
+        f"BatchNorm {cumulative[:3]} has momentum=None (a cumulative average): its forward "
+        "reads num_batches_tracked as a Python number, which a compiled step (fullgraph) or "
+        "an ensemble (vmap) cannot trace. Give it a numeric momentum, or use the plain "
+        "eager step."
+    )
+
+
 def _is_compiler_error(e: BaseException) -> bool:
     from torch._dynamo.exc import TorchDynamoException
 
@@ -219,6 +239,7 @@ class _Step:
     input state's tensors and returns only the metrics (see :func:`compile_step`)."""
 
     kind = "step"
+    traced = False  # True where the step runs under a torch.func transform (ensembles)
     optimizer: Transform | None = None  # set by train_step: checks a failing step's state
     donate = False  # set by compile_step
     cudagraphs = False  # set by compile_step: the call prepares and copies out of a CUDA graph
@@ -296,16 +317,19 @@ class _Step:
         raise CompileError(
             f"torch.compile could not compile the {self.kind} as one graph "
             f"(fullgraph=True):\n{str(cause).strip()[:2000]}\n"
-            "Fix: remove what breaks the graph from loss_fn / the model's forward (.item(), "
-            "print, Python branches or loops on tensor values, unsupported libraries), or "
-            "compile with fullgraph=False to allow graph breaks (slower)."
-        ) from cause
+            + (_untraceable_modules(self.model) or
+               "Fix: remove what breaks the graph from loss_fn / the model's forward (.item(), "
+               "print, Python branches or loops on tensor values, unsupported libraries), or "
+               "compile with fullgraph=False to allow graph breaks (slower).")
+        ) from cause  # fmt: skip
 
     def _step_error(self, state: TrainState, batch: Any, e: Exception) -> StepError:
         mismatch = _state_mismatch(self.model, self.optimizer, state)
         if mismatch:
             return StepError(f"{self.kind} {int(state.step)} failed: {mismatch}")
         known = [fix for cause, fix in _KNOWN_CAUSES if cause in str(e)]
+        if self.compiled or self.traced:
+            known = [fix for fix in [_untraceable_modules(self.model)] if fix] + known
         return StepError(
             f"{self.kind} {int(state.step)} failed on a batch of {describe(batch)}: "
             f"{type(e).__name__}: {e}\n"

@@ -841,3 +841,11 @@ def test_activation_checkpointing_under_compile_is_named_with_its_fix():
     step = lk.train_step(model, loss_fn, opt, compile=True)
     with pytest.raises(lk.StepError, match="checkpointing.*without compile=True"):
         step(lk.TrainState.create(model, opt), (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+
+
+def test_a_cumulative_batchnorm_under_compile_is_named_with_its_fix():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 2))
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt, compile=True)
+    with pytest.raises(lk.CompileError, match=r"BatchNorm \['1'\] has momentum=None.*numeric"):
+        step(lk.TrainState.create(model, opt), (torch.randn(5, 6), torch.randint(0, 2, (5,))))

@@ -339,3 +339,16 @@ def test_sweep_of_injected_hyperparams_equals_separate_runs(kwargs, seed):
         ref, _ = separate_run(models[i], optim.adamw(**kwargs[i]), seeds[i], batches)
         for name in ref.params:
             torch.testing.assert_close(member.params[name], ref.params[name], **FP32)
+
+
+def test_a_cumulative_batchnorm_is_named_with_its_fix():
+    """BatchNorm(momentum=None) reads num_batches_tracked as a number, which vmap cannot."""
+
+    def make():
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 4))
+
+    opt = optim.sgd(lr=0.1)
+    step = lk.ensemble_step(lk.train_step(make(), lambda n, b: F.cross_entropy(n(b[0]), b[1]), opt))
+    state = lk.ensemble.create(make, opt, seeds=[0, 1])
+    with pytest.raises(lk.StepError, match=r"BatchNorm \['1'\] has momentum=None.*numeric"):
+        step(state, (torch.randn(5, 6), torch.randint(0, 4, (5,))))
