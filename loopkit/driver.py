@@ -7,9 +7,11 @@ Events, in the order they happen: ``on_fit_start``; per epoch ``on_epoch_start``
 order, with the :class:`Loop`. A hook stops training by setting ``loop.should_stop = True``
 (the epoch is then closed as usual: its logs, validation and checkpoint still happen).
 
-Step metrics stay on the device: the driver adds them up per epoch with tensor ops and
-reduces them to floats once, at the end of the epoch (``loop.logs["train/<name>"]``), so
-``fit`` itself never waits for the device inside an epoch.
+Step metrics stay on the device: the driver adds them up per epoch with tensor ops (in
+float64, float32 on MPS, whatever the metric's dtype, so bf16/fp16 metrics do not lose
+their sum) and reduces them to floats once, at the end of the epoch
+(``loop.logs["train/<name>"]``: the mean, rounded to the metric's dtype), so ``fit``
+itself never waits for the device inside an epoch.
 
 Under ``torch.distributed`` with a data-parallel step
 (:func:`loopkit.distributed.train_step`), every rank runs ``fit`` with the same hooks:
@@ -26,6 +28,7 @@ interrupted.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -93,6 +96,7 @@ class Loop:
     resuming: bool = False
     resumed_from: Path | None = None
     sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    sum_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
     taken: int = 0
     _after: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     _previous: TrainState | None = None
@@ -158,6 +162,7 @@ class Loop:
             "batch": self.batch,
             "taken": self.taken,
             "sums": dict(self.sums),
+            "sum_dtypes": dict(self.sum_dtypes),
             "logs": plain_data(self.logs, "loop.logs"),
             "history": plain_data(self.history, "loop.history"),
             "stopped": self.should_stop,
@@ -168,6 +173,8 @@ class Loop:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.epoch, self.batch, self.taken = saved["epoch"], saved["batch"], saved["taken"]
         self.sums, self.logs, self.history = saved["sums"], saved["logs"], saved["history"]
+        # checkpoints before float64 sums kept them in the metric's dtype
+        self.sum_dtypes = saved.get("sum_dtypes", {k: v.dtype for k, v in self.sums.items()})
         self.should_stop = saved["stopped"]
         for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
             if key in saved["hooks"]:
@@ -217,6 +224,41 @@ def to_python(value: Any) -> Any:
     return value
 
 
+def add_metrics(
+    sums: dict[str, torch.Tensor],
+    dtypes: dict[str, torch.dtype],
+    metrics: Metrics,
+    weight: int = 1,
+) -> None:
+    """Add ``weight * value`` of each metric to ``sums``, on the metric's device in float64
+    (float32 on MPS, which has no float64), so a long sum of bf16/fp16 values neither
+    rounds away nor overflows; ``dtypes`` notes each metric's own dtype. A sum in another
+    dtype or on another device (one loaded from a checkpoint) is moved up to that."""
+    for k, v in metrics.items():
+        v = torch.as_tensor(v)
+        dtypes.setdefault(k, v.dtype)
+        wide = torch.float32 if v.device.type == "mps" else torch.float64
+        total = sums.get(k)
+        if total is None:
+            total = torch.zeros(v.shape, dtype=wide, device=v.device)
+        elif total.dtype != wide or total.device != v.device:
+            total = total.to(v.device, wide)
+        sums[k] = torch.add(total, v, alpha=weight)  # one kernel: v is promoted to `wide`
+
+
+def means(
+    sums: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype], count: int
+) -> dict[str, Any]:
+    """Each of ``sums`` over ``count`` as Python numbers, rounded to its metric's dtype
+    (a float metric's; an integer or bool metric's mean stays in the sum's dtype)."""
+    out = {}
+    for k, v in sums.items():
+        mean = v / count
+        dtype = dtypes.get(k, mean.dtype)
+        out[k] = to_python(mean.to(dtype) if dtype.is_floating_point else mean)
+    return out
+
+
 def evaluate(
     evaluate_step: Callable[[TrainState, Any], Metrics],
     state: TrainState,
@@ -226,15 +268,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``evaluate_step`` over ``data`` and average each metric over examples (a batch of
     n examples weighs n, so an uneven last batch counts for what it holds). One host sync.
+    The sums are kept in float64 and each mean rounded to its metric's dtype (see
+    :func:`add_metrics`).
 
     ``across_ranks=True`` under torch.distributed (every rank must call it): the averages
     are over the examples of all ranks, the same number on every rank."""
     sums: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     count = 0
     for batch in data:
         n = leading_dim(batch)
-        for k, v in evaluate_step(state, batch).items():
-            sums[k] = sums[k] + v * n if k in sums else v * n
+        add_metrics(sums, dtypes, evaluate_step(state, batch), weight=n)
         count += n
     if across_ranks and distributed.world_size() > 1:
         local = ({k: v.detach().cpu() for k, v in sums.items()}, count)
@@ -245,7 +289,7 @@ def evaluate(
             count += rank_count
     if count == 0:
         raise ValueError("evaluate got no batches: the validation data is empty")
-    return {k: to_python(v / count) for k, v in sums.items()}
+    return means(sums, dtypes, count)
 
 
 def _check_reiterable(data: Iterable, epochs: int | None) -> None:
@@ -257,11 +301,48 @@ def _check_reiterable(data: Iterable, epochs: int | None) -> None:
         )
 
 
-def _check_count(value: int | None, name: str, least: int) -> None:
+def _check_count(value: Any, name: str, least: int) -> int | None:
+    """``value`` as an int (any integral number: ``numpy.int64`` too), or None."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        return None
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < least:
         raise ValueError(f"{name} must be an integer >= {least} or None, got {value!r}")
+    return count
+
+
+def _check_data(data: Any, epochs: int | None, steps_per_epoch: int | None) -> None:
+    if data is None or not isinstance(data, Iterable):
+        raise TypeError(
+            f"fit needs data: an iterable of batches (a list, a DataLoader, "
+            f"loopkit.data.Batches, ...), got {type(data).__name__}"
+        )
+    if (epochs is None or epochs > 0) and _epoch_length(data, steps_per_epoch) == 0:
+        raise ValueError(_no_batches("the data has length 0"))
+    _check_reiterable(data, epochs)
+
+
+def _no_batches(what: str) -> str:
+    return (
+        f"fit got data with no batches ({what}): it would train nothing, or never reach "
+        "max_steps. Give every pass at least one batch; a Reiterable must make a fresh "
+        "iterator on each call (Reiterable(lambda: iter(batches)), not a lambda returning "
+        "one generator object, which is exhausted after the first pass)"
+    )
+
+
+_EVENTS = ("on_fit_start", "on_epoch_start", "on_step_end", "on_epoch_end", "on_fit_end")
+
+
+def _check_hooks(hooks: Any) -> list[Hook]:
+    if any(hasattr(hooks, e) for e in _EVENTS) or not isinstance(hooks, Iterable):
+        raise TypeError(
+            f"hooks must be a list of hooks, got a {type(hooks).__name__}: pass hooks=[hook]"
+        )
+    return list(hooks)
 
 
 def _epoch_length(data: Iterable, steps_per_epoch: int | None) -> int | None:
@@ -275,10 +356,10 @@ def _epoch_length(data: Iterable, steps_per_epoch: int | None) -> int | None:
 def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path:
     """The directory (or checkpoint) ``resume`` names."""
     if resume != "latest":
-        if not isinstance(resume, str | os.PathLike):
+        if not isinstance(resume, str | os.PathLike) or not os.fspath(resume):
             raise TypeError(
                 f'resume must be "latest", a checkpoint directory or a checkpoint path, got '
-                f"{resume!r}"
+                f"{resume!r} (None or False: start afresh)"
             )
         return Path(resume)
     directories = {
@@ -411,15 +492,14 @@ def fit(
     ``fit`` check that the ranks take as many steps, resume on rank 0 and broadcast rank 0's
     state at the start.
     """
-    _check_count(epochs, "epochs", 0)
-    _check_count(max_steps, "max_steps", 0)
-    _check_count(steps_per_epoch, "steps_per_epoch", 1)
+    epochs = _check_count(epochs, "epochs", 0)
+    max_steps = _check_count(max_steps, "max_steps", 0)
+    steps_per_epoch = _check_count(steps_per_epoch, "steps_per_epoch", 1)
     if epochs is None and max_steps is None:
         epochs = 1
-    if epochs is None and _epoch_length(data, steps_per_epoch) == 0:
-        raise ValueError("fit(max_steps=...) got data with no batches: it would never end")
-    _check_reiterable(data, epochs)
-    loop = Loop(state, list(hooks), epochs, _epoch_length(data, steps_per_epoch), max_steps)
+    _check_data(data, epochs, steps_per_epoch)
+    hooks = _check_hooks(hooks)
+    loop = Loop(state, hooks, epochs, _epoch_length(data, steps_per_epoch), max_steps)
     resume = "latest" if resume is True else resume
     loop.resuming = resume is not None and resume is not False
     if data_parallel is None:
@@ -447,10 +527,11 @@ def fit(
 def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int | None) -> None:
     data_lib.set_epoch(data, loop.epoch)
     if loop.batch == 0:
-        loop.logs, loop.sums, loop.taken = {}, {}, 0
+        loop.logs, loop.sums, loop.sum_dtypes, loop.taken = {}, {}, {}, 0
     loop.emit("on_epoch_start")
     more = steps_per_epoch is None or loop.batch < steps_per_epoch
     more = more and not (loop.should_stop or loop.steps_done)
+    start = loop.batch
     for batch in data_lib.iter_from(data, loop.batch) if more else ():
         loop._previous, loop._skipped = loop.state, False
         loop.state, loop.metrics = step(loop.state, batch)
@@ -459,15 +540,17 @@ def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int 
         loop.emit("on_step_end")
         if not loop._skipped:
             loop.taken += 1
-            for k, v in loop.metrics.items():
-                loop.sums[k] = loop.sums[k] + v if k in loop.sums else v
+            add_metrics(loop.sums, loop.sum_dtypes, loop.metrics)
         loop._previous = None
         loop._run_after()
         if loop.should_stop or loop.steps_done or loop.batch == steps_per_epoch:
             break
+    if more and start == 0 and loop.batch == 0:
+        raise ValueError(_no_batches(f"its pass for epoch {loop.epoch} yielded none"))
     if loop.taken:
-        loop.logs.update({f"train/{k}": to_python(v / loop.taken) for k, v in loop.sums.items()})
+        train = means(loop.sums, loop.sum_dtypes, loop.taken)
+        loop.logs.update({f"train/{k}": v for k, v in train.items()})
     loop.emit("on_epoch_end")
     loop.history.append(dict(loop.logs, epoch=loop.epoch, step=loop.step))
-    loop.epoch, loop.batch, loop.taken, loop.sums = loop.epoch + 1, 0, 0, {}
+    loop.epoch, loop.batch, loop.taken, loop.sums, loop.sum_dtypes = loop.epoch + 1, 0, 0, {}, {}
     loop._run_after()

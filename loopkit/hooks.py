@@ -42,6 +42,22 @@ def _due_step(loop: Loop, every_steps: int | None) -> bool:
     return every_steps is not None and not loop.step_skipped and loop.step % every_steps == 0
 
 
+def _monitored(who: str, key: str, loop: Loop, validated: bool) -> bool:
+    """Whether ``key`` is in ``loop.logs``. Missing while logs of the same source are there
+    (``val/los`` next to ``val/loss``) is a KeyError; missing after a validation in this
+    epoch (``validated``) a warning, as it may still be logged later (by a validation with
+    another prefix, every few epochs). Both name the keys that are there."""
+    if key in loop.logs:
+        return True
+    source = key.rpartition("/")[0]
+    message = f"{who} monitors {key!r}, which is not in the logs: they hold {sorted(loop.logs)}"
+    if source and any(k.rpartition("/")[0] == source for k in loop.logs):
+        raise KeyError(f"{message}. Pass one of those (or list it after the hook that logs it)")
+    if validated and distributed.is_main():
+        warnings.warn(f"{message} (step {loop.step}, after a validation)", stacklevel=3)
+    return False
+
+
 class Validate(Hook):
     """Every ``every`` epochs (and in the final epoch) and/or every ``every_steps`` steps,
     run ``evaluate_step`` over ``data``, put the example-weighted means in ``loop.logs`` as
@@ -72,6 +88,10 @@ class Validate(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = state["last_step"]
 
+    def on_fit_start(self, loop: Loop) -> None:
+        if loop.resumed_from is None:  # a fresh run: nothing of an earlier fit carries over
+            self.last_step = None
+
     def on_step_end(self, loop: Loop) -> None:
         if _due_step(loop, self.every_steps):
             self.run(loop)
@@ -99,10 +119,13 @@ class Checkpoint(Hook):
 
     Retention (both policies at once, like orbax's latest + best): ``keep_last=N`` keeps the
     N newest; ``keep_best="val/loss"`` keeps the ``best_n`` with the lowest value of that
-    log (``mode="max"``: highest; checkpoints saved when it was not logged, or NaN, never
-    count as best). With either policy the newest checkpoint is always kept, and an old one
-    is deleted only after the new one is committed. Only checkpoints this hook (or the run
-    it resumed) wrote are ever deleted; ``saved`` and ``best`` say which are on disk.
+    log (``mode="max"``: highest). Only a value logged at the checkpoint's own step counts:
+    a checkpoint saved when it was not logged, NaN, or last validated at an earlier step
+    (a step save between validations) never counts as best. With either policy the newest
+    checkpoint is always kept, and an old one is deleted only after the new one is
+    committed; one whose deletion a crash interrupted is deleted by the run that resumes.
+    Only checkpoints this hook (or the run it resumed) wrote are ever deleted; ``saved``
+    and ``best`` say which it keeps. A fresh (not resumed) ``fit`` starts with no records.
     """
 
     def __init__(
@@ -127,6 +150,8 @@ class Checkpoint(Hook):
         self.every = _every(every, "every")
         self.every_steps = _every(every_steps, "every_steps")
         self.records: list[dict[str, Any]] = []  # {"name", "step", "value"}, oldest first
+        self.pending: list[str] = []  # dropped by the policy, deleted once the new one is saved
+        self.validated: dict[str, int] = {}  # log key -> step of the validation that logged it
 
     @property
     def saved(self) -> list[Path]:
@@ -143,10 +168,16 @@ class Checkpoint(Hook):
         return self.directory
 
     def state_dict(self) -> dict[str, Any]:
-        return {"records": [dict(r) for r in self.records]}
+        return {
+            "records": [dict(r) for r in self.records],
+            "pending": list(self.pending),
+            "validated": dict(self.validated),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = [dict(r) for r in state["records"]]
+        self.pending = list(state.get("pending", []))
+        self.validated = dict(state.get("validated", {}))
 
     def path_for(self, step: int) -> Path:
         """Where a checkpoint of ``step`` goes: ``step-<step>``, or ``step-<step>-<k>`` when
@@ -161,8 +192,18 @@ class Checkpoint(Hook):
         return path
 
     def on_fit_start(self, loop: Loop) -> None:
+        if loop.resumed_from is None:
+            self.records, self.pending, self.validated = [], [], {}
         if distributed.is_main():
             checkpoint.clean_temporaries(self.directory)
+        self._remove_pending()
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        if loop.batch == 0:  # the epoch's logs start empty (not when resuming mid-epoch)
+            self.validated = {}
+
+    def on_validation_end(self, loop: Loop) -> None:
+        self.validated.update(dict.fromkeys(loop.logs, loop.step))
 
     # Both decide once every hook has seen the event, so that the logs, a stop request and
     # the best value they read are final wherever this hook sits in the list.
@@ -189,21 +230,38 @@ class Checkpoint(Hook):
         newer save of the same step) leaves out."""
         epoch = loop.epoch if epoch is None else epoch
         path = self.path_for(loop.step)
-        value = loop.logs.get(self.keep_best) if self.keep_best else None
-        value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-        record = {"name": path.name, "step": loop.step, "value": value}
+        record = {"name": path.name, "step": loop.step, "value": self._value(loop)}
         records = [r for r in self.records if r["step"] != loop.step] + [record]
         keep = self._retained(records)
-        dropped = [r for r in self.records if r["name"] not in keep]
-        self.records = [r for r in records if r["name"] in keep]  # as saved in the checkpoint
+        # the checkpoint lists what it drops, so a run resuming from it finishes the job if
+        # this one dies before deleting them
+        self.pending += [r["name"] for r in self.records if r["name"] not in keep]
+        self.records = [r for r in records if r["name"] in keep]
         meta = {"epoch": epoch, "step": loop.step, "logs": dict(loop.logs)}
         extra = {"loop": loop.state_dict()}
         if distributed.is_main():  # one writer; the state is the same on every rank
             checkpoint.save(path, loop.state, plain_data(meta, "metadata"), extra=extra)
-            for r in dropped:  # only once the new one is committed
-                checkpoint.remove(self.directory / r["name"])
+        self._remove_pending()  # only once the new one is committed
         distributed.barrier()
         return path
+
+    def _value(self, loop: Loop) -> float | None:
+        """The ``keep_best`` value to rank a checkpoint of this step by: None unless it was
+        logged at this step, and finite."""
+        if self.keep_best is None:
+            return None
+        if not _monitored("Checkpoint(keep_best=...)", self.keep_best, loop, self.validated):
+            return None
+        if self.validated.get(self.keep_best, loop.step) != loop.step:
+            return None  # validated at an earlier step: another state's value
+        value = loop.logs[self.keep_best]
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+    def _remove_pending(self) -> None:
+        if distributed.is_main():
+            for name in self.pending:
+                checkpoint.remove(self.directory / name)
+        self.pending = []
 
     def _ranked(self, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         scored = [
@@ -333,10 +391,10 @@ class LearningRateMonitor(Hook):
 
 
 class Timer(Hook):
-    """Put the epoch's wall time and throughput in ``loop.logs``: ``time/epoch_s``,
-    ``time/steps_per_s`` and, when batches have a leading dimension, ``time/examples_per_s``.
-    The driver has already waited for the device when ``on_epoch_end`` runs; list the
-    Timer first so validation is not counted."""
+    """Put the epoch's wall time and throughput in ``loop.logs``: ``time/epoch_s`` and
+    ``time/steps_per_s`` (the steps this run took in the epoch, over that time). The driver
+    has already waited for the device when ``on_epoch_end`` runs; list the Timer first so
+    validation is not counted."""
 
     def __init__(self) -> None:
         self.start = 0.0
@@ -378,6 +436,10 @@ class NaNGuard(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = list(state["skipped"])
 
+    def on_fit_start(self, loop: Loop) -> None:
+        if loop.resumed_from is None:
+            self.skipped = []
+
     def on_step_end(self, loop: Loop) -> None:
         if self.monitor not in loop.metrics:
             raise KeyError(
@@ -404,18 +466,24 @@ class NaNGuard(Hook):
 
 class ReduceLROnPlateau(Hook):
     """Feed a validation metric to a plateau schedule
-    (:func:`loopkit.optim.schedules.reduce_on_plateau`) after each validation, and scale the
-    optimizer's learning rates by the change of its lr, as torch's ``ReduceLROnPlateau``
-    does after ``scheduler.step(metric)``. List it after the :class:`Validate` it reads.
+    (:func:`loopkit.optim.schedules.reduce_on_plateau`) after each validation and, when it
+    reduces, reduce every lr in the optimizer state as torch's ``ReduceLROnPlateau`` does
+    after ``scheduler.step(metric)``: each parameter group's lr becomes
+    ``max(lr * factor, min_lr)`` unless that changes it by no more than ``eps`` (the
+    plateau's own ``factor``, ``min_lr`` and ``eps``; a ``min_lr`` per group must have one
+    per group). ``loop.logs["lr"]`` is the plateau's lr. List it after
+    the :class:`Validate` it reads.
 
     The optimizer must take a number lr or an injected one
-    (:func:`loopkit.optim.inject_hyperparams`): a schedule would recompute its own. With
-    several parameter groups each lr is scaled by the same ratio.
+    (:func:`loopkit.optim.inject_hyperparams`): a schedule would recompute its own lr at
+    the next step, so the step after a validation checks that the lrs are still those set,
+    and raises otherwise. A fresh (not resumed) ``fit`` starts the plateau afresh.
     """
 
     def __init__(self, plateau: Any, monitor: str = "val/loss"):
         self.plateau, self.monitor = plateau, monitor
         self.state: Any = None
+        self.expected: list[torch.Tensor] | None = None  # the lrs set at the last validation
 
     def state_dict(self) -> dict[str, Any] | None:
         return None if self.state is None else self.state._asdict()
@@ -424,8 +492,9 @@ class ReduceLROnPlateau(Hook):
         self.state = type(self.plateau.init(torch.device("cpu")))(**state)
 
     def on_fit_start(self, loop: Loop) -> None:
-        if self.state is None:
+        if loop.resumed_from is None or self.state is None:
             self.state = self.plateau.init(loop.state.step.device)
+        self.expected = None
 
     def on_validation_end(self, loop: Loop) -> None:
         if self.monitor not in loop.logs:
@@ -433,18 +502,45 @@ class ReduceLROnPlateau(Hook):
                 f"ReduceLROnPlateau monitors {self.monitor!r}, which is not in the logs "
                 f"({sorted(loop.logs)}): list it after the Validate hook that produces it"
             )
-        old = self.state.lr
-        self.state = self.plateau.update(self.state, loop.logs[self.monitor])
-        new = self.state.lr
+        before, metric = self.state, loop.logs[self.monitor]
+        self.state = self.plateau.update(before, metric)
 
-        def rescale(lr: torch.Tensor) -> torch.Tensor:
-            # the plateau's own lr exactly; other groups' lrs by the same ratio
-            old_, new_ = old.to(lr.device), new.to(lr.device)
-            return torch.where(lr == old_, new_, lr * (new_ / old_))
+        floors = iter(self._floors(len(optim.learning_rates(loop.state.opt_state))))
 
-        opt_state = optim.set_learning_rate(loop.state.opt_state, rescale)
+        def reduce(lr: torch.Tensor) -> torch.Tensor:
+            # this group's lr through the same update: torch's _reduce_lr for one group
+            probe = before._replace(lr=lr.to(before.lr.device, torch.float64))
+            return self.plateau.update(probe, metric, floor=next(floors)).lr
+
+        opt_state = optim.set_learning_rate(loop.state.opt_state, reduce)
         loop.state = loop.state.replace(opt_state=opt_state)
+        self.expected = [lr.clone() for lr in optim.learning_rates(opt_state)]
         loop.logs["lr"] = to_python(self.state.lr)
+
+    def _floors(self, groups: int) -> list[float | None]:
+        """Each parameter group's ``min_lr``: the plateau's per-group tuple, which must
+        have one per group (as torch requires), or its one floor for all (None)."""
+        floors = getattr(self.plateau, "min_lr", None)
+        if not isinstance(floors, tuple):
+            return [None] * groups
+        if len(floors) != groups:
+            raise ValueError(f"expected {groups} min_lrs, got {len(floors)}")
+        return list(floors)
+
+    def on_step_end(self, loop: Loop) -> None:
+        if self.expected is None or loop.step_skipped:
+            return
+        expected, self.expected = self.expected, None
+        now = optim.learning_rates(loop.state.opt_state)
+        if not all(torch.equal(a, b.to(a.device)) for a, b in zip(now, expected, strict=True)):
+            raise ValueError(
+                "ReduceLROnPlateau set the learning rates to "
+                f"{[to_python(lr) for lr in expected]}, but the next step used "
+                f"{[to_python(lr) for lr in now]}: the optimizer's lr is a schedule (or a "
+                "tensor), which it reads anew every step. Build it with a number lr "
+                "(optim.sgd(lr=0.1)) or an injected one (optim.inject_hyperparams(optim.sgd)"
+                "(lr=0.1))"
+            )
 
 
 class EarlyStopping(Hook):
@@ -453,7 +549,10 @@ class EarlyStopping(Hook):
     the metric, and at each epoch end where it is logged but no validation checked it
     (``train/...`` metrics); list this hook after the :class:`Validate` it reads.
     Improvement means ``value < best - min_delta`` (``mode="min"``) or
-    ``value > best + min_delta`` (``"max"``); a NaN or infinite value never improves."""
+    ``value > best + min_delta`` (``"max"``); a NaN or infinite value never improves.
+    A ``monitor`` missing from the logs while others of its source are there (a typo) is a
+    KeyError, and missing at the end of an epoch that validated a warning. A fresh (not
+    resumed) ``fit`` starts counting afresh."""
 
     def __init__(self, monitor: str = "val/loss", *, mode: str = "min", patience: int = 5,
                  min_delta: float = 0.0):  # fmt: skip
@@ -467,12 +566,23 @@ class EarlyStopping(Hook):
         self.best: float | None = None
         self.wait = 0
         self.checked = False  # by a validation in the current epoch
+        self.validated = False  # a validation ended in the current epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait, "checked": self.checked}
+        return {
+            "best": self.best,
+            "wait": self.wait,
+            "checked": self.checked,
+            "validated": self.validated,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.wait, self.checked = state["best"], state["wait"], state["checked"]
+        self.validated = state.get("validated", self.checked)
+
+    def on_fit_start(self, loop: Loop) -> None:
+        if loop.resumed_from is None:
+            self.best, self.wait, self.checked, self.validated = None, 0, False, False
 
     def improved(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -493,14 +603,15 @@ class EarlyStopping(Hook):
                 loop.should_stop = True
 
     def on_validation_end(self, loop: Loop) -> None:
-        if self.monitor in loop.logs:
+        self.validated = True
+        if _monitored("EarlyStopping", self.monitor, loop, validated=False):
             self.check(loop)
             self.checked = True
 
     def on_epoch_end(self, loop: Loop) -> None:
-        if self.monitor in loop.logs and not self.checked:
+        if _monitored("EarlyStopping", self.monitor, loop, self.validated) and not self.checked:
             self.check(loop)
-        self.checked = False
+        self.checked = self.validated = False
 
 
 def _records_before(records: list[dict], epoch: int) -> list[dict]:
@@ -511,9 +622,10 @@ class _FileLogger(Hook):
     """Writes one record per epoch (``epoch``, ``step`` and ``loop.logs``) to a file in
     ``directory``, flushed at once so a crash loses nothing already written. A new run
     starts a new file (``append=True`` keeps what is there, as Keras' CSVLogger). When
-    ``fit`` resumes, the records of the epochs the resumed run will redo are dropped, so
-    the file ends up as an uninterrupted run's. ``every=N`` writes every N epochs (and the
-    final one). ``filename`` defaults to the subclass's ``default_filename``."""
+    ``fit`` resumes, the records of the epochs the resumed run will redo are dropped (only
+    the run's own: the records an ``append=True`` run found in the file stay), so the file
+    ends up as an uninterrupted run's. ``every=N`` writes every N epochs (and the final
+    one). ``filename`` defaults to the subclass's ``default_filename``."""
 
     default_filename: str
 
@@ -527,15 +639,28 @@ class _FileLogger(Hook):
     ):
         self.path = Path(directory) / (filename or self.default_filename)
         self.append, self.every = append, _every(every, "every")
+        self.kept = 0  # records in the file before this run's first one (earlier runs')
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = state["kept"]
 
     def on_fit_start(self, loop: Loop) -> None:
         if not distributed.is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if loop.resumed_from is not None and self.path.exists():
-            self.rewrite(_records_before(self.read(), loop.epoch))
-        elif not self.append and loop.resumed_from is None:
+        if loop.resumed_from is not None:
+            if self.path.exists():
+                records = self.read()
+                own = _records_before(records[self.kept :], loop.epoch)
+                self.rewrite(records[: self.kept] + own)
+        elif self.append and self.path.exists():
+            self.kept = len(self.read())
+        else:
             self.path.unlink(missing_ok=True)
+            self.kept = 0
 
     def on_epoch_end(self, loop: Loop) -> None:
         if not (distributed.is_main() and _due_epoch(loop, self.every)):
@@ -627,7 +752,9 @@ class TensorBoardLogger(Hook):
                 "TensorBoardLogger needs the tensorboard package: "
                 "pip install 'loopkit[tensorboard]'"
             ) from e
-        purge = loop.step + 1 if loop.resuming else None
+        # events are written at epoch ends: those of steps up to the checkpoint's stay,
+        # unless it left its epoch open, whose end (maybe at this very step) is redone
+        purge = loop.step + (0 if loop.batch > 0 else 1) if loop.resuming else None
         self.writer = SummaryWriter(str(self.directory), purge_step=purge)
 
     def on_epoch_end(self, loop: Loop) -> None:

@@ -188,6 +188,10 @@ def _kinds(opt_state: Any) -> str:
     return type(opt_state).__name__
 
 
+def _known_fix(e: BaseException) -> str | None:
+    return next((fix for cause, fix in _KNOWN_CAUSES if cause in str(e)), None)
+
+
 def _untraceable_modules(model: nn.Module) -> str | None:
     """The fix for modules whose forward reads a tensor as a Python number, which neither
     torch.compile's one graph nor vmap can trace (None if there are none)."""
@@ -279,11 +283,16 @@ class _Step:
         guarded = not self.donate and self._guard_inputs
         if guarded:  # the module gets copy-on-write views of the state's params and buffers
             args = (_lazy_copies(args[0]), _lazy_copies(args[1]), *args[2:])
+        hooks_on = _saved_tensor_hooks_enabled()
         try:
             out = self.fn(*args)
         except _PASS_THROUGH:
             raise
         except Exception as e:
+            if hooks_on and not _saved_tensor_hooks_enabled():
+                # torch 2.13: a trace of torch.func.grad that fails leaves saved-tensor
+                # hooks disabled process-wide (activation checkpointing then fails anywhere)
+                torch._C._autograd._saved_tensors_hooks_enable()
             if self.compiled and _is_recompile_limit(e):
                 raise _recompile_limit_error(self.kind, e) from e
             if not (self.compiled and _is_compiler_error(e)):
@@ -317,7 +326,7 @@ class _Step:
         raise CompileError(
             f"torch.compile could not compile the {self.kind} as one graph "
             f"(fullgraph=True):\n{str(cause).strip()[:2000]}\n"
-            + (_untraceable_modules(self.model) or
+            + (_untraceable_modules(self.model) or _known_fix(cause) or
                "Fix: remove what breaks the graph from loss_fn / the model's forward (.item(), "
                "print, Python branches or loops on tensor values, unsupported libraries), or "
                "compile with fullgraph=False to allow graph breaks (slower).")
@@ -327,9 +336,8 @@ class _Step:
         mismatch = _state_mismatch(self.model, self.optimizer, state)
         if mismatch:
             return StepError(f"{self.kind} {int(state.step)} failed: {mismatch}")
-        known = [fix for cause, fix in _KNOWN_CAUSES if cause in str(e)]
-        if self.compiled or self.traced:
-            known = [fix for fix in [_untraceable_modules(self.model)] if fix] + known
+        fixes = [_untraceable_modules(self.model)] if self.compiled or self.traced else []
+        known = [fix for fix in [*fixes, _known_fix(e)] if fix]
         return StepError(
             f"{self.kind} {int(state.step)} failed on a batch of {describe(batch)}: "
             f"{type(e).__name__}: {e}\n"
@@ -850,6 +858,10 @@ def _prepare_cudagraph_call(state_parts: tuple) -> None:
         if isinstance(t, torch.Tensor) and not hasattr(t, "_dynamo_static_input_type"):
             torch._dynamo.mark_static_address(t, guard=False)
     torch.compiler.cudagraph_mark_step_begin()
+
+
+def _saved_tensor_hooks_enabled() -> bool:
+    return torch._C._autograd._saved_tensors_hooks_is_enabled()
 
 
 def _lazy_copies(tensors: dict) -> dict:

@@ -589,3 +589,244 @@ def test_every_thins_a_hooks_step_and_epoch_events():
     assert seen == [("step", 4), ("step", 8), ("epoch", 1), ("step", 12), ("epoch", 2)]
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         lk.hooks.Every(Plain(), steps=0)
+
+
+# --- metric sums in float64 ---------------------------------------------------------------
+
+
+def test_epoch_means_of_bf16_metrics_are_summed_in_float64():
+    """500 bf16 losses near 0.68: summed in bf16 the mean came out 0.51."""
+    x = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).bfloat16()
+    opt = optim.sgd(lr=0.0)
+    losses, logs = [], {}
+
+    class Record(lk.Hook):
+        def on_step_end(self, loop):
+            losses.append(loop.metrics["loss"])
+
+        def on_epoch_end(self, loop):
+            logs.update(loop.logs)
+
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+           lk.data.Batches(x, y, batch_size=2), hooks=[Record()])  # fmt: skip
+    mean = torch.stack(losses).double().mean().to(torch.bfloat16)
+    assert len(losses) == 500 and logs["train/loss"] == mean.item()
+
+
+def test_vector_and_integer_metric_sums_are_float64_from_the_first_step():
+    """A 0-dim float64 start would not promote a bf16 vector (0-dim tensors rank below
+    dimensioned ones in type promotion): each sum has its metric's shape from the start."""
+    from loopkit.driver import add_metrics, means
+
+    sums, dtypes = {}, {}
+    values = torch.rand(50, 3, generator=torch.Generator().manual_seed(0)).bfloat16() + 100
+    for v in values:
+        add_metrics(sums, dtypes, {"v": v, "n": torch.tensor(7), "ok": torch.tensor(True)}, 2)
+    assert all(t.dtype == torch.float64 for t in sums.values())
+    got = means(sums, dtypes, 100)
+    assert got["v"] == values.double().mean(0).bfloat16().tolist()
+    assert got["n"] == 7.0 and got["ok"] == 1.0
+
+
+def test_evaluate_sums_fp16_metrics_in_float64():
+    """100000 examples of an fp16 loss near 0.7: their fp16 sum overflowed to inf."""
+    x = torch.randn(100_000, 4, generator=torch.Generator().manual_seed(0)).half()
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).half()
+    state = lk.TrainState.create(model, optim.sgd(lr=0.1))
+    evaluate = lk.eval_step(model, loss_fn)
+    data = lk.data.Batches(x, y, batch_size=20_000)
+    got = lk.evaluate(evaluate, state, data)["loss"]
+    sums = sum(evaluate(state, b)["loss"].double() * b[0].shape[0] for b in data)
+    assert got == (sums / 100_000).half().item() and abs(got - 0.7) < 0.1
+
+
+def test_metric_sums_of_an_older_checkpoint_load_and_cast_up():
+    """Checkpoints before float64 sums held them in the metric's dtype, without dtypes."""
+    model, _, _ = problem()
+    loop = lk.Loop(lk.TrainState.create(model, optim.sgd(lr=0.1)), [], 1, None)
+    loop.load_state_dict({"epoch": 0, "batch": 1, "taken": 1, "logs": {}, "history": [],
+                          "sums": {"loss": torch.tensor(0.1, dtype=torch.float32)},
+                          "stopped": False, "hooks": {}})  # fmt: skip
+    lk.driver.add_metrics(loop.sums, loop.sum_dtypes, {"loss": torch.tensor(0.2)})
+    assert loop.sums["loss"].dtype == torch.float64
+    expected = ((torch.tensor(0.1).double() + torch.tensor(0.2).double()) / 2).float()
+    assert lk.driver.means(loop.sums, loop.sum_dtypes, 2) == {"loss": expected.item()}
+
+
+# --- a fresh fit starts its hooks afresh ----------------------------------------------------
+
+
+def test_a_fresh_fit_resets_the_hooks_of_an_earlier_one(tmp_path):
+    """The same hook objects in a second fresh fit (and in a resume that finds no
+    checkpoint) behave as new ones: the early stop after 4 steps, not 1."""
+    _, x, y = problem()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = optim.sgd(lr=0.0)  # the val loss never improves after the first check
+    step = lk.train_step(model, loss_fn, opt)
+    evaluate = lk.eval_step(model, loss_fn)
+    plateau = optim.schedules.reduce_on_plateau(0.1, patience=0)
+
+    def hooks(directory):
+        return [
+            lk.hooks.NaNGuard(action="skip"),
+            lk.hooks.Validate(evaluate, [(x[:8], y[:8])], every_steps=1),
+            lk.hooks.EarlyStopping("val/loss", patience=3),
+            lk.hooks.ReduceLROnPlateau(plateau),
+            lk.hooks.Checkpoint(directory, every_steps=1),
+        ]
+
+    def go(hooks, resume=None):
+        data = lk.data.Batches(x, y, batch_size=8)
+        state = lk.fit(step, lk.TrainState.create(model, opt), data, epochs=3, hooks=hooks,
+                       resume=resume)  # fmt: skip
+        return int(state.step), lk.driver.plain_data([h.state_dict() for h in hooks], "hooks")
+
+    new = go(hooks(tmp_path / "a"))
+    reused = hooks(tmp_path / "b")
+    assert go(reused) == new and new[0] == 4
+    for path in lk.checkpoint.checkpoints(tmp_path / "b"):
+        lk.checkpoint.remove(path)
+    assert go(reused) == new
+    for path in lk.checkpoint.checkpoints(tmp_path / "b"):
+        lk.checkpoint.remove(path)
+    assert go(reused, resume="latest") == new
+
+
+# --- data that yields no batch --------------------------------------------------------------
+
+
+def test_an_epoch_without_batches_is_an_error():
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    state = lk.TrainState.create(model, opt)
+    passes = []
+
+    def empty():
+        passes.append(1)
+        if len(passes) > 3:  # the old driver looped forever
+            raise RuntimeError("endless loop")
+        return iter([])
+
+    for limits in ({"max_steps": 3}, {"max_steps": 3, "steps_per_epoch": 2}, {"epochs": 2}):
+        passes.clear()
+        with pytest.raises(ValueError, match="no batches.*epoch 0"):
+            lk.fit(step, state, lk.data.Reiterable(empty), **limits)
+    with pytest.raises(ValueError, match="no batches.*length 0"):
+        lk.fit(step, state, [], epochs=3)
+    one_pass = (b for b in [(x[:8], y[:8])])  # a generator: exhausted after the first pass
+    with pytest.raises(ValueError, match="no batches.*epoch 1.*fresh iterator"):
+        lk.fit(step, state, lk.data.Reiterable(lambda: one_pass), epochs=3)
+
+
+def test_fit_arguments_are_checked():
+    np = pytest.importorskip("numpy")
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    state = lk.TrainState.create(model, opt)
+    data = [(x[:8], y[:8])]
+    assert int(lk.fit(step, state, data, epochs=np.int64(2)).step) == 2
+    with pytest.raises(TypeError, match="fit needs data"):
+        lk.fit(step, state, None)
+    with pytest.raises(TypeError, match=r"hooks=\[hook\]"):
+        lk.fit(step, state, data, hooks=lk.hooks.Timer())
+    with pytest.raises(TypeError, match="resume must be"):
+        lk.fit(step, state, data, resume="")
+
+
+# --- ReduceLROnPlateau ----------------------------------------------------------------------
+
+
+class ConstantValidation(lk.Hook):
+    """A validation loss that never improves, at each epoch end."""
+
+    def on_epoch_end(self, loop):
+        loop.logs["val/loss"] = 1.0
+        loop.emit("on_validation_end")
+
+
+@pytest.mark.parametrize("min_lr", [0.004, [0.004, 0.1], (0.3, 0.001)])
+def test_reduce_lr_on_plateau_clamps_each_parameter_group_as_torch(min_lr):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    labels = {n: "bias" if n.endswith("bias") else "w" for n, _ in model.named_parameters()}
+    opt = optim.multi_transform({"w": optim.sgd(lr=0.01), "bias": optim.sgd(lr=0.5)}, labels)
+    plateau = optim.schedules.reduce_on_plateau(0.01, factor=0.5, patience=0, min_lr=min_lr)
+    lrs = []
+
+    class RecordLRs(lk.Hook):
+        def on_epoch_end(self, loop):
+            lrs.append([float(lr) for lr in optim.learning_rates(loop.state.opt_state)])
+
+    hooks = [ConstantValidation(), lk.hooks.ReduceLROnPlateau(plateau), RecordLRs()]
+    data = [(torch.randn(4, 4), torch.randint(0, 2, (4,)))]
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+           epochs=12, hooks=hooks)  # fmt: skip
+
+    params = dict(model.named_parameters())
+    groups = [{"params": [p for n, p in params.items() if labels[n] == g], "lr": lr}
+              for g, lr in (("w", 0.01), ("bias", 0.5))]  # fmt: skip
+    topt = torch.optim.SGD(groups)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, factor=0.5, patience=0, min_lr=min_lr)
+    ref = []
+    for _ in range(12):
+        sched.step(1.0)
+        ref.append([g["lr"] for g in topt.param_groups])
+    assert lrs == ref
+    floors = min_lr if isinstance(min_lr, (list, tuple)) else [min_lr] * 2
+    assert any(lr == f for f, lr in zip(floors, ref[-1], strict=True))  # a floor was reached
+
+
+def test_reduce_lr_on_plateau_refuses_a_scheduled_lr():
+    model = nn.Linear(2, 2)
+    opt = optim.sgd(lr=optim.schedules.constant(0.1))
+    plateau = optim.schedules.reduce_on_plateau(0.1, factor=0.5, patience=0)
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]
+    hooks = [ConstantValidation(), lk.hooks.ReduceLROnPlateau(plateau)]
+    with pytest.raises(ValueError, match="schedule.*inject_hyperparams"):
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+               epochs=3, hooks=hooks)  # fmt: skip
+
+
+# --- keep_best ranks by values of the checkpoint's own step ---------------------------------
+
+
+def test_keep_best_ranks_a_checkpoint_only_by_its_own_steps_validation(tmp_path):
+    """Step saves every 3 steps, validation every 5 and at the end (step 20): only the
+    saves at steps 15 and 20 have a value, and it is their own state's."""
+    model, x, y = problem(n=120)
+    opt = optim.sgd(lr=0.5)
+    evaluate = lk.eval_step(model, loss_fn)
+    val = [(x[80:], y[80:])]
+    hook = lk.hooks.Checkpoint(tmp_path, every_steps=3, every=None, keep_best="val/loss",
+                               best_n=20)  # fmt: skip
+    like = lk.TrainState.create(model, opt)
+    lk.fit(lk.train_step(model, loss_fn, opt), like, lk.data.Batches(x[:80], y[:80], batch_size=4),
+           hooks=[lk.hooks.Validate(evaluate, val, every_steps=5, every=None), hook])  # fmt: skip
+    valued = {r["step"]: r["value"] for r in hook.records if r["value"] is not None}
+    assert sorted(valued) == [15, 20] and len(hook.records) == 2  # the others rank nowhere
+    for r in hook.records:
+        if r["value"] is not None:
+            saved = lk.checkpoint.load(tmp_path / r["name"], like)
+            assert r["value"] == lk.evaluate(evaluate, saved, val)["loss"]
+
+
+def test_a_monitor_missing_from_the_logs_is_reported():
+    with pytest.raises(KeyError, match="val/los.*val/loss"):
+        tiny_fit([FeedMetric([1.0, 1.0]), ConstantValidation(),
+                  lk.hooks.EarlyStopping("val/los")], epochs=2)  # fmt: skip
+    with pytest.warns(UserWarning, match="vall/loss"):
+        tiny_fit([ConstantValidation(), lk.hooks.EarlyStopping("vall/loss")], epochs=2)
+
+
+def test_keep_best_with_a_monitor_missing_from_the_logs_is_an_error(tmp_path):
+    hook = lk.hooks.Checkpoint(tmp_path, keep_best="val/los")
+    with pytest.raises(KeyError, match="keep_best.*val/los"):
+        tiny_fit([ConstantValidation(), hook], epochs=1)

@@ -348,3 +348,108 @@ def test_resume_puts_back_a_checkpoint_a_killed_replacement_moved_aside(tmp_path
     state = lk.fit(step, lk.TrainState.create(model, opt), data, epochs=1,
                    hooks=[lk.hooks.Checkpoint(tmp_path)], resume="latest")  # fmt: skip
     assert int(state.step) == 2 and lk.checkpoint.checkpoints(tmp_path) == [only]
+
+
+def small_run(directory, hooks=(), crash_after=None, resume=None, dtype=torch.float32, lr=0.1,
+              epochs=3, every_steps=None, every=1):  # fmt: skip
+    """A tiny model trained ``epochs`` epochs of 5 batches with a Checkpoint hook."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g).to(dtype)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+    opt = optim.sgd(lr=lr)
+    step = lk.train_step(model, loss_fn, opt)
+    step = step if crash_after is None else crashing(step, crash_after)
+    history = History()
+    ckpt = lk.hooks.Checkpoint(directory / "ckpt", every=every, every_steps=every_steps)
+    state = lk.fit(step, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=8),
+                   epochs=epochs, hooks=[*hooks, ckpt, history], resume=resume)  # fmt: skip
+    return state, history.history
+
+
+def test_bf16_metric_sums_resume_bitwise(tmp_path):
+    """The partial sums a mid-epoch checkpoint holds are float64 and carry on exactly."""
+    straight, history = small_run(tmp_path / "a", dtype=torch.bfloat16, every_steps=2)
+    with pytest.raises(Crash):
+        small_run(tmp_path / "b", dtype=torch.bfloat16, every_steps=2, crash_after=7)
+    resumed, resumed_history = small_run(tmp_path / "b", dtype=torch.bfloat16, every_steps=2,
+                                         resume="latest")  # fmt: skip
+    assert_states_equal(straight, resumed)
+    assert resumed_history == history
+
+
+def test_appending_loggers_keep_earlier_runs_records_on_resume(tmp_path):
+    """A resumed run with append=True drops only its own records after the checkpoint, not
+    an earlier run's of the same epochs."""
+
+    def loggers(directory):
+        return [lk.hooks.JSONLLogger(directory, append=True),
+                lk.hooks.CSVLogger(directory, append=True)]  # fmt: skip
+
+    for d in ("straight", "resumed"):
+        small_run(tmp_path / d / "first", loggers(tmp_path / d), lr=0.2)
+    small_run(tmp_path / "straight" / "second", loggers(tmp_path / "straight"))
+    with pytest.raises(Crash):  # in epoch 1: resumes from the end of epoch 0
+        small_run(tmp_path / "resumed" / "second", loggers(tmp_path / "resumed"), crash_after=7)
+    small_run(tmp_path / "resumed" / "second", loggers(tmp_path / "resumed"), resume="latest")
+    assert files(tmp_path / "resumed") == files(tmp_path / "straight")
+    epochs = [json.loads(r)["epoch"] for r in files(tmp_path / "resumed")[0].splitlines()]
+    assert epochs == [0, 1, 2, 0, 1, 2]
+
+
+def test_tensorboard_events_after_resuming_an_open_epoch_are_not_duplicated(tmp_path):
+    """The last checkpoint is a step save at an epoch's last batch (the epoch left open);
+    the crash comes after that epoch's events: the resumed run writes them once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class CrashAtEpochEnd(lk.Hook):
+        def on_epoch_end(self, loop):
+            if loop.epoch == 1:
+                raise Crash
+
+    def scalars(directory):
+        events = EventAccumulator(str(directory / "tb"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+    def tb(directory):
+        return lk.hooks.TensorBoardLogger(directory / "tb")
+
+    small_run(tmp_path / "a", [tb(tmp_path / "a")], every_steps=5, every=None)
+    with pytest.raises(Crash):
+        small_run(tmp_path / "b", [tb(tmp_path / "b"), CrashAtEpochEnd()], every_steps=5,
+                  every=None)  # fmt: skip
+    small_run(tmp_path / "b", [tb(tmp_path / "b")], every_steps=5, every=None, resume="latest")
+    assert scalars(tmp_path / "b") == scalars(tmp_path / "a")
+    assert [s for s, _ in scalars(tmp_path / "a")] == [5, 10, 15]
+
+
+def test_a_checkpoint_a_crash_kept_from_pruning_is_pruned_on_resume(tmp_path, monkeypatch):
+    remove, calls = checkpoint.remove, [0]
+
+    def dying_remove(path):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Crash
+        remove(path)
+
+    def run(resume=None):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 4, generator=g)
+        model = nn.Linear(4, 2)
+        opt = optim.sgd(lr=0.1)
+        hook = lk.hooks.Checkpoint(tmp_path, every_steps=2, keep_last=2)
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+               lk.data.Batches(x, (x[:, 0] > 0).long(), batch_size=8), epochs=4, hooks=[hook],
+               resume=resume)  # fmt: skip
+        return hook
+
+    monkeypatch.setattr(checkpoint, "remove", dying_remove)
+    with pytest.raises(Crash):
+        run()
+    monkeypatch.setattr(checkpoint, "remove", remove)
+    assert len(checkpoint.checkpoints(tmp_path)) == 3  # one too many
+    hook = run(resume="latest")
+    assert checkpoint.checkpoints(tmp_path) == hook.saved and len(hook.saved) == 2

@@ -176,15 +176,42 @@ def test_averaging_matches_averaged_model(kind, dtype, spec, seed, decay, start,
         torch.testing.assert_close(averaged[name], p.detach(), **tol)
 
 
-def test_clip_by_value_matches_torch():
-    g = {"a": torch.randn(5, 3) * 3, "b": torch.randn(4) * 3}
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_clip_by_value_matches_torch(foreach):
+    g = {"a": torch.randn(5, 3) * 3, "b": torch.randn(4) * 3, "c": torch.tensor([float("nan")])}
     ps = [torch.zeros_like(v, requires_grad=True) for v in g.values()]
     for p, v in zip(ps, g.values(), strict=True):
         p.grad = v.clone()
-    torch.nn.utils.clip_grad_value_(ps, 1.5)
-    out, _ = optim.clip_by_value(1.5).update(g, (), None)
+    torch.nn.utils.clip_grad_value_(ps, 1.5, foreach=foreach)
+    out, _ = optim.clip_by_value(1.5, foreach=foreach).update(g, (), None)
     for p, k in zip(ps, g, strict=True):
-        assert torch.equal(out[k], p.grad)
+        torch.testing.assert_close(out[k], p.grad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("clip", ["norm", "value"])
+def test_clip_foreach_on_a_device_without_foreach_kernels_as_torch(clip, foreach):
+    """torch raises for ``foreach=True`` where the device has no multi-tensor kernels (here
+    the meta device) and falls back to per-tensor ops for ``None``; so does loopkit."""
+    grads = {"a": torch.zeros(3, device="meta"), "b": torch.zeros(2, device="meta")}
+    ps = [torch.zeros_like(v, requires_grad=True) for v in grads.values()]
+    for p, v in zip(ps, grads.values(), strict=True):
+        p.grad = v.clone()
+    if clip == "norm":
+        want = _outcome(torch.nn.utils.clip_grad_norm_, ps, 1.0, foreach=foreach)
+        tx = optim.clip_by_global_norm(1.0, foreach=foreach)
+    else:
+        want = _outcome(torch.nn.utils.clip_grad_value_, ps, 1.0, foreach=foreach)
+        tx = optim.clip_by_value(1.0, foreach=foreach)
+    assert _outcome(tx.update, grads, (), None) == want
+
+
+def _outcome(fn, *args, **kwargs) -> str:
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as e:
+        return f"RuntimeError: {e}"
+    return "ran"
 
 
 def test_labels_must_cover_every_param():

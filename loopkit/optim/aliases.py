@@ -101,45 +101,56 @@ def injecting() -> Iterator[None]:
         _INJECTING.reset(token)
 
 
-def _checked_value(value: Any) -> float | None:
-    """``value`` as the number torch validates: a number, or a one-element tensor given
-    by the user (as torch checks a tensor lr, eps or beta); None for a schedule, and for a
-    tensor under ``torch.compile`` or passed by inject_hyperparams (see ``_INJECTING``)."""
+def _checked_value(value: Any) -> Any:
+    """``value`` as torch compares it: a number, or a tensor given by the user (torch
+    compares a tensor lr, eps or beta itself); None for a schedule, and for a tensor under
+    ``torch.compile`` or passed by inject_hyperparams (see ``_INJECTING``)."""
     if callable(value):
         return None
-    if isinstance(value, torch.Tensor):
-        if torch.compiler.is_compiling() or _INJECTING.get():
-            return None
-        return float(value)
+    if isinstance(value, torch.Tensor) and (torch.compiler.is_compiling() or _INJECTING.get()):
+        return None
     return value
 
 
-def _lr(lr: Any, invalid: Callable[[float], bool]) -> Hyper | Schedule:
+def _negative_or_nan(v: Any) -> bool:  # ``not 0.0 <= v``: most torch.optim arguments' check
+    return not 0.0 <= v
+
+
+def _negative(v: Any) -> bool:  # ``v < 0.0``: torch.optim.SGD's check
+    return v < 0.0
+
+
+def _check(value: Any, message: str, invalid: Callable[[Any], Any] = _negative_or_nan) -> None:
+    """torch's ``ValueError(f"{message}{value}")`` where ``invalid(value)``, torch's own
+    comparison, holds: a NaN fails or passes as in torch (a tensor as
+    :func:`_checked_value` says)."""
+    checked = _checked_value(value)
+    if checked is not None and invalid(checked):
+        raise ValueError(f"{message}{value}")
+
+
+def _lr(
+    lr: Any,
+    invalid: Callable[[Any], Any] = _negative_or_nan,
+    message: str = "Invalid learning rate: ",
+) -> Hyper | Schedule:
     """A schedule or a one-element tensor as it is (a 0-dim view, read at every update, as
-    torch reads a tensor lr), or the lr as a float; rejected with torch's message where
-    ``invalid(lr)`` (a tensor as :func:`_checked_value` says)."""
+    torch reads a tensor lr), or the lr as a float; rejected with torch's errors: a tensor
+    of more than one element, and ``message`` where ``invalid(lr)`` (see :func:`_check`)."""
     if callable(lr):
         return lr
-    tensor = isinstance(lr, torch.Tensor) and lr.numel() == 1
-    if not tensor and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)):
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a number or a schedule (callable step -> lr), got {lr!r}")
-    value = _checked_value(lr)
-    if value is not None and invalid(float(value)):
-        raise ValueError(f"Invalid learning rate: {value} (must be >= 0)")
-    return lr.reshape(()) if tensor else float(lr)
+    _check(lr, message, invalid)
+    return lr.reshape(()) if isinstance(lr, torch.Tensor) else float(lr)
 
 
 def _num(value: Any) -> Hyper:
     """A hyperparameter as a float, or a tensor (injected) as it is."""
     return value if isinstance(value, torch.Tensor) else float(value)
-
-
-def _check(name: str, value: Any, valid: Callable[[float], bool]) -> None:
-    """torch's ``Invalid <name> value`` error where ``valid(value)`` fails (a tensor as
-    :func:`_checked_value` says)."""
-    value = _checked_value(value)
-    if value is not None and not valid(value):
-        raise ValueError(f"Invalid {name} value: {value}")
 
 
 def _fixed(value: Any) -> bool:
@@ -165,18 +176,16 @@ def sgd(
     dampening and weight decay; ``fused`` as for :func:`adam`, except that float16 and
     bfloat16 CPU params always run the chain (torch 2.13's CPU kernel drops most of their
     update)."""
-    lr = _lr(lr, lambda v: v < 0.0)  # torch.optim.SGD's check (a NaN lr passes it)
+    # torch.optim.SGD's checks are `x < 0.0`: a NaN lr, momentum or weight decay passes
+    lr = _lr(lr, _negative)
     varying = not _fixed(momentum)  # a schedule (one_cycle_momentum) or injected
-    _check("momentum", momentum, lambda v: callable(v) or v >= 0.0)
-    _check("weight_decay", weight_decay, lambda v: v >= 0.0)
+    _check(momentum, "Invalid momentum value: ", _negative)
+    _check(weight_decay, "Invalid weight_decay value: ", _negative)
     _check_switch("fused", fused)
     if nesterov and (
         (_fixed(momentum) and momentum <= 0) or (_fixed(dampening) and dampening != 0)
     ):
-        raise ValueError(
-            "Nesterov momentum requires a momentum and zero dampening: "
-            f"got momentum={momentum}, dampening={dampening}"
-        )
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     has_trace = varying or momentum != 0
     lr_tx = scale_by_learning_rate(lr)
     tx = chain(
@@ -248,16 +257,25 @@ def _beta1(betas: tuple) -> Hyper | Schedule:
 
 
 def _check_adam(betas, eps, weight_decay) -> None:
-    _check("epsilon", eps, lambda v: 0.0 <= v)
-    if len(betas) != 2:
+    """The Adam family's checks, in torch's order (a beta1 schedule, for OneCycleLR-style
+    cycling, is not checked). Torch checks ``betas[0]`` and ``betas[1]`` only, and fails
+    at its first step on more betas (unpacking a pair): here that is an error at once."""
+    _check(eps, "Invalid epsilon value: ")
+    for i in (0, 1):
+        _check(betas[i], f"Invalid beta parameter at index {i}: ", lambda v: not 0.0 <= v < 1.0)
+    _check(weight_decay, "Invalid weight_decay value: ")
+    if len(betas) > 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        if i == 0 and callable(b):
-            continue  # a beta1 schedule (OneCycleLR-style cycling)
-        value = _checked_value(b)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+
+
+def _check_beta_types(betas) -> None:
+    """torch.optim.Adam's (and AdamW's) further rule: both betas floats or both tensors
+    (a beta1 schedule goes with either)."""
+    first, second = betas[0], betas[1]
+    if callable(first):
+        return
+    if not any(isinstance(first, t) and isinstance(second, t) for t in (float, torch.Tensor)):
+        raise ValueError("betas must be either both floats or both Tensors")
 
 
 def adam(
@@ -283,8 +301,9 @@ def adam(
     reads a float32 lr); unlike torch's flag it is not an error where the kernel cannot run
     (compiled steps, torch.func transforms, autograd through the update, other layouts):
     the chain runs there."""
-    lr = _lr(lr, _negative_or_nan)
+    lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
+    _check_beta_types(betas)
     _check_switch("fused", fused)
     adaptive = scale_by_adam(_beta1(betas), _num(betas[1]), _num(eps), amsgrad)
     kernel = None
@@ -325,10 +344,6 @@ def _adaptive(
     return _checked(tx)
 
 
-def _negative_or_nan(v: float) -> bool:  # the lr check of most torch.optim classes
-    return not 0.0 <= v
-
-
 def adamw(
     lr: float | Schedule = 1e-3,
     betas: tuple[float | Schedule, float] = (0.9, 0.999),
@@ -367,11 +382,11 @@ def rmsprop(
     params (:func:`loopkit.optim.fused.rmsprop_step`: bitwise torch's default result),
     where its rules allow and alpha, eps, weight decay and momentum are numbers;
     ``foreach=False`` always runs the chain."""
-    lr = _lr(lr, _negative_or_nan)
-    _check("epsilon", eps, lambda v: 0.0 <= v)
-    _check("momentum", momentum, lambda v: 0.0 <= v)
-    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
-    _check("alpha", alpha, lambda v: 0.0 <= v)
+    lr = _lr(lr)
+    _check(eps, "Invalid epsilon value: ")
+    _check(momentum, "Invalid momentum value: ")
+    _check(weight_decay, "Invalid weight_decay value: ")
+    _check(alpha, "Invalid alpha value: ")
     _check_switch("foreach", foreach)
     direction = scale_by_rms(_num(alpha), _num(eps), centered)
     if not _fixed(momentum) or momentum > 0:
@@ -404,11 +419,11 @@ def adagrad(
     with numeric lr_decay, weight decay and eps, and on the CPU only (torch 2.13 has no
     CUDA kernel). ``fused`` as for :func:`adam`: ``True`` also fuses float16 and bfloat16
     params."""
-    lr = _lr(lr, _negative_or_nan)
-    _check("lr_decay", lr_decay, lambda v: 0.0 <= v)
-    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
-    _check("initial_accumulator_value", initial_accumulator_value, lambda v: 0.0 <= v)
-    _check("epsilon", eps, lambda v: 0.0 <= v)
+    lr = _lr(lr)
+    _check(lr_decay, "Invalid lr_decay value: ")
+    _check(weight_decay, "Invalid weight_decay value: ")
+    _check(initial_accumulator_value, "Invalid initial_accumulator_value value: ")
+    _check(eps, "Invalid epsilon value: ")
     _check_switch("fused", fused)
     direction = scale_by_adagrad(_num(lr_decay), _num(initial_accumulator_value), _num(eps))
     kernel = None
@@ -430,7 +445,7 @@ def adamax(
     maximize: bool = False,
 ) -> Transform:
     """torch.optim.Adamax: ``g += weight_decay * p``, then :func:`scale_by_adamax`, ``-lr``."""
-    lr = _lr(lr, _negative_or_nan)
+    lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
     direction = scale_by_adamax(_beta1(betas), _num(betas[1]), _num(eps))
     return _adaptive(direction, lr, weight_decay, False, maximize)
@@ -448,9 +463,9 @@ def nadam(
 ) -> Transform:
     """torch.optim.NAdam: weight decay (L2, or decoupled like AdamW), then
     :func:`scale_by_nadam`, then ``-lr``."""
-    lr = _lr(lr, _negative_or_nan)
+    lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
-    _check("momentum_decay", momentum_decay, lambda v: 0.0 <= v)
+    _check(momentum_decay, "Invalid momentum_decay value: ")
     direction = scale_by_nadam(_beta1(betas), _num(betas[1]), _num(eps), _num(momentum_decay))
     return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
 
@@ -466,7 +481,7 @@ def radam(
 ) -> Transform:
     """torch.optim.RAdam: weight decay (L2, or decoupled like AdamW), then
     :func:`scale_by_radam`, then ``-lr``."""
-    lr = _lr(lr, _negative_or_nan)
+    lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
     direction = scale_by_radam(_beta1(betas), _num(betas[1]), _num(eps))
     return _adaptive(direction, lr, weight_decay, decoupled_weight_decay, maximize)
@@ -482,10 +497,10 @@ def adadelta(
 ) -> Transform:
     """torch.optim.Adadelta: ``g += weight_decay * p``, then :func:`scale_by_adadelta`,
     then ``-lr``."""
-    lr = _lr(lr, _negative_or_nan)
-    _check("rho", rho, lambda v: 0.0 <= v <= 1.0)
-    _check("epsilon", eps, lambda v: 0.0 <= v)
-    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    lr = _lr(lr)
+    _check(rho, "Invalid rho value: ", lambda v: not 0.0 <= v <= 1.0)
+    _check(eps, "Invalid epsilon value: ")
+    _check(weight_decay, "Invalid weight_decay value: ")
     direction = scale_by_adadelta(_num(rho), _num(eps))
     return _adaptive(direction, lr, weight_decay, False, maximize)
 
@@ -500,8 +515,9 @@ def rprop(
     """torch.optim.Rprop: sign-based steps whose sizes (starting at ``lr``) grow by
     ``etas[1]`` while the gradient keeps its sign and shrink by ``etas[0]`` when it flips
     (:func:`scale_by_rprop`). As in torch, a schedule only sets the initial step size."""
-    lr = _lr(lr, _negative_or_nan)
-    if all(map(_fixed, etas)) and not 0.0 < etas[0] < 1.0 < etas[1]:
+    lr = _lr(lr)
+    low, high = _checked_value(etas[0]), _checked_value(etas[1])
+    if low is not None and high is not None and not 0.0 < low < 1.0 < high:
         raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
     first = float(lr(torch.tensor(0))) if callable(lr) else lr
     core = scale_by_rprop(first, tuple(map(_num, etas)), tuple(map(_num, step_sizes)))
@@ -519,8 +535,8 @@ def asgd(
 ) -> Transform:
     """torch.optim.ASGD: ``g += weight_decay * p``, then :func:`asgd_update` (SGD with a
     decaying step ``eta`` and a running average of the params in ``opt_state[-1].ax``)."""
-    lr = _lr(lr, _negative_or_nan)
-    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    lr = _lr(lr)
+    _check(weight_decay, "Invalid weight_decay value: ")
     core = asgd_update(lr, _num(lambd), _num(alpha), _num(t0))
     return _checked(
         chain(*([negate()] if maximize else []), add_decayed_weights(_num(weight_decay)), core)
@@ -538,13 +554,13 @@ def adafactor(
 ) -> Transform:
     """torch.optim.Adafactor: factored second moments for 2+-dim params, relative step
     sizes and update clipping (:func:`adafactor_update`). Params must be a dict."""
-    lr = _lr(lr, _negative_or_nan)
-    _check("beta2_decay", beta2_decay, lambda v: v <= 0.0)
+    lr = _lr(lr, message="Learning rate should be >= 0 but is: ")
+    _check(beta2_decay, "beta2_decay should be <= 0 but is: ", lambda v: not 0.0 >= v)
     if eps[0] is not None:
-        _check("epsilon1", eps[0], lambda v: 0.0 <= v)
-    _check("epsilon2", eps[1], lambda v: 0.0 <= v)
-    _check("clipping threshold d", d, lambda v: 1.0 <= v)
-    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+        _check(eps[0], "epsilon1 should be >= 0 but is: ")
+    _check(eps[1], "epsilon2 should be >= 0 but is: ")
+    _check(d, "Clipping threshold d should be >= 1 but is: ", lambda v: not 1.0 <= v)
+    _check(weight_decay, "weight_decay should be >= 0 but is: ")
     core = adafactor_update(lr, _num(beta2_decay), eps, _num(d), _num(weight_decay))
     return _checked(chain(*([negate()] if maximize else []), core))
 
@@ -563,9 +579,9 @@ def muon(
     orthogonalisation in bfloat16, shape-dependent lr ratio), decoupled weight decay
     ``p -= lr * weight_decay * p``, then ``-lr``. Give other params another optimizer with
     :func:`~loopkit.optim.multi_transform`."""
-    lr = _lr(lr, _negative_or_nan)
-    _check("momentum", momentum, lambda v: 0.0 <= v)
-    _check("weight_decay", weight_decay, lambda v: 0.0 <= v)
+    lr = _lr(lr, message="Learning rate should be >= 0 but is: ")
+    _check(momentum, "momentum should be >= 0 but is: ")
+    _check(weight_decay, "weight decay should be >= 0 but is: ")
     direction = scale_by_muon(
         _num(momentum), nesterov, tuple(ns_coefficients), _num(eps), int(ns_steps), adjust_lr_fn
     )

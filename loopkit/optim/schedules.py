@@ -73,21 +73,23 @@ def linear(
     lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5
 ) -> Schedule:
     """``torch.optim.lr_scheduler.LinearLR``:
-    ``lr_t = lr * (s + (e - s) * min(t, T) / T)`` with s, e the start and end factors."""
-    if not 0.0 < start_factor <= 1.0:
+    ``lr_t = lr * (s + (e - s) * min(t, floor(T)) / T)`` with s, e the start and end factors
+    and ``T = total_iters``: torch stops changing the lr after step ``T``, so with
+    ``T <= 0`` the lr is ``lr * s`` forever, and with a fractional ``T`` it holds its value
+    at ``floor(T)``."""
+    if start_factor > 1.0 or start_factor <= 0:
         raise ValueError(
-            f"start_factor must be in (0, 1] as in torch's LinearLR, got {start_factor}"
+            "Starting multiplicative factor expected to be greater than 0 and less or equal to 1."
         )
-    if not 0.0 <= end_factor <= 1.0:
-        raise ValueError(f"end_factor must be in [0, 1] as in torch's LinearLR, got {end_factor}")
-    if total_iters < 0:
-        raise ValueError(f"total_iters must be a non-negative integer, got {total_iters}")
+    if end_factor > 1.0 or end_factor < 0:
+        raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
     lr, s, e = float(lr), float(start_factor), float(end_factor)
-    if total_iters == 0:  # torch's LinearLR then holds start_factor * lr forever
+    last = math.floor(total_iters)  # the last step at which torch changes the lr
+    if last <= 0:
         return constant(lr * s)
 
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
-        t = torch.clamp(_f64(count), max=total_iters)
+        t = torch.clamp(_f64(count), max=last)
         return lr * (s + (e - s) * t / total_iters)
 
     return schedule
@@ -184,11 +186,8 @@ def constant_lr(lr: float, factor: float = 1.0 / 3, total_iters: int = 5) -> Sch
     undo test ``t == total_iters`` is then never reached), so the lr is ``lr * factor`` forever.
     With ``factor = 0`` torch raises ZeroDivisionError at ``t = total_iters``; here the lr
     returns to ``lr`` there, as torch's closed form says."""
-    if not 0.0 <= factor <= 1.0:
-        raise ValueError(
-            f"factor must be in [0, 1] as in torch's ConstantLR "
-            f"(constant multiplicative factor), got {factor}"
-        )
+    if factor > 1.0 or factor < 0:
+        raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
     total_iters = _integer("total_iters", total_iters)
     lr, factor = float(lr), float(factor)
     if total_iters <= 0:
@@ -244,9 +243,19 @@ def cosine_annealing(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule:
     this schedule uses the same form and gives torch's numbers. With ``eta_min > 0`` torch's
     step-by-step rounding of ``eta_min + d`` adds a drift no closed form reproduces: measured
     against torch, this schedule agrees within 2e-13 relative for ``T_max <= 300`` and 5e-12
-    at ``T_max = 1000``."""
-    T_max = _integer("T_max", T_max, minimum=1)  # torch fails with ZeroDivisionError on 0
+    at ``T_max = 1000``.
+
+    ``T_max`` may be fractional, as in torch. Its periods then start at no step, so torch's
+    recursion telescopes to the cosine itself, which this schedule is: equal to torch's
+    within 1e-14 relative with ``eta_min = 0``. With ``eta_min > 0`` torch's drift grows as
+    the cosine gets near its troughs: about 1e-11 over 300 steps where ``T_max`` is 0.1 or
+    more from an integer, much more just beside one. Where ``(2k + 1) * T_max`` is an
+    integer torch may divide by zero there (ZeroDivisionError); this schedule continues."""
+    # torch fails with ZeroDivisionError on a T_max of 0 and runs an inside-out cosine below
+    if isinstance(T_max, bool) or not isinstance(T_max, numbers.Real) or not T_max > 0:
+        raise ValueError(f"T_max must be a number > 0, got {T_max!r}")
     lr, eta_min = float(lr), float(eta_min)
+    restarts = float(T_max).is_integer()  # torch's recursion restarts from eta_min
     amplitude = lr - eta_min
     # the lr torch sets at the first step of each later period, less eta_min, rounded as torch
     rise = (eta_min + amplitude * (1 - math.cos(math.pi / T_max)) / 2) - eta_min
@@ -255,6 +264,8 @@ def cosine_annealing(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule:
         t = _f64(count)
         c_t = 1 + torch.cos(math.pi * t / T_max)
         first = eta_min + amplitude * c_t / 2
+        if not restarts:
+            return first
         start = t - torch.remainder(t - T_max - 1, 2 * T_max)
         c_start = 1 + torch.cos(math.pi * start / T_max)
         later = eta_min + rise * (c_t / c_start)
@@ -269,35 +280,36 @@ def cosine_annealing_warm_restarts(
     """``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts``:
     ``lr_t = eta_min + (lr - eta_min) * (1 + cos(pi * T_cur / T_i)) / 2`` where period ``i``
     lasts ``T_i = T_0 * T_mult**i`` steps and ``T_cur`` counts the steps since it began."""
-    if isinstance(T_0, bool) or not isinstance(T_0, int) or T_0 <= 0:
+    if T_0 <= 0 or not isinstance(T_0, int):
         raise ValueError(f"Expected positive integer T_0, but got {T_0}")
-    if isinstance(T_mult, bool) or not isinstance(T_mult, int) or T_mult < 1:
+    if T_mult < 1 or not isinstance(T_mult, int):
         raise ValueError(f"Expected integer T_mult >= 1, but got {T_mult}")
     if not isinstance(eta_min, (float, int)):
-        raise ValueError(f"Expected float or int eta_min, but got {eta_min!r}")
+        raise ValueError(
+            f"Expected float or int eta_min, but got {eta_min} of type {type(eta_min)}"
+        )
     lr, eta_min = float(lr), float(eta_min)
+    # The periods that start at a count below 2**62 (int64 counts never reach past that):
+    # their starts fit in int64; their lengths need not, and are kept as float64, as torch
+    # divides by them. With T_mult > 1 there are at most 62 periods.
+    starts, lengths = [0], [T_0]
+    while T_mult > 1 and starts[-1] + lengths[-1] < 2**62:
+        starts.append(starts[-1] + lengths[-1])
+        lengths.append(lengths[-1] * T_mult)
+    starts_t = torch.tensor(starts, dtype=torch.int64)
+    lengths_t = torch.tensor([float(n) for n in lengths], dtype=torch.float64)
 
-    if T_mult == 1:
-
-        def position(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.remainder(c, T_0), torch.full_like(c, T_0)
-
-    else:
-        # period starts grow geometrically: a table up to 2**62 has at most 62 entries
-        starts, lengths = [0], [T_0]
-        while starts[-1] + lengths[-1] < 2**62:
-            starts.append(starts[-1] + lengths[-1])
-            lengths.append(lengths[-1] * T_mult)
-        starts_t = torch.tensor(starts, dtype=torch.int64)
-        lengths_t = torch.tensor(lengths, dtype=torch.int64)
-
-        def position(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            i = (starts_t.to(c.device) <= c).sum() - 1
-            return c - _take(starts_t, i), _take(lengths_t, i)
+    def position(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T_cur, T_i) after ``c`` steps."""
+        if T_mult == 1:
+            T_i = torch.full_like(c, float(T_0), dtype=torch.float64)
+            return torch.remainder(c, min(T_0, 2**62)), T_i
+        i = (starts_t.to(c.device) <= c).sum() - 1
+        return c - _take(starts_t, i), _take(lengths_t, i)
 
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
         T_cur, T_i = position(_i64(count))
-        phase = math.pi * T_cur.to(torch.float64) / T_i.to(torch.float64)
+        phase = math.pi * T_cur.to(torch.float64) / T_i
         return eta_min + (lr - eta_min) * (1 + torch.cos(phase)) / 2
 
     return schedule
@@ -313,13 +325,8 @@ def _cycle(
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """CyclicLR's ``t -> (h_t, s)``: the position in the cycle (0 at its ends, 1 at the peak)
     and the amplitude scale."""
-    if mode not in ("triangular", "triangular2", "exp_range") and scale_fn is None:
-        raise ValueError(
-            f"mode must be 'triangular', 'triangular2' or 'exp_range' when scale_fn is None, "
-            f"got {mode!r}"
-        )
-    if scale_mode not in ("cycle", "iterations"):
-        raise ValueError(f"scale_mode must be 'cycle' or 'iterations', got {scale_mode!r}")
+    if mode not in ["triangular", "triangular2", "exp_range"] and scale_fn is None:
+        raise ValueError("mode is invalid and scale_fn is None")
     # torch does not check these, but fails with ZeroDivisionError on a zero step_size_up
     if not step_size_up > 0:
         raise ValueError(f"step_size_up must be > 0, got {step_size_up}")
@@ -345,6 +352,7 @@ def _cycle(
         cycle = torch.floor(1 + t / total)
         x = 1.0 + t / total - cycle
         scale_factor = torch.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
+        # as torch, any scale_mode other than "cycle" means "iterations"
         return scale_factor, _like(scale_fn(cycle if scale_mode == "cycle" else t), t)
 
     return height
@@ -413,12 +421,14 @@ def _one_cycle(
 ) -> Schedule:
     """OneCycleLR's piecewise annealing between ``anchors`` (one more than the phases)."""
     if total_steps is not None:
-        total = _positive("total_steps", total_steps)
+        if total_steps <= 0 or not isinstance(total_steps, int):
+            raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
+        total = total_steps
     elif epochs is not None and steps_per_epoch is not None:
         total = _positive("epochs", epochs) * _positive("steps_per_epoch", steps_per_epoch)
     else:
         raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
-    if not 0.0 <= pct_start <= 1.0:
+    if pct_start < 0 or pct_start > 1 or not isinstance(pct_start, float):
         raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
     if anneal_strategy not in ("cos", "linear"):
         raise ValueError(
@@ -462,7 +472,8 @@ def _one_cycle(
 
 
 def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """OneCycleLR's check of ``epochs`` and ``steps_per_epoch``."""
+    if not isinstance(value, int) or value <= 0:
         raise ValueError(f"Expected positive integer {name}, but got {value}")
     return value
 
@@ -539,11 +550,12 @@ def sequential(schedules: Sequence[Schedule], milestones: Sequence[int]) -> Sche
     schedules = list(schedules)
     milestones = [_integer("each milestone", m) for m in milestones]
     if not schedules:
-        raise ValueError("sequential expects at least one schedule, but got none")
+        raise ValueError("SequentialLR expects at least one scheduler, but got no scheduler.")
     if len(milestones) != len(schedules) - 1:
         raise ValueError(
-            "sequential expects one milestone fewer than schedules, but got "
-            f"{len(schedules)} schedules and {len(milestones)} milestones"
+            "Sequential Schedulers expects number of schedulers provided to be one more "
+            f"than the number of milestone points, but got number of schedulers {len(schedules)} "
+            f"and the number of milestones to be equal to {len(milestones)}"
         )
     if any(b < a for a, b in itertools.pairwise(milestones)):
         raise ValueError(f"milestones must be non-decreasing, got {milestones}")
@@ -580,7 +592,9 @@ def chained(lr: float, *factors: Schedule) -> Schedule:
     ``OneCycleLR``, ``CosineAnnealingWarmRestarts``, cosine annealing past ``T_max`` or with
     ``eta_min > 0``) do not compose as a product there."""
     if not factors:
-        raise ValueError("chained expects at least one factor schedule, but got none")
+        raise ValueError(
+            "ChainedScheduler expects at least one scheduler to be chained, but got no scheduler."
+        )
     for f in factors:
         _callable("each factor", f)
     lr = float(lr)
@@ -633,11 +647,24 @@ class PlateauState(NamedTuple):
 
 
 class Plateau(NamedTuple):
-    """``init(device=None) -> state``, ``update(state, metric) -> state``; the lr is
-    ``state.lr``."""
+    """``init(device=None) -> state``, ``update(state, metric, floor=None) -> state``; the
+    lr is ``state.lr``. ``min_lr`` is the floor as given: a float, or a tuple of floats,
+    one per param group; ``floor`` overrides it in one update (another group's floor, as
+    torch's ``_reduce_lr`` uses ``min_lrs[i]`` for group ``i``)."""
 
     init: Callable[..., PlateauState]
-    update: Callable[[PlateauState, torch.Tensor | float], PlateauState]
+    update: Callable[..., PlateauState]
+    min_lr: float | tuple[float, ...] = 0.0
+
+
+def _min_lr(min_lr: float | Sequence[float]) -> float | tuple[float, ...]:
+    """ReduceLROnPlateau's ``min_lr``: a number, or a list or tuple of one per param group
+    (as a tuple of floats)."""
+    if isinstance(min_lr, (list, tuple)):
+        if not min_lr:
+            raise ValueError("expected one min_lr per param group, got an empty min_lr")
+        return tuple(float(m) for m in min_lr)
+    return float(min_lr)
 
 
 def reduce_on_plateau(
@@ -648,7 +675,7 @@ def reduce_on_plateau(
     threshold: float = 1e-4,
     threshold_mode: str = "rel",
     cooldown: int = 0,
-    min_lr: float = 0,
+    min_lr: float | Sequence[float] = 0,
     eps: float = 1e-8,
 ) -> Plateau:
     """``torch.optim.lr_scheduler.ReduceLROnPlateau`` as a pure state machine.
@@ -659,15 +686,20 @@ def reduce_on_plateau(
     ``metric < best * (1 - threshold)``; ``abs``: ``metric < best - threshold``; ``max`` mirrors
     them). After more than ``patience`` updates without improvement (bad updates during a
     cooldown do not count), ``lr <- max(lr * factor, min_lr)`` unless that changes it by no more
-    than ``eps``, and a cooldown of ``cooldown`` updates starts."""
+    than ``eps``, and a cooldown of ``cooldown`` updates starts.
+
+    ``min_lr`` may be a list or tuple with one floor per param group, as torch takes it
+    (:attr:`Plateau.min_lr` keeps it); ``state.lr`` is the first group's lr, floored at
+    ``min_lr[0]``."""
     if factor >= 1.0:
-        raise ValueError(f"factor should be < 1.0, got {factor}")
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    if threshold_mode not in ("rel", "abs"):
-        raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
-    lr, factor, threshold = float(lr), float(factor), float(threshold)
-    min_lr, eps = float(min_lr), float(eps)
+        raise ValueError("Factor should be < 1.0.")
+    min_lr = _min_lr(min_lr)
+    if mode not in {"min", "max"}:
+        raise ValueError("mode " + mode + " is unknown!")
+    if threshold_mode not in {"rel", "abs"}:
+        raise ValueError("threshold mode " + threshold_mode + " is unknown!")
+    lr, factor, threshold, eps = float(lr), float(factor), float(threshold), float(eps)
+    own_min_lr = min_lr[0] if isinstance(min_lr, tuple) else min_lr
     patience, cooldown = _integer("patience", patience), _integer("cooldown", cooldown)
     worst = math.inf if mode == "min" else -math.inf
 
@@ -686,7 +718,9 @@ def reduce_on_plateau(
         counters = [scalar(0, torch.int64) for _ in range(3)]
         return PlateauState(scalar(lr, torch.float64), scalar(worst, torch.float64), *counters)
 
-    def update(state: PlateauState, metric: torch.Tensor | float) -> PlateauState:
+    def update(
+        state: PlateauState, metric: torch.Tensor | float, floor: float | None = None
+    ) -> PlateauState:
         # float64 as torch's float(metric): a Python float must not pass through float32
         current = torch.as_tensor(metric, dtype=torch.float64, device=state.best.device)
         better = is_better(current, state.best)
@@ -696,10 +730,10 @@ def reduce_on_plateau(
         cooling = torch.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
         bad = torch.where(in_cooldown, 0, bad)
         reduce = bad > patience
-        reduced = torch.clamp(state.lr * factor, min=min_lr)
+        reduced = torch.clamp(state.lr * factor, min=own_min_lr if floor is None else floor)
         new_lr = torch.where(reduce & (state.lr - reduced > eps), reduced, state.lr)
         cooling = torch.where(reduce, cooldown, cooling)
         bad = torch.where(reduce, 0, bad)
         return PlateauState(new_lr, best, bad, cooling, state.last_epoch + 1)
 
-    return Plateau(init, update)
+    return Plateau(init, update, min_lr)

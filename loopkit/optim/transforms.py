@@ -17,7 +17,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+)
 
 from loopkit.optim.base import Transform, zeros_like_tree
 from loopkit.optim.leafwise import batches, leafwise
@@ -281,18 +284,39 @@ def scale_by_learning_rate(lr: Hyper | Schedule) -> Transform:
     return Transform(init, update)
 
 
-def global_norm(tree: PyTree, norm_type: float = 2.0) -> torch.Tensor:
+def _check_foreach(foreach: bool | None, leaves: list[torch.Tensor]) -> None:
+    """torch.nn.utils' ``foreach``: None, True or False; True raises torch's RuntimeError
+    for leaves on a device without multi-tensor (``torch._foreach_*``) kernels."""
+    if foreach not in (None, True, False):
+        raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+    if foreach:
+        for device in {x.device for x in leaves}:
+            if not _device_has_foreach_support(device):
+                raise RuntimeError(
+                    f"foreach=True was passed, but can't use the foreach API on {device.type} "
+                    "tensors"
+                )
+
+
+def global_norm(tree: PyTree, norm_type: float = 2.0, foreach: bool | None = None) -> torch.Tensor:
     """The p-norm of all leaves as one vector, as torch.nn.utils.get_total_norm: the
     ``norm_type``-norm of the stacked per-tensor norms, on the first leaf's device. Eagerly
     (see :func:`~loopkit.optim.leafwise.batches`) it is computed exactly as torch does: the
     leaves grouped by device and dtype in torch's order, each group's norms one
-    ``torch._foreach_norm``; elsewhere the leaves are taken in order."""
+    ``torch._foreach_norm`` where the device has it, or with ``foreach=False`` one
+    ``torch.linalg.vector_norm`` per leaf (``foreach=True`` on a device without it raises,
+    as in torch); elsewhere the leaves are taken in order, one ``vector_norm`` each."""
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.tensor(0.0)
+    _check_foreach(foreach, leaves)
     if batches(leaves):
-        groups = _group_tensors_by_device_and_dtype([leaves])
-        norms = [n for [group], _ in groups.values() for n in torch._foreach_norm(group, norm_type)]
+        norms = []
+        for (device, _), ([group], _) in _group_tensors_by_device_and_dtype([leaves]).items():
+            if foreach is not False and _device_has_foreach_support(device):
+                norms.extend(torch._foreach_norm(group, norm_type))
+            else:
+                norms.extend(torch.linalg.vector_norm(x, norm_type) for x in group)
     else:
         norms = [torch.linalg.vector_norm(x, norm_type) for x in leaves]
     device = leaves[0].device
@@ -300,15 +324,22 @@ def global_norm(tree: PyTree, norm_type: float = 2.0) -> torch.Tensor:
 
 
 def clip_by_global_norm_with_norm(
-    tree: PyTree, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    tree: PyTree,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> tuple[PyTree, torch.Tensor]:
     """``g <- g * min(1, max_norm / (||g|| + 1e-6))``, exactly torch.nn.utils.clip_grad_norm_;
-    returns the clipped tree and the norm before clipping.
+    returns the clipped tree and the norm before clipping. ``foreach`` is torch's: with
+    ``False`` the norm (see :func:`global_norm`) and the scaling are per-tensor ops, as in
+    torch; otherwise eager scaling is a ``torch._foreach_mul`` wherever
+    :func:`~loopkit.optim.leafwise.leafwise` batches (CUDA), as torch's default.
 
     ``error_if_nonfinite`` raises, as torch does, when the norm is inf or NaN, without a
     host sync: it is a ``torch._assert_async``, which on CPU raises at once (eager and
     compiled) and on CUDA is a device-side assertion that ends the process."""
-    total = global_norm(tree, norm_type)
+    total = global_norm(tree, norm_type, foreach)
     if error_if_nonfinite:
         torch._assert_async(
             torch.isfinite(total),
@@ -319,27 +350,36 @@ def clip_by_global_norm_with_norm(
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     # x * coef in coef's precision, rounded once to x's dtype (torch's _foreach_mul_ by a
     # tensor): a float16 leaf beside float32 ones is not scaled by a rounded coefficient.
-    return leafwise(lambda x: (x * coef.to(x.device)).to(x.dtype), tree), total
+    each = tree_map if foreach is False else leafwise
+    return each(lambda x: (x * coef.to(x.device)).to(x.dtype), tree), total
 
 
-def clip_by_value(clip_value: float) -> Transform:
-    """``g <- clamp(g, -clip_value, clip_value)``, as torch.nn.utils.clip_grad_value_."""
+def clip_by_value(clip_value: float, foreach: bool | None = None) -> Transform:
+    """``g <- clamp(g, -clip_value, clip_value)``, as torch.nn.utils.clip_grad_value_.
+    ``foreach`` is torch's argument: clamping is exact, so the values do not depend on it,
+    but ``True`` raises as in torch for grads on a device without multi-tensor kernels."""
+    _check_foreach(foreach, [])
 
     def update(g, state, params=None):
+        _check_foreach(foreach, tree_leaves(g))
         return leafwise(lambda x: x.clamp(-clip_value, clip_value), g), state
 
     return Transform(lambda params: (), update)
 
 
 def clip_by_global_norm(
-    max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> Transform:
     """The transform form of :func:`clip_by_global_norm_with_norm` (like torch, any
-    ``max_norm`` is accepted: 0 zeroes the gradient)."""
+    ``max_norm`` is accepted: 0 zeroes the gradient; ``foreach`` as there)."""
+    _check_foreach(foreach, [])
 
     def update(g, state, params=None):
         clipped, _ = clip_by_global_norm_with_norm(
-            g, float(max_norm), float(norm_type), error_if_nonfinite
+            g, float(max_norm), float(norm_type), error_if_nonfinite, foreach
         )
         return clipped, state
 
@@ -783,10 +823,8 @@ def scale_by_muon(
     out = ratio * NewtonSchulz(x)     ratio = sqrt(max(1, A / B)) ("original")
                                             or 0.2 sqrt(max(A, B)) ("match_rms_adamw")
     """
-    if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
-        raise ValueError(
-            f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}"
-        )
+    if adjust_lr_fn is not None and adjust_lr_fn not in ["original", "match_rms_adamw"]:
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
     if ns_steps >= 100:
         raise ValueError("Number of steps must be less than 100 for computational efficiency")
     if len(ns_coefficients) != 3:
