@@ -19,6 +19,7 @@ from torch import nn
 
 import loopkit as lk
 from loopkit import optim
+from loopkit.cli import positive_int
 
 SOURCES = ["textwrap.py", "string.py", "fnmatch.py", "glob.py", "shlex.py", "bisect.py",
            "heapq.py", "colorsys.py", "copy.py", "functools.py", "dataclasses.py", "enum.py"]  # fmt: skip
@@ -130,8 +131,8 @@ def main(steps: int = 1500, context: int = 64, dim: int = 128, layers: int = 4, 
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=None)
     parser.add_argument("--fast", action="store_true", help="tiny and eager (for CI)")
     args = parser.parse_args()
     if args.fast:

@@ -22,6 +22,7 @@ import torch
 
 import loopkit as lk
 from loopkit import optim
+from loopkit.cli import positive_int
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_mlp import digits, loss_fn, make_model  # noqa: E402
@@ -61,8 +62,8 @@ def main(epochs: int, batch_size: int, out: str, compile: bool) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--out", default="runs/ddp_digits")
     parser.add_argument("--compile", action="store_true", help="compile the step")

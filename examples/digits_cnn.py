@@ -16,6 +16,7 @@ from torch import nn
 
 import loopkit as lk
 from loopkit import optim
+from loopkit.cli import positive_int
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_mlp import digits  # noqa: E402  (the same split of scikit-learn's digits)
@@ -55,8 +56,8 @@ def main(epochs: int = 10, compile: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--fast", action="store_true", help="1 epoch, eager (for CI)")
     args = parser.parse_args()
     main(epochs=args.epochs or (1 if args.fast else 10), compile=not args.fast)

@@ -19,6 +19,7 @@ from torch import nn
 
 import loopkit as lk
 from loopkit import optim
+from loopkit.cli import positive_int
 
 
 def digits(seed: int = 0):
@@ -98,18 +99,20 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
     train = lk.data.Batches(x_train, y_train, batch_size=batch_size, shuffle=True, drop_last=True)
     val = lk.data.Batches(x_val, y_val, batch_size=512)
 
+    checkpoints = lk.hooks.Checkpoint(out, keep_last=2)
     start = time.perf_counter()
     state = lk.fit(step, state, train, epochs=epochs, hooks=[
         lk.hooks.Validate(evaluate, val),
-        lk.hooks.Checkpoint(out, keep_last=2),
+        checkpoints,
         lk.hooks.JSONLLogger(out),
         lk.hooks.ProgressBar(),
     ])  # fmt: skip
     seconds = time.perf_counter() - start
     final = lk.evaluate(evaluate, state, val)
+    written = checkpoints.saved[-1]  # this run's newest (out may hold older runs' too)
     print(
         f"trained {int(state.step)} steps in {seconds:.1f} s (including the compile); "
-        f"validation accuracy {final['acc']:.4f}; checkpoint {lk.checkpoint.latest(out)}; "
+        f"validation accuracy {final['acc']:.4f}; checkpoint {written}; "
         f"curves: python -m loopkit plot {out}"
     )
 
@@ -122,12 +125,12 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
         f"speed: compiled loopkit step {ours:.0f} steps/s vs imperative eager loop "
         f"{theirs:.0f} steps/s (median of {rounds} alternating rounds): {ours / theirs:.2f}x"
     )
-    return {"accuracy": final["acc"], "ratio": ours / theirs, "state": state}
+    return {"accuracy": final["acc"], "ratio": ours / theirs, "state": state, "checkpoint": written}
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="runs/digits")
     parser.add_argument("--fast", action="store_true", help="few epochs, short timing (for CI)")

@@ -18,6 +18,7 @@ from torch import nn
 
 import loopkit as lk
 from loopkit import optim
+from loopkit.cli import positive_int
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_mlp import digits  # noqa: E402  (the same split of scikit-learn's digits)
@@ -86,9 +87,9 @@ def main(members: int = 8, epochs: int = 10, compile: bool = True, plot: str | N
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=positive_int, default=None)
+    parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--plot", default="sweep.png", help="where to save the plot ('' for none)")
     parser.add_argument("--fast", action="store_true", help="small and eager (for CI)")
     args = parser.parse_args()

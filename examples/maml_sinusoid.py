@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 import loopkit as lk
 from loopkit import optim
+from loopkit.cli import positive_int
 
 
 def sample_tasks(n_tasks: int, k_shot: int, generator: torch.Generator):
@@ -99,8 +100,8 @@ def main(iterations: int = 1000, meta_batch: int = 25, k_shot: int = 10, inner_s
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=positive_int, default=None)
     parser.add_argument("--fast", action="store_true", help="a few iterations (for CI)")
     args = parser.parse_args()
     iterations = args.iterations or (30 if args.fast else 1000)

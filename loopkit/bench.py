@@ -19,10 +19,10 @@ each it reports steps/s (median over rounds, and the spread as the interquartile
 in percent of the median), the ratio to ``imperative_eager``, the time of the first call
 (compilation included), the peak memory of one step (the state before it plus the most
 it allocates during it), and the achieved FLOP/s (the model's matmul/conv FLOPs per
-step, counted by ``torch.utils.flop_counter``, times steps/s) next to this machine's
-large-matmul rate measured in the same run. ``compile_times`` measures the cold and warm
-compile of ``loopkit_compiled`` in fresh processes: the first with an empty inductor
-cache, the second reusing it (``TORCHINDUCTOR_CACHE_DIR``).
+step, attention's included, counted by ``torch.utils.flop_counter``, times steps/s) next
+to this machine's large-matmul rate measured in the same run. ``compile_times`` measures
+the cold and warm compile of ``loopkit_compiled`` in fresh processes: the first with an
+empty inductor cache, the second reusing it (``TORCHINDUCTOR_CACHE_DIR``).
 
 Results: :func:`run` returns a dict (written as JSON by :func:`write_report`, with a
 markdown table and a PNG plot). Nothing here asserts a speed.
@@ -153,6 +153,8 @@ class Case:
             y = torch.randint(0, vocab, (n, t), generator=g)
         return x.to(device), y.to(device)
 
+
+MODELS = ("mlp", "cnn", "transformer")
 
 # The default cases (the issue's sizes) and the size sweep (model size, then batch size).
 CASES = [
@@ -308,12 +310,18 @@ def matmul_flops_per_s(device: torch.device, n: int | None = None, repeats: int 
 def step_flops(case: Case, device: torch.device) -> int:
     """Matmul and convolution FLOPs of one training step (forward + backward) of the
     imperative loop, counted by ``torch.utils.flop_counter`` (the update is elementwise and
-    not counted)."""
+    not counted).
+
+    Attention is counted as the two batched matmuls of the full ``T x T`` scores (a causal
+    mask saves nothing in the count), forward and backward, on every device: it runs here
+    with SDPA's math backend, whose matmuls the counter sees. (CPU's fused SDPA kernel has
+    no formula in the counter and would be counted as zero.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     model = case.build().to(device)
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         loss_fn(model, case.batch(device)).backward()
     return counter.get_total_flops()
 
@@ -480,6 +488,41 @@ def _first_step(arg: str, threads: str | None) -> None:
     print(time.perf_counter() - start)
 
 
+def select_cases(cases: list[Case], models: list[str], what: str = "the sizes") -> list[Case]:
+    """The cases of ``cases`` whose model is in ``models``, in order. Raises ValueError for
+    an empty ``models``, a name that is not a model (listing the valid ones) or a model
+    with no case in ``cases`` (``what`` names them in the message): the selection is never
+    empty, nor silently smaller than asked."""
+    if not models:
+        raise ValueError(f"no models selected; choose from {list(MODELS)}")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    absent = [m for m in models if all(c.model != m for c in cases)]
+    if absent:
+        have = list(dict.fromkeys(c.model for c in cases))
+        raise ValueError(f"{what} have no case of {absent} (only of {have})")
+    return [c for c in cases if c.model in models]
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``name`` if the comparison can run on it here (the CPU, or a CUDA GPU that
+    this torch build sees); ValueError saying why not otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"{name!r} is not a device ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name!r}: the comparison runs on 'cpu' or 'cuda' ('cuda:N')")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+            raise ValueError(f"{name!r}: CUDA is not available (torch {torch.__version__}, {why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def run(
     cases: list[Case] | None = None,
     variants: list[str] | None = None,
@@ -491,8 +534,20 @@ def run(
     compile_time_models: tuple[str, ...] = ("mlp",),
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the comparison; returns ``{"machine": ..., "rows": [...], "compile": {...}}``."""
-    dev = torch.device(device)
+    """Run the comparison; returns ``{"machine": ..., "rows": [...], "compile": {...}}``.
+
+    ``cases=None`` runs :data:`CASES`; an empty list is a ValueError (a selection that
+    matched nothing), as is a model in ``compile_time_models`` outside :data:`MODELS`.
+    ``rounds`` and ``steps`` must be positive, and ``device`` pass :func:`check_device`."""
+    cases = CASES if cases is None else list(cases)
+    if not cases:
+        raise ValueError("no cases to run (an empty selection); cases=None runs bench.CASES")
+    unknown = sorted(set(compile_time_models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown compile-time models {unknown}; choose from {list(MODELS)}")
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"rounds and steps must be positive, got {rounds} and {steps}")
+    dev = check_device(device)
     variants = list(variants or VARIANTS)
     skipped = {}
     if not torchopt_available():
@@ -513,10 +568,10 @@ def run(
     )
     log(f"machine: {machine}")
     rows = []
-    for case in cases or CASES:
+    for case in cases:
         rows += measure_case(case, variants, dev, rounds, steps, backend, log)
     compile_s = {}
-    for case in cases or CASES:
+    for case in cases:
         if case.model in compile_time_models and case.label not in compile_s:
             compile_s[case.label] = compile_times(case, dev, backend)
             log(f"  {case.label} loopkit_compiled compile: {compile_s[case.label]}")
@@ -528,7 +583,9 @@ def run(
 
 
 def markdown(result: dict) -> str:
-    """The results as a markdown table (one row per case and variant)."""
+    """The results as a markdown table (one row per case and variant). Its spread column
+    is ``±spread_pct / 2``: half the interquartile range, in % of the median, as a legend
+    above the table says."""
     m = result["machine"]
     load = ", ".join(f"{x:.2f}" for x in m["load_average"])
     lines = [
@@ -536,7 +593,10 @@ def markdown(result: dict) -> str:
         f"torch {m['torch']}, Python {m['python']}; load average at start {load}; "
         f"large-matmul rate {m['matmul_gflops']:.0f} GFLOP/s.",
         "",
-        "| case | variant | steps/s | spread | vs imperative eager | first call s "
+        "steps/s: the median over rounds; spread: ± half the interquartile range of the "
+        "rounds, in % of the median (the JSON's spread_pct is the whole range).",
+        "",
+        "| case | variant | steps/s | spread (±IQR/2) | vs imperative eager | first call s "
         "| peak MB | GFLOP/s | % of matmul |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

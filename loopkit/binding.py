@@ -39,6 +39,7 @@ class ModuleBinding:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self._holding = 0  # how many holding() blocks are open
         self._resolve()
 
     def _resolve(self) -> None:
@@ -122,8 +123,10 @@ class ModuleBinding:
         saved: list = []
         try:
             self._swap_in(plan, saved)
+            self._holding += 1
             yield True
         finally:
+            self._holding -= 1
             self._swap_out(tensors, plan, saved)
 
     @staticmethod
@@ -143,7 +146,9 @@ class ModuleBinding:
     def _plan(self, tensors: dict[str, Any]) -> list | None:
         """``(name, slots, value)`` for each given tensor, or None where the binding does
         not apply."""
-        if not self._intact():
+        # While held, the slots hold given tensors, not the resolved ones: a call then (a
+        # recomputation in the backward) is as valid as the block's own swap.
+        if not self._holding and not self._intact():
             if torch.compiler.is_compiling():  # resolving traces slowly: let torch do it
                 return None
             self._resolve()

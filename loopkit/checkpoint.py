@@ -54,6 +54,11 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint that is incomplete, damaged or not a plain-tensor checkpoint."""
 
 
+class NotACheckpointError(CheckpointError):
+    """A path that is no checkpoint at all: a file, or a directory with neither a state
+    file nor a commit marker (such as a run directory holding ``step-*`` checkpoints)."""
+
+
 def _fsync_dir(directory: Path) -> None:
     if os.name == "posix":
         fd = os.open(directory, os.O_RDONLY)
@@ -93,13 +98,18 @@ def save(
     *,
     extra: dict | None = None,
 ) -> Path:
-    """Write ``state`` as the checkpoint directory ``path``, atomically: a reader sees the
-    old checkpoint or the new one, never a partial one. ``extra`` (tensors and plain
-    containers) is stored alongside for :func:`read`. Returns ``path``.
+    """Write ``state`` as the checkpoint directory ``path``; a reader never sees a partial
+    checkpoint there. ``extra`` (tensors and plain containers) is stored alongside for
+    :func:`read`. Returns ``path``.
 
-    Replacing an existing checkpoint of the same name moves the old one aside first; if the
-    process dies between that move and the rename, that name is missing (the old copy is in
-    a hidden ``.<name>.old-*`` directory) but every other checkpoint is intact."""
+    A new name appears atomically: a reader finds nothing there, then the whole new
+    checkpoint. Replacing an existing name is not atomic (a non-empty directory cannot be
+    renamed over another): the old checkpoint is renamed aside, then the new one renamed
+    in, so between the two renames a reader finds no checkpoint at ``path`` (never a
+    partial one). If the process dies in that window the name stays missing, the old copy
+    is in a hidden ``.<name>.old-*`` directory (:func:`clean_temporaries` puts it back)
+    and every other checkpoint is intact. ``hooks.Checkpoint`` never replaces a name, so a
+    training run never opens that window."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -152,16 +162,15 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's contents, ``{"format", "state", "extra", "metadata"}``, after checking
     its commit marker and checksum, loaded with ``weights_only=True``.
 
-    Raises :class:`CorruptCheckpointError` for a checkpoint that is uncommitted, truncated,
-    altered, or holds anything but tensors and plain containers (such as pickled code)."""
+    Raises :class:`NotACheckpointError` for a file, or a directory with neither
+    ``state.pt`` nor the marker (a run directory: see :func:`read_latest`), and
+    :class:`CorruptCheckpointError` for a checkpoint that is uncommitted (its ``state.pt``
+    without the marker), truncated, altered, or holds anything but tensors and plain
+    containers (such as pickled code)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if not path.is_dir():
-        raise CorruptCheckpointError(
-            f"{path} is a file, not a loopkit checkpoint (a directory with {STATE_FILE} and "
-            f"{MARKER}, as written by loopkit.checkpoint.save)"
-        )
+    _require_checkpoint_directory(path)
     try:
         marker = json.loads((path / MARKER).read_text())
         expected, size = marker["sha256"], marker["bytes"]
@@ -193,6 +202,31 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a loopkit checkpoint (expected format {FORMAT})"
         )
     return {**payload, "metadata": json.loads(payload["metadata"])}
+
+
+def _require_checkpoint_directory(path: Path) -> None:
+    """Raise :class:`NotACheckpointError` unless ``path`` is a directory holding a state
+    file or a marker (a checkpoint, complete or not), naming what to call instead."""
+    what = (
+        f"a loopkit checkpoint (a directory with {STATE_FILE} and {MARKER}, as written by "
+        "loopkit.checkpoint.save)"
+    )
+    if not path.is_dir():
+        raise NotACheckpointError(f"{path} is a file, not {what}")
+    if (path / STATE_FILE).exists() or (path / MARKER).exists():
+        return
+    found = checkpoints(path)
+    if found:
+        raise NotACheckpointError(
+            f"{path} is a directory of {len(found)} checkpoints, not a checkpoint (the newest "
+            f"is {found[-1].name}): name one, or take the newest with loopkit.checkpoint."
+            "latest(directory) (load(latest(directory), like=state)) or the newest that "
+            "reads correctly with read_latest(directory)"
+        )
+    raise NotACheckpointError(
+        f"{path} is not {what}; for the newest checkpoint in a directory of checkpoints use "
+        "loopkit.checkpoint.latest(directory) or read_latest(directory)"
+    )
 
 
 def _is_rng(name: str) -> bool:

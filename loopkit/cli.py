@@ -6,6 +6,17 @@ import argparse
 import sys
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1 (else a usage error saying so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loopkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -21,25 +32,30 @@ def main(argv: list[str] | None = None) -> int:
         "training steps, interleaved in this process; write bench.json, bench.md and "
         "bench.png into --out and print the table.",
     )
-    bench.add_argument("--models", default="mlp,cnn,transformer", help="comma-separated")
+    bench.add_argument("--models", default="mlp,cnn,transformer",
+                       help="comma-separated, from mlp, cnn, transformer")  # fmt: skip
     bench.add_argument("--variants", default=None, help="comma-separated (default: all)")
     bench.add_argument("--sweep", action="store_true", help="add the larger sizes and batches")
     bench.add_argument("--sweep-only", action="store_true", help="only the larger sizes")
     bench.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test")
     bench.add_argument("--device", default="cpu")
     bench.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (1 on a loaded machine)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch intra-op threads (1 on a loaded machine)",
     )
-    bench.add_argument("--rounds", type=int, default=7)
-    bench.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    bench.add_argument("--rounds", type=positive_int, default=7)
+    bench.add_argument("--steps", type=positive_int, default=20, help="steps per timed round")
     bench.add_argument("--backend", default="inductor", help="torch.compile backend")
-    bench.add_argument("--compile-time", default="mlp",
+    bench.add_argument("--compile-time", default=None,
                        help="models whose cold/warm compile is timed in fresh processes "
-                       "(comma-separated; '' for none)")  # fmt: skip
+                       "(comma-separated, among --models; '' for none; default: mlp, "
+                       "if it is benchmarked)")  # fmt: skip
     bench.add_argument("-o", "--out", default="runs/bench")
     args = parser.parse_args(argv)
     if args.command == "bench":
-        return _bench(args)
+        return _bench(args, bench)
     if args.command == "plot":
         from loopkit.plot import plot_run
 
@@ -51,17 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from loopkit import bench
 
-    models = [m for m in args.models.split(",") if m]
-    if args.tiny:
-        cases = bench.TINY
-    elif args.sweep_only:
-        cases = bench.SWEEP
-    else:
-        cases = bench.CASES + (bench.SWEEP if args.sweep else [])
-    cases = [c for c in cases if c.model in models]
+    cases, compile_models = _bench_selection(args, parser)
+    try:
+        bench.check_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device {e}")
     variants = args.variants.split(",") if args.variants else None
     if args.threads:
         import torch
@@ -75,7 +88,7 @@ def _bench(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             steps=args.steps,
             backend=args.backend,
-            compile_time_models=tuple(m for m in args.compile_time.split(",") if m),
+            compile_time_models=compile_models,
         )
     except ValueError as e:
         print(f"loopkit bench: {e}", file=sys.stderr)
@@ -84,6 +97,39 @@ def _bench(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     print(bench.markdown(result))
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
+def _bench_selection(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[list, tuple[str, ...]]:
+    """``(cases, compile_time_models)`` from the size flags, ``--models`` and
+    ``--compile-time``; a usage error for a model name that is unknown or has no case
+    among the sizes chosen (never an empty selection)."""
+    from loopkit import bench
+
+    if args.tiny:
+        cases, what = bench.TINY, "the tiny sizes (--tiny)"
+    elif args.sweep_only:
+        cases, what = bench.SWEEP, "the sweep sizes (--sweep-only)"
+    else:
+        cases, what = bench.CASES + (bench.SWEEP if args.sweep else []), "the default sizes"
+    try:
+        cases = bench.select_cases(cases, _names(args.models), what)
+    except ValueError as e:
+        parser.error(f"--models: {e}")
+    if args.compile_time is None:  # the default: the MLP's, when it is benchmarked
+        return cases, ("mlp",) if any(c.model == "mlp" for c in cases) else ()
+    timed = _names(args.compile_time)
+    if timed:
+        try:
+            bench.select_cases(cases, timed, "the selected cases")
+        except ValueError as e:
+            parser.error(f"--compile-time: {e}")
+    return cases, tuple(timed)
 
 
 if __name__ == "__main__":

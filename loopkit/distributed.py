@@ -16,10 +16,10 @@ data-parallel steps equal N single-process steps on the concatenated batches, un
 last batches included.
 
 BatchNorm: each rank normalises with its own batch's statistics (DDP's default, without
-SyncBatchNorm); the running statistics are then averaged across ranks inside the step, so
-the buffers stay replicated. Dropout: each rank draws its masks from the state's generator
-folded with its rank (different masks per rank, reproducible, resumable); the state's
-generator advances identically on every rank.
+SyncBatchNorm); the new running statistics are then averaged across ranks inside the step,
+so the buffers stay replicated (a buffer no rank changed is kept bitwise). Dropout: each
+rank draws its masks from the state's generator folded with its rank (different masks per
+rank, reproducible, resumable); the state's generator advances identically on every rank.
 """
 
 from __future__ import annotations
@@ -163,29 +163,50 @@ def broadcast(state: TrainState, src: int = 0) -> TrainState:
 
 
 def _mean_across_ranks(group: Any) -> Callable:
-    """The step's sync: each rank's gradients, metrics and the change the forward made to
-    each float buffer, weighted by its batch size, summed across ranks with one coalesced
-    all-reduce and divided by the total. Averaging the change (not the buffer) leaves a
-    buffer no forward touches exactly as it was."""
+    """The step's sync: each rank's gradients, metrics and new float buffers, weighted by
+    its batch size, summed across ranks and divided by the total. A buffer that no rank's
+    forward changed (a causal mask of -inf, a constant) is kept exactly as it was; an
+    integer or bool metric comes back as a mean in the sync's dtype.
+
+    Everything goes in one coalesced all-reduce, in one dtype (gloo's takes one dtype per
+    call, and one call keeps every rank's collectives in the same order whatever graph
+    each compiled): float64 if anything is float64, else float32 (bf16/fp16 gradients are
+    summed in float32)."""
     import torch.distributed._functional_collectives as funcol
 
     def sync(grads: dict, metrics: dict, before: dict, buffers: dict, batch: Any):
         n = leading_dim(batch)
-        changes = {k: v - before[k] for k, v in buffers.items() if v.is_floating_point()}
-        trees = (grads, metrics, changes)
-        flat = [(i, k) for i, tree in enumerate(trees) for k in tree]
+        floats = {k: v for k, v in buffers.items() if v.is_floating_point()}
+        metrics = {k: torch.as_tensor(v) for k, v in metrics.items()}
         device = next(iter(grads.values())).device
-        weight = torch.tensor(float(n), dtype=torch.float32, device=device)
-        tensors = [trees[i][k] * n for i, k in flat] + [weight]
-        reduced = funcol.all_reduce_coalesced(tensors, "sum", group)
-        total = reduced[-1]
-        out: tuple[dict, dict, dict] = ({}, {}, {})
-        for (i, k), value in zip(flat, reduced[:-1], strict=True):
-            out[i][k] = (value / total.to(value.dtype)).to(trees[i][k].dtype)
-        moved = {k: before[k] + change for k, change in out[2].items()}
-        return out[0], out[1], {**buffers, **moved}
+        wide = _sync_dtype([*grads.values(), *metrics.values(), *floats.values()])
+        metrics = {k: v if v.is_floating_point() else v.to(wide) for k, v in metrics.items()}
+        parts = [("grads", grads), ("metrics", metrics), ("buffers", floats)]
+        tensors = [v.to(wide) * n for _, tree in parts for v in tree.values()]
+        tensors += [_unchanged(v, before[k]).to(wide) for k, v in floats.items()]
+        tensors.append(torch.tensor(float(n), dtype=wide, device=device))
+        reduced = iter(funcol.all_reduce_coalesced(tensors, "sum", group))
+        summed = [{k: next(reduced) for k in tree} for _, tree in parts]
+        unchanged = {k: next(reduced) for k in floats}
+        total, ranks = next(reduced), dist.get_world_size(group)
+        grads, metrics, new = (
+            {k: (v / total).to(tree[k].dtype) for k, v in sums.items()}
+            for sums, (_, tree) in zip(summed, parts, strict=True)
+        )
+        moved = {k: torch.where(unchanged[k] == ranks, before[k], v) for k, v in new.items()}
+        return grads, metrics, {**buffers, **moved}
 
     return sync
+
+
+def _sync_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """float64 if a floating-point tensor is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _unchanged(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """1 where the forward left a buffer bitwise as it was (NaNs included), else 0."""
+    return ((new == old) | (new.isnan() & old.isnan())).all()
 
 
 def train_step(

@@ -281,11 +281,14 @@ def evaluate(
         add_metrics(sums, dtypes, evaluate_step(state, batch), weight=n)
         count += n
     if across_ranks and distributed.world_size() > 1:
-        local = ({k: v.detach().cpu() for k, v in sums.items()}, count)
+        local = ({k: v.detach().cpu() for k, v in sums.items()}, dtypes, count)
         sums, count = {}, 0
-        for rank_sums, rank_count in distributed.all_gather_object(local):
+        # in rank order, and with every rank's dtypes (a rank without batches has none):
+        # the same sums and roundings, so the same numbers, on every rank
+        for rank_sums, rank_dtypes, rank_count in distributed.all_gather_object(local):
             for k, v in rank_sums.items():
                 sums[k] = sums[k] + v if k in sums else v
+            dtypes = {**rank_dtypes, **dtypes}
             count += rank_count
     if count == 0:
         raise ValueError("evaluate got no batches: the validation data is empty")

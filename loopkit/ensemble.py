@@ -32,6 +32,8 @@ but, as for the plain compiled step, they are not the eager masks.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -220,6 +222,7 @@ def set_hyperparams(state: TrainState, **values: Sequence[Any] | torch.Tensor) -
             )
         if name == "lr":
             opt_state = set_learning_rate(opt_state, value)
+            _SWEPT.update((id(lr), lr) for lr in learning_rates(opt_state))
         elif not optim_hyperparams(opt_state):
             raise ValueError(
                 f"cannot sweep {name!r}: this optimizer holds it as a Python number. Build it "
@@ -266,15 +269,41 @@ class _MemberDropout(TorchFunctionMode):
         from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
         key = _device_key(x.device)
+        strides = self._member_strides(x)
         with temporarily_clear_interpreter_stack(), torch.no_grad():
+            # laid out as empty_like(x) lays out a member's x: bernoulli_ fills memory in
+            # order, so a transposed x (channels-last, permuted) draws its mask transposed
+            like = torch.empty_strided(x.shape, strides, dtype=x.dtype, device="meta")
             masks = [
-                torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(
-                    1 - p, generator=gens[key]
-                )
+                torch.empty_like(like, device=x.device).bernoulli_(1 - p, generator=gens[key])
                 for gens in self.generators
             ]
             noise = torch.stack(masks).div_(1 - p)
         return _add_batch_dim(noise, 0, self.level)
+
+    def _member_strides(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The strides of one member's ``x``: those of the tensor under the ensemble's
+        batch dim, without it (``x`` itself where it is not batched over the members)."""
+        from torch._C._functorch import (
+            get_unwrapped,
+            is_batchedtensor,
+            maybe_get_bdim,
+            maybe_get_level,
+        )
+
+        if not is_batchedtensor(x) or maybe_get_level(x) != self.level:
+            return tuple(x.stride()) if not is_batchedtensor(x) else _contiguous(x.shape)
+        strides = list(get_unwrapped(x).stride())
+        del strides[maybe_get_bdim(x)]
+        return tuple(strides)
+
+
+def _contiguous(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _generators(rng: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Generator]]:
@@ -340,7 +369,32 @@ class EnsembleTrainStep(_EnsembleStep):
                 with _per_member_rng(state.rng, k) as (recorder, rng):
                     recorded = (*args[:4], _Recorded(bdims, recorder), batch)
                     params, buffers, opt_state, step, metrics = self._call(state, recorded)
+        if _SWEPT:
+            _check_swept_lrs(state.opt_state, opt_state)
         return TrainState(params, buffers, opt_state, step, rng), metrics
+
+
+# The lr tensors set_hyperparams(lr=...) made, by id, until a step has taken them.
+_SWEPT: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _check_swept_lrs(before: Any, after: Any) -> None:
+    """At the first step from lrs :func:`set_hyperparams` set: warn where the members' lrs
+    differed and are all one after the step (the optimizer's lr is a schedule, which
+    recomputed it, so the sweep did nothing)."""
+    for old, new in zip(learning_rates(before), learning_rates(after), strict=True):
+        if _SWEPT.get(id(old)) is not old:
+            continue
+        del _SWEPT[id(old)]
+        if old.ndim and not bool((old == old[0]).all()) and bool((new == new[0]).all()):
+            warnings.warn(
+                "the members' learning rates differed before the first ensemble step and are "
+                "one value after it: the optimizer's lr is a schedule, which recomputes it, "
+                "so the sweep did nothing. Sweep an optimizer with a number lr or an "
+                "injected one (optim.inject_hyperparams).",
+                stacklevel=3,
+            )
+            return
 
 
 class _Recorded:

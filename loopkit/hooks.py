@@ -42,19 +42,21 @@ def _due_step(loop: Loop, every_steps: int | None) -> bool:
     return every_steps is not None and not loop.step_skipped and loop.step % every_steps == 0
 
 
-def _monitored(who: str, key: str, loop: Loop, validated: bool) -> bool:
-    """Whether ``key`` is in ``loop.logs``. Missing while logs of the same source are there
-    (``val/los`` next to ``val/loss``) is a KeyError; missing after a validation in this
-    epoch (``validated``) a warning, as it may still be logged later (by a validation with
-    another prefix, every few epochs). Both name the keys that are there."""
+def _monitored(hook: Hook, who: str, key: str, loop: Loop, complete: bool = True) -> bool:
+    """Whether ``key`` is in ``loop.logs``. Where it is missing from ``complete`` logs (an
+    epoch's end, when every hook has logged) while others of its source are there
+    (``val/los`` next to ``val/loss``: a typo), warn once per hook, naming those keys. A
+    source with nothing logged (a validation every few epochs) is no reason to warn."""
     if key in loop.logs:
         return True
     source = key.rpartition("/")[0]
-    message = f"{who} monitors {key!r}, which is not in the logs: they hold {sorted(loop.logs)}"
-    if source and any(k.rpartition("/")[0] == source for k in loop.logs):
-        raise KeyError(f"{message}. Pass one of those (or list it after the hook that logs it)")
-    if validated and distributed.is_main():
-        warnings.warn(f"{message} (step {loop.step}, after a validation)", stacklevel=3)
+    typo = complete and source and any(k.rpartition("/")[0] == source for k in loop.logs)
+    if typo and not getattr(hook, "_warned_missing", False) and distributed.is_main():
+        hook._warned_missing = True
+        warnings.warn(
+            f"{who} monitors {key!r}, which is not in the logs: they hold {sorted(loop.logs)}",
+            stacklevel=3,
+        )
     return False
 
 
@@ -250,7 +252,7 @@ class Checkpoint(Hook):
         logged at this step, and finite."""
         if self.keep_best is None:
             return None
-        if not _monitored("Checkpoint(keep_best=...)", self.keep_best, loop, self.validated):
+        if not _monitored(self, "Checkpoint(keep_best=...)", self.keep_best, loop):
             return None
         if self.validated.get(self.keep_best, loop.step) != loop.step:
             return None  # validated at an earlier step: another state's value
@@ -510,7 +512,9 @@ class ReduceLROnPlateau(Hook):
         def reduce(lr: torch.Tensor) -> torch.Tensor:
             # this group's lr through the same update: torch's _reduce_lr for one group
             probe = before._replace(lr=lr.to(before.lr.device, torch.float64))
-            return self.plateau.update(probe, metric, floor=next(floors)).lr
+            floor = next(floors)  # only a per-group floor is passed: a custom update may
+            extra = {} if floor is None else {"floor": floor}  # take (state, metric) only
+            return self.plateau.update(probe, metric, **extra).lr
 
         opt_state = optim.set_learning_rate(loop.state.opt_state, reduce)
         loop.state = loop.state.replace(opt_state=opt_state)
@@ -550,9 +554,8 @@ class EarlyStopping(Hook):
     (``train/...`` metrics); list this hook after the :class:`Validate` it reads.
     Improvement means ``value < best - min_delta`` (``mode="min"``) or
     ``value > best + min_delta`` (``"max"``); a NaN or infinite value never improves.
-    A ``monitor`` missing from the logs while others of its source are there (a typo) is a
-    KeyError, and missing at the end of an epoch that validated a warning. A fresh (not
-    resumed) ``fit`` starts counting afresh."""
+    A ``monitor`` missing at an epoch's end while others of its source are logged (a typo)
+    is warned of once. A fresh (not resumed) ``fit`` starts counting afresh."""
 
     def __init__(self, monitor: str = "val/loss", *, mode: str = "min", patience: int = 5,
                  min_delta: float = 0.0):  # fmt: skip
@@ -566,23 +569,16 @@ class EarlyStopping(Hook):
         self.best: float | None = None
         self.wait = 0
         self.checked = False  # by a validation in the current epoch
-        self.validated = False  # a validation ended in the current epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "best": self.best,
-            "wait": self.wait,
-            "checked": self.checked,
-            "validated": self.validated,
-        }
+        return {"best": self.best, "wait": self.wait, "checked": self.checked}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.wait, self.checked = state["best"], state["wait"], state["checked"]
-        self.validated = state.get("validated", self.checked)
 
     def on_fit_start(self, loop: Loop) -> None:
         if loop.resumed_from is None:
-            self.best, self.wait, self.checked, self.validated = None, 0, False, False
+            self.best, self.wait, self.checked = None, 0, False
 
     def improved(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -603,15 +599,14 @@ class EarlyStopping(Hook):
                 loop.should_stop = True
 
     def on_validation_end(self, loop: Loop) -> None:
-        self.validated = True
-        if _monitored("EarlyStopping", self.monitor, loop, validated=False):
+        if _monitored(self, "EarlyStopping", self.monitor, loop, complete=False):
             self.check(loop)
             self.checked = True
 
     def on_epoch_end(self, loop: Loop) -> None:
-        if _monitored("EarlyStopping", self.monitor, loop, self.validated) and not self.checked:
+        if _monitored(self, "EarlyStopping", self.monitor, loop) and not self.checked:
             self.check(loop)
-        self.checked = self.validated = False
+        self.checked = False
 
 
 def _records_before(records: list[dict], epoch: int) -> list[dict]:

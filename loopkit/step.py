@@ -261,11 +261,12 @@ class _Step:
         self.compiled = compiled is not None
         self.prepare = prepare
         self._modules = list(model.modules())
-        # A forward may write a param or buffer in place (Embedding's max_norm): the step
-        # passes copy-on-write views, so the caller's state stays as it was. Eager steps
-        # always do; a compiled step on its first call, and on every call only if its
-        # graph wrote them (an inductor kernel materialises the views it reads: a copy).
-        self._guard_inputs = True
+        # A forward may write a param or buffer in place (Embedding's max_norm). The first
+        # call passes copy-on-write views of them, so the caller's state stays as it was;
+        # later calls do only if a call wrote them (views cost ~2 µs a tensor, and an
+        # inductor kernel materialises the views it reads: a copy). Calls without views
+        # compare version counters, so a write is noticed (and warned of) all the same.
+        self._first_call, self._writes_inputs = True, False
 
     @property
     def data_parallel(self) -> bool:
@@ -280,9 +281,11 @@ class _Step:
     def _call(self, state: TrainState, args: tuple) -> Any:
         if self.cudagraphs:
             _prepare_cudagraph_call(args[:-1])
-        guarded = not self.donate and self._guard_inputs
+        watched = not (self.donate or self.cudagraphs)  # (those write the state on purpose)
+        guarded = watched and (self._first_call or self._writes_inputs)
         if guarded:  # the module gets copy-on-write views of the state's params and buffers
             args = (_lazy_copies(args[0]), _lazy_copies(args[1]), *args[2:])
+        versions = _versions(args[:2]) if watched else None
         hooks_on = _saved_tensor_hooks_enabled()
         try:
             out = self.fn(*args)
@@ -299,8 +302,8 @@ class _Step:
                 raise self._step_error(state, args[-1], e) from e
             cause = e
         else:
-            if guarded and self.compiled:  # keep guarding only a graph that writes them
-                self._guard_inputs = _written(args[0]) or _written(args[1])
+            if versions is not None:
+                self._note_writes(args[:2], versions, guarded)
             # A CUDA graph's outputs live in memory its next replay overwrites: the metrics
             # are copied out (the state is the donated input, which the caller owns).
             return _clone_metrics(out) if self.cudagraphs else out
@@ -314,9 +317,7 @@ class _Step:
             raise self._step_error(state, args[-1], e) from e
         if self.donate:  # (the eager run above wrote nothing: it is the step undonated)
             _write_into(args[:4], tuple(out[:4]), write=False)
-            if torch.is_grad_enabled() and any(
-                isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(args[-1])
-            ):
+            if torch.is_grad_enabled() and _requires_grad(args[-1]):
                 raise StepError(
                     "donate=True cannot take a batch holding tensors that require grad: the "
                     "donated step's in-place writes cannot be part of their autograd graph. "
@@ -326,18 +327,43 @@ class _Step:
         raise CompileError(
             f"torch.compile could not compile the {self.kind} as one graph "
             f"(fullgraph=True):\n{str(cause).strip()[:2000]}\n"
-            + (_untraceable_modules(self.model) or _known_fix(cause) or
+            + (self._number_fix(cause) or _known_fix(cause) or
                "Fix: remove what breaks the graph from loss_fn / the model's forward (.item(), "
                "print, Python branches or loops on tensor values, unsupported libraries), or "
                "compile with fullgraph=False to allow graph breaks (slower).")
         ) from cause  # fmt: skip
 
+    def _note_writes(self, given: tuple, versions: list, guarded: bool) -> None:
+        """After a call: if it wrote into the params or buffers it was given, pass views
+        from now on (and warn, where they were the caller's own tensors)."""
+        self._first_call = False
+        named = _named(given)
+        written = [k for (k, t), v in zip(named, versions, strict=True) if v != _version(t)]
+        if written and not self._writes_inputs:
+            self._writes_inputs = True
+            if not guarded:
+                warnings.warn(
+                    f"the {self.kind}'s forward wrote in place into the state's {written[:5]} "
+                    "(first seen in this call, which therefore modified the state it was "
+                    "given); from now on the step gives the model copy-on-write views of "
+                    "the state's tensors.",
+                    stacklevel=4,
+                )
+
+    def _number_fix(self, e: BaseException) -> str | None:
+        """The fix for a compiled or vmapped train step that failed on a tensor read as a
+        number, where the model has a module known to do that."""
+        traced = (self.compiled or self.traced) and "train" in self.kind
+        text = str(e)
+        if traced and ("data-dependent" in text or ".item()" in text):
+            return _untraceable_modules(self.model)
+        return None
+
     def _step_error(self, state: TrainState, batch: Any, e: Exception) -> StepError:
         mismatch = _state_mismatch(self.model, self.optimizer, state)
         if mismatch:
             return StepError(f"{self.kind} {int(state.step)} failed: {mismatch}")
-        fixes = [_untraceable_modules(self.model)] if self.compiled or self.traced else []
-        known = [fix for fix in [*fixes, _known_fix(e)] if fix]
+        known = [fix for fix in [self._number_fix(e), _known_fix(e)] if fix]
         return StepError(
             f"{self.kind} {int(state.step)} failed on a batch of {describe(batch)}: "
             f"{type(e).__name__}: {e}\n"
@@ -451,7 +477,7 @@ def train_step(
             return grad_of, (loss, metrics, net.buffers)
 
         grads, (_, (loss, aux, buffers)) = _grad_and_value(
-            objective, params, buffers, lambda: nets[-1].holding()
+            objective, params, buffers, lambda: nets[-1].holding(), lambda: _requires_grad(batch)
         )
         metrics = {"loss": loss.detach(), **aux}
         if sync is not None:
@@ -473,6 +499,7 @@ def _grad_and_value(
     params: dict,
     buffers: dict,
     backward_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    inputs_require_grad: Callable[[], bool] = lambda: False,
 ) -> tuple[dict, Any]:
     """``grad_and_value(objective, has_aux=True)(params, buffers)``.
 
@@ -485,7 +512,8 @@ def _grad_and_value(
     being learned, a tensor ``loss_fn`` closes over) and grad mode is on, the gradient and
     the outputs keep their graph back to those tensors, as torch.func's do. The backward
     runs inside ``backward_scope()`` (where the module holds the step's tensors, for what
-    activation checkpointing recomputes)."""
+    activation checkpointing recomputes); ``inputs_require_grad`` see
+    :func:`_reaches_other_leaves`."""
     if not _plain_autograd_applies(params):
         return grad_and_value(objective, has_aux=True)(params, buffers)
     outer_graph = torch.is_grad_enabled()
@@ -495,7 +523,7 @@ def _grad_and_value(
         if not out.requires_grad:  # a loss that does not depend on the params
             keep, grads = False, [torch.zeros_like(v) for v in leaves.values()]
         else:
-            keep = outer_graph and _reaches_other_leaves(out, leaves.values())
+            keep = outer_graph and _reaches_other_leaves(out, leaves.values(), inputs_require_grad)
             with backward_scope():
                 grads = torch.autograd.grad(
                     out, list(leaves.values()), create_graph=keep, allow_unused=True,
@@ -504,6 +532,10 @@ def _grad_and_value(
     if not keep:
         out, aux = out.detach(), _detached(aux)
     return dict(zip(leaves, grads, strict=True)), (out, aux)
+
+
+def _requires_grad(tree: Any) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(tree))
 
 
 def _detached(tree: Any) -> Any:
@@ -538,29 +570,35 @@ def _plain_autograd_applies(params: Any) -> bool:
     )
 
 
-def _reaches_other_leaves(out: torch.Tensor, leaves: Any) -> bool:
+def _reaches_other_leaves(
+    out: torch.Tensor, leaves: Any, inputs_require_grad: Callable[[], bool]
+) -> bool:
     """Whether ``out``'s autograd graph reaches a leaf tensor other than ``leaves`` that
-    the caller can still reach: a batch or a closed-over tensor that requires grad (a walk
-    over the graph's nodes: 10 µs for the benchmark MLP). A leaf that ``loss_fn`` made and
-    dropped (the input of a gradient penalty, ``x.clone().requires_grad_()``) is held by
-    the graph alone: no one can differentiate with respect to it after the step."""
+    the caller may differentiate to: a batch or a closed-over tensor that requires grad (a
+    walk over the graph's nodes: 10 µs for the benchmark MLP). A leaf only the graph holds
+    is either one ``loss_fn`` made and dropped (the input of a gradient penalty,
+    ``x.clone().requires_grad_()``), which no one can reach after the step, or the leaf
+    behind a batch tensor computed from it (``x = leaf.float()``): such leaves count only
+    if ``inputs_require_grad()`` (a batch tensor requires grad)."""
     own = {id(v) for v in leaves}
     if out.grad_fn is None:  # the loss is itself a leaf
         return id(out) not in own
-    seen, stack = set(), [out.grad_fn]
+    seen, stack, graph_only = set(), [out.grad_fn], False
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
         if type(node) is _ACCUMULATE_GRAD:  # a leaf's node
-            if id(node.variable) not in own and _python_refs(node) > _GRAPH_ONLY_REFS:
-                return True
+            if id(node.variable) not in own:
+                if _python_refs(node) > _GRAPH_ONLY_REFS:
+                    return True
+                graph_only = True
             continue
         for next_node, _ in node.next_functions:
             if next_node is not None:
                 stack.append(next_node)
-    return False
+    return graph_only and inputs_require_grad()
 
 
 _ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
@@ -867,22 +905,38 @@ def _saved_tensor_hooks_enabled() -> bool:
 def _lazy_copies(tensors: dict) -> dict:
     """``tensors`` with each plain tensor replaced by a copy-on-write view of it
     (``torch._lazy_clone``): the same values and storage, copied only when written (the
-    writer gets the copy). Subclasses and tensors without such views are passed as they
-    are."""
+    writer gets the copy). Subclasses, and tensors whose storage torch cannot share so
+    (numpy-backed, shared-memory, memory-mapped), are passed as they are."""
     if _lazy_clone is None:
         return tensors
-    return {
-        k: _lazy_clone(v) if type(v) is torch.Tensor and v.layout == torch.strided else v
-        for k, v in tensors.items()
-    }
+    return {k: _lazy_copy(v) for k, v in tensors.items()}
+
+
+def _lazy_copy(t: Any) -> Any:
+    if type(t) is not torch.Tensor or t.layout != torch.strided:
+        return t
+    try:
+        return _lazy_clone(t)
+    except RuntimeError:  # a storage with its own deleter (from_numpy, share_memory_, mmap)
+        return t
 
 
 _lazy_clone = getattr(torch, "_lazy_clone", None)  # torch >= 2.3
 
 
-def _written(views: dict) -> bool:
-    """Whether anything wrote into one of :func:`_lazy_copies`' fresh views."""
-    return any(isinstance(v, torch.Tensor) and v._version != 0 for v in views.values())
+def _named(trees: tuple) -> list[tuple[str, Any]]:
+    """The ``(name, tensor)`` pairs of the params and buffers dicts ``trees``."""
+    return [(k, v) for tree in trees for k, v in tree.items() if isinstance(v, torch.Tensor)]
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write); -1 for an inference
+    tensor, which has none."""
+    return -1 if t.is_inference() else t._version
+
+
+def _versions(trees: tuple) -> list[int]:
+    return [_version(v) for _, v in _named(trees)]
 
 
 def _clone_metrics(metrics: Metrics) -> Metrics:

@@ -189,6 +189,64 @@ def buffers_stay_replicated() -> None:
     passed("buffers stay replicated")
 
 
+class Odd(nn.Module):
+    """float64, with buffers averaging must not break: a -inf mask the forward only reads,
+    a running minimum starting at +inf, a value overwritten the same on every rank."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(5, 3)
+        self.register_buffer("mask", torch.full((3, 3), float("-inf")).triu(1))
+        self.register_buffer("low", torch.tensor(float("inf")))
+        self.register_buffer("scale", torch.tensor(1000.0))
+
+    def forward(self, x):
+        self.low = torch.minimum(self.low, x.min().detach())
+        self.scale = self.lin.weight.detach().norm() * 1e-6
+        return self.lin(x) @ torch.softmax(self.mask, dim=-1)
+
+
+def counted_loss(net, batch):
+    x, y = batch
+    logits = net(x)
+    right = logits.argmax(-1) == y
+    return torch.nn.functional.cross_entropy(logits, y), {"right": right.sum(), "all": right.all()}
+
+
+def other_dtypes_and_non_finite_buffers() -> None:
+    """A float64 model, integer and bool metrics (several dtypes in one sync), and buffers
+    holding infinities: the params and the overwritten buffer equal single-process
+    training's, the mask is kept bitwise, the running minimum is finite and replicated."""
+    x, y = data()
+    x = x.double()
+    opt = optim.sgd(lr=0.1, momentum=0.9)  # (Adam would amplify rounding where g ~ 0)
+    model = Odd().double()
+    single = lk.fit(lk.train_step(model, counted_loss, opt), lk.TrainState.create(model, opt),
+                    lk.data.Batches(x, y, batch_size=3 * WORLD), epochs=1)  # fmt: skip
+    shard = lk.data.Batches(x, y, batch_size=3, rank=RANK, world_size=WORLD)
+    state = lk.fit(lk.distributed.train_step(model, counted_loss, opt),
+                   lk.TrainState.create(model, opt), shard, epochs=1)  # fmt: skip
+    assert_close(state.params, single.params, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(state.buffers["scale"], single.buffers["scale"], rtol=1e-12, atol=0)
+    assert torch.equal(state.buffers["mask"], model.mask)
+    assert torch.isfinite(state.buffers["low"]) and same_on_every_rank(state.buffers)
+    _, metrics = lk.distributed.train_step(model, counted_loss, opt)(state, next(iter(shard)))
+    assert metrics["right"].dtype == metrics["all"].dtype == torch.float64  # a float64 model
+    passed("other dtypes and non-finite buffers")
+
+
+def evaluate_agrees_across_ranks() -> None:
+    """A rank without validation batches reports the very numbers the others do."""
+    model = mlp(0)
+    x, y = data()
+    shard = [(x[:5], y[:5])] if RANK == 0 else []
+    state = lk.TrainState.create(model, optim.sgd(lr=0.1))
+    got = lk.evaluate(lk.eval_step(model, loss_fn), state, shard, across_ranks=True)
+    assert all(other == got for other in lk.distributed.all_gather_object(got))
+    passed("evaluate agrees across ranks")
+
+
 if __name__ == "__main__":
     lk.distributed.init()
     OUT, RANK, WORLD = Path(sys.argv[1]), dist.get_rank(), dist.get_world_size()
@@ -197,6 +255,8 @@ if __name__ == "__main__":
     dropout_differs_across_ranks()
     errors(Path(sys.argv[2]))
     buffers_stay_replicated()
+    other_dtypes_and_non_finite_buffers()
+    evaluate_agrees_across_ranks()
     if "--compile" in sys.argv:
         equals_single_process(compile=True)
     dist.barrier()

@@ -103,6 +103,29 @@ def test_damaged_checkpoints_are_refused_and_skipped(tmp_path, damage, message):
             checkpoint.read_latest(tmp_path)
 
 
+def test_a_directory_that_is_no_checkpoint_is_told_apart_from_an_interrupted_one(tmp_path):
+    """A run directory (or any directory without state.pt and marker) is not a checkpoint,
+    and the error says how to reach the checkpoints in it; a state file without its
+    marker is an interrupted write."""
+    _, state = a_state()
+    run = tmp_path / "run"
+    for step in (1, 2):
+        checkpoint.save(run / f"step-00000000{step}", state)
+    for read in (checkpoint.read, lambda path: checkpoint.load(path, like=state)):
+        with pytest.raises(checkpoint.NotACheckpointError, match=r"directory of 2 checkpoints"):
+            read(run)
+    with pytest.raises(checkpoint.NotACheckpointError, match=r"latest\(directory\)"):
+        checkpoint.read(tmp_path)  # holds the run directory, no checkpoint
+    with pytest.raises(checkpoint.NotACheckpointError, match="is a file"):
+        checkpoint.read(ROOT / "README.md")
+    interrupted = run / "step-000000002"
+    (interrupted / checkpoint.MARKER).unlink()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="no COMMITTED marker"):
+        checkpoint.read(interrupted)
+    assert issubclass(checkpoint.NotACheckpointError, checkpoint.CheckpointError)
+    assert not issubclass(checkpoint.NotACheckpointError, checkpoint.CorruptCheckpointError)
+
+
 class Boom:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -124,7 +147,7 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path, monk
     with pytest.raises(checkpoint.CorruptCheckpointError, match="never runs code"):
         checkpoint.read(path)
     assert not (tmp_path / "pwned").exists()
-    with pytest.raises(checkpoint.CorruptCheckpointError, match="not a loopkit checkpoint"):
+    with pytest.raises(checkpoint.NotACheckpointError, match="not a loopkit checkpoint"):
         (tmp_path / "file.ckpt").write_bytes(pickle.dumps({}))
         checkpoint.read(tmp_path / "file.ckpt")
 

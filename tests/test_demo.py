@@ -17,12 +17,17 @@ def test_demo_trains_digits_to_high_accuracy(tmp_path, capsys, monkeypatch):
     demo = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "digits_mlp", demo)  # dynamo resolves globals through it
     spec.loader.exec_module(demo)
-    result = demo.main(epochs=8, out=str(tmp_path / "run"), fast=True)
+    run = tmp_path / "run"
+    stale = run / "step-000009999"  # an earlier run's newer checkpoint in the same directory
+    stale.mkdir(parents=True)
+    (stale / lk.checkpoint.MARKER).write_text("{}")
+    result = demo.main(epochs=8, out=str(run), fast=True)
     assert result["accuracy"] > 0.9
     out = capsys.readouterr().out
     assert "val/acc" in out and "speed: compiled loopkit step" in out
-    ckpt = lk.checkpoint.latest(tmp_path / "run")
-    assert ckpt is not None
+    ckpt = result["checkpoint"]  # the one this run wrote, not the directory's newest
+    assert ckpt == run / f"step-{int(result['state'].step):09d}" != lk.checkpoint.latest(run)
+    assert f"checkpoint {ckpt};" in out
     restored = lk.checkpoint.load(ckpt, like=result["state"])
     for a, b in zip(
         lk.tree.tree_leaves(restored), lk.tree.tree_leaves(result["state"]), strict=True

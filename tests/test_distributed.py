@@ -19,6 +19,8 @@ CHECKS = [
     "dropout differs across ranks",
     "errors",
     "buffers stay replicated",
+    "other dtypes and non-finite buffers",
+    "evaluate agrees across ranks",
     "equals single process (compiled)",
 ]
 

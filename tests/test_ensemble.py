@@ -1,5 +1,7 @@
 """Ensembles: member k of a vmapped step equals a separate run of the plain step."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -352,3 +354,49 @@ def test_a_cumulative_batchnorm_is_named_with_its_fix():
     state = lk.ensemble.create(make, opt, seeds=[0, 1])
     with pytest.raises(lk.StepError, match=r"BatchNorm \['1'\] has momentum=None.*numeric"):
         step(state, (torch.randn(5, 6), torch.randint(0, 4, (5,))))
+
+
+class TransposedDropout(nn.Module):
+    """Dropout on a transposed (non-contiguous) activation: eager draws its mask in the
+    activation's memory order (empty_like), so a member must too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.drop = nn.Linear(6, 8), nn.Linear(8, 3), nn.Dropout(0.4)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.tanh(self.a(x)).t()).t())
+
+
+@pytest.mark.parametrize("shared_batch", [True, False])
+def test_members_draw_dropout_on_a_transposed_activation_as_a_separate_run(shared_batch):
+    opt = optim.sgd(lr=0.1)
+    seeds = [3, 4]
+    torch.manual_seed(0)
+    models = [TransposedDropout() for _ in seeds]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+               for _ in range(2)]  # fmt: skip
+    states = [lk.TrainState.create(m, opt, seed=s) for m, s in zip(models, seeds, strict=True)]
+    state = ensemble.stack(states)
+    step = lk.ensemble_step(lk.train_step(models[0], loss_fn, opt), shared_batch=shared_batch)
+    for batch in batches:
+        state, _ = step(state, batch if shared_batch else tuple(torch.stack([t, t]) for t in batch))
+    for member, model, seed in zip(ensemble.unstack(state), models, seeds, strict=True):
+        assert_member_equals(member, separate_run(model, opt, seed, batches)[0], FP32)
+
+
+def test_an_lr_sweep_a_schedule_overrides_is_warned_of():
+    opt = optim.adam(lr=optim.schedules.linear_warmup(1e-3, warmup_steps=5))
+    state = ensemble.set_hyperparams(ensemble.create(lambda: nn.Linear(3, 2), opt, seeds=[0, 1]),
+                                     lr=[0.1, 0.01])  # fmt: skip
+    step = lk.ensemble_step(lk.train_step(nn.Linear(3, 2), lambda n, b: n(b).pow(2).mean(), opt))
+    with pytest.warns(UserWarning, match="schedule.*sweep did nothing"):
+        step(state, torch.randn(4, 3))
+    plain = optim.adam(lr=1e-3)  # a number lr takes the sweep: no warning
+    state = ensemble.set_hyperparams(ensemble.create(lambda: nn.Linear(3, 2), plain, seeds=[0, 1]),
+                                     lr=[0.1, 0.01])  # fmt: skip
+    step = lk.ensemble_step(lk.train_step(nn.Linear(3, 2), lambda n, b: n(b).pow(2).mean(), plain))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(state, torch.randn(4, 3))

@@ -1,8 +1,11 @@
 """Smoke tests: every example runs in its --fast form and learns something."""
 
 import importlib.util
+import runpy
 import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -52,3 +55,32 @@ def test_char_transformer_fast(capsys):
     )  # fmt: skip
     assert result["val_loss"] < result["uniform"]
     assert result["sample"].startswith("def ") and len(result["sample"]) == 104
+
+
+def run_script(name: str, args: list[str], monkeypatch) -> int:
+    """Run examples/<name>.py as ``python examples/<name>.py ARGS`` would, in this process;
+    its exit code (argparse exits for --help and usage errors, before any training)."""
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    return exit.value.code
+
+
+SCRIPTS = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+COUNTS = {"char_transformer": "--steps", "maml_sinusoid": "--iterations"}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_describes_the_example_in_whole_sentences(name, monkeypatch, capsys):
+    assert run_script(name, ["--help"], monkeypatch) == 0
+    first_paragraph = " ".join(load_example(name).__doc__.split("\n\n")[0].split())
+    assert first_paragraph.endswith(".")
+    assert first_paragraph in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_count_of_zero_is_refused_not_replaced_by_the_default(name, monkeypatch, capsys):
+    flag = COUNTS.get(name, "--epochs")
+    assert run_script(name, [flag, "0"], monkeypatch) == 2
+    assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err

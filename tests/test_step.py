@@ -619,3 +619,70 @@ def test_a_state_of_another_model_or_optimizer_is_named():
         step(missing, batch)
     with pytest.raises(lk.StepError, match="ScaleByAdamState.*TraceState.*TrainState.create"):
         lk.train_step(model, loss_fn, sgd)(state, batch)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "shared"])
+def test_states_of_tensors_without_copy_on_write_storage_train_as_any(kind):
+    """torch cannot make copy-on-write views of numpy-backed or shared-memory storage: such
+    tensors are handed to the model as they are."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = optim.adam(lr=0.1)
+    state = lk.TrainState.create(model, opt)
+    odd = {k: torch.from_numpy(v.numpy().copy()) for k, v in state.params.items()}
+    if kind == "shared":
+        odd = {k: v.clone().share_memory_() for k, v in state.params.items()}
+    batch = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    step = lk.train_step(model, loss_fn, opt)
+    want, _ = step(state, batch)
+    got, _ = step(state.replace(params=odd), batch)
+    for k in want.params:
+        assert torch.equal(got.params[k], want.params[k])
+    lk.eval_step(model, loss_fn)(state.replace(params=odd), batch)
+
+
+def test_a_batch_computed_from_a_leaf_keeps_the_graph_to_that_leaf(monkeypatch):
+    """The leaf behind a batch tensor (x = leaf.double()) is held by the graph only, yet the
+    caller differentiates to it through x: the step keeps the graph, as grad_and_value."""
+    from loopkit import step as step_module
+
+    def hypergradient():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        opt = optim.sgd(lr=0.5)
+        step = lk.train_step(model, lambda net, b: (net(b[0]) - b[1]).pow(2).mean(), opt)
+        x = torch.randn(6, 3, requires_grad=True).double()  # nothing else holds the leaf
+        state, _ = step(lk.TrainState.create(model, opt), (x, torch.randn(6, 1).double()))
+        (dx,) = torch.autograd.grad(state.params["0.weight"].sum(), x)
+        return dx
+
+    fast = hypergradient()
+    monkeypatch.setattr(step_module, "_plain_autograd_applies", lambda params: False)
+    torch.testing.assert_close(fast, hypergradient(), **FP64)
+
+
+class SometimesRenormed(nn.Module):
+    """Renormalises its embedding in place only for batches smaller than 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        norm = 1.0 if x.shape[0] < 8 else None
+        return self.out(F.embedding(x, self.emb.weight, max_norm=norm).mean(1))
+
+
+def test_a_forward_that_writes_its_params_only_sometimes_is_warned_of_then_guarded():
+    torch.manual_seed(0)
+    model, opt = SometimesRenormed(), optim.sgd(lr=0.1)
+    step = lk.train_step(model, lambda n, b: F.cross_entropy(n(b[0]), b[1]), opt)
+
+    def batch(n):
+        return torch.randint(0, 10, (n, 3)), torch.randint(0, 3, (n,))
+
+    state, _ = step(lk.TrainState.create(model, opt), batch(8))  # writes nothing
+    with pytest.warns(UserWarning, match=r"wrote in place into the state's \['emb.weight'\]"):
+        state, _ = step(state, batch(4))  # modified the state it was given
+    before = state.params["emb.weight"].clone()
+    step(state, batch(4))
+    assert torch.equal(state.params["emb.weight"], before)
