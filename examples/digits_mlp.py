@@ -11,6 +11,7 @@ import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,14 @@ def compare_with_imperative(step, state, model, batches, lr, weight_decay, round
     return statistics.median(ours), statistics.median(theirs)
 
 
+def _new_run_directory(root: Path) -> Path:
+    """``root/run-<n>`` for the first ``n`` not taken."""
+    n = 1
+    while (root / f"run-{n}").exists():
+        n += 1
+    return root / f"run-{n}"
+
+
 def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast: bool = False):
     torch.manual_seed(0)
     (x_train, y_train), (x_val, y_val) = digits()
@@ -99,6 +108,7 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
     train = lk.data.Batches(x_train, y_train, batch_size=batch_size, shuffle=True, drop_last=True)
     val = lk.data.Batches(x_val, y_val, batch_size=512)
 
+    out = _new_run_directory(Path(out))  # each run its own: never beside an earlier one's
     checkpoints = lk.hooks.Checkpoint(out, keep_last=2)
     start = time.perf_counter()
     state = lk.fit(step, state, train, epochs=epochs, hooks=[
@@ -109,7 +119,7 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
     ])  # fmt: skip
     seconds = time.perf_counter() - start
     final = lk.evaluate(evaluate, state, val)
-    written = checkpoints.saved[-1]  # this run's newest (out may hold older runs' too)
+    written = checkpoints.saved[-1]
     print(
         f"trained {int(state.step)} steps in {seconds:.1f} s (including the compile); "
         f"validation accuracy {final['acc']:.4f}; checkpoint {written}; "

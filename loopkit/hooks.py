@@ -196,9 +196,23 @@ class Checkpoint(Hook):
     def on_fit_start(self, loop: Loop) -> None:
         if loop.resumed_from is None:
             self.records, self.pending, self.validated = [], [], {}
+            self._warn_of_earlier_checkpoints()
         if distributed.is_main():
             checkpoint.clean_temporaries(self.directory)
         self._remove_pending()
+
+    def _warn_of_earlier_checkpoints(self) -> None:
+        """A fresh run writes beside the checkpoints an earlier run left in its directory,
+        which this hook never deletes, and a later ``resume="latest"`` may pick theirs."""
+        earlier = checkpoint.checkpoints(self.directory) if self.directory.is_dir() else []
+        if earlier and distributed.is_main():
+            warnings.warn(
+                f"{self.directory} already holds {len(earlier)} checkpoint(s) of an earlier "
+                f"run (newest {earlier[-1].name}); this run starts afresh beside them, and "
+                "fit(..., resume='latest') would resume from whichever is newest. Use a new "
+                "directory, delete them, or pass resume='latest' to continue that run.",
+                stacklevel=4,
+            )
 
     def on_epoch_start(self, loop: Loop) -> None:
         if loop.batch == 0:  # the epoch's logs start empty (not when resuming mid-epoch)

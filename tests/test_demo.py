@@ -25,8 +25,9 @@ def test_demo_trains_digits_to_high_accuracy(tmp_path, capsys, monkeypatch):
     assert result["accuracy"] > 0.9
     out = capsys.readouterr().out
     assert "val/acc" in out and "speed: compiled loopkit step" in out
-    ckpt = result["checkpoint"]  # the one this run wrote, not the directory's newest
-    assert ckpt == run / f"step-{int(result['state'].step):09d}" != lk.checkpoint.latest(run)
+    ckpt = result["checkpoint"]  # in a directory of its own, not beside an earlier run's
+    assert ckpt == run / "run-1" / f"step-{int(result['state'].step):09d}"
+    assert lk.checkpoint.latest(ckpt.parent) == ckpt
     assert f"checkpoint {ckpt};" in out
     restored = lk.checkpoint.load(ckpt, like=result["state"])
     for a, b in zip(

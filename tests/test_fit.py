@@ -860,3 +860,16 @@ def test_reduce_lr_on_plateau_takes_a_custom_plateau_rule():
     lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data, epochs=3,
            hooks=[ConstantValidation(), lk.hooks.ReduceLROnPlateau(rule), RecordLR()])  # fmt: skip
     assert lrs == [0.05, 0.025, 0.0125]
+
+
+def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_warned_of(tmp_path):
+    model, opt = nn.Linear(4, 2), optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    data = [(torch.randn(4, 4), torch.randint(0, 2, (4,)))]
+    lk.fit(step, lk.TrainState.create(model, opt), data, hooks=[lk.hooks.Checkpoint(tmp_path)])
+    with pytest.warns(UserWarning, match="already holds 1 checkpoint.*resume='latest'"):
+        lk.fit(step, lk.TrainState.create(model, opt), data, hooks=[lk.hooks.Checkpoint(tmp_path)])
+    with warnings.catch_warnings():  # resuming it is what those checkpoints are for
+        warnings.simplefilter("error")
+        lk.fit(step, lk.TrainState.create(model, opt), data, epochs=2,
+               hooks=[lk.hooks.Checkpoint(tmp_path)], resume="latest")  # fmt: skip
