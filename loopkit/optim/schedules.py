@@ -246,11 +246,13 @@ def cosine_annealing(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule:
     at ``T_max = 1000``.
 
     ``T_max`` may be fractional, as in torch. Its periods then start at no step, so torch's
-    recursion telescopes to the cosine itself, which this schedule is: equal to torch's
-    within 1e-14 relative with ``eta_min = 0``. With ``eta_min > 0`` torch's drift grows as
-    the cosine gets near its troughs: about 1e-11 over 300 steps where ``T_max`` is 0.1 or
-    more from an integer, much more just beside one. Where ``(2k + 1) * T_max`` is an
-    integer torch may divide by zero there (ZeroDivisionError); this schedule continues."""
+    recursion telescopes to the cosine itself, but its step-by-step rounding drifts from
+    it as the cosine nears its troughs (to 1e-9 relative within 100 steps with ``eta_min
+    > 0``). This schedule therefore replays torch's recursion, in torch's float arithmetic,
+    for the first 10000 steps (a table made when the schedule is built: the same numbers
+    as torch), and is the cosine after them. Where ``(2k + 1) * T_max`` is an integer torch
+    may divide by zero at that step (ZeroDivisionError); the table ends there and the
+    cosine continues."""
     # torch fails with ZeroDivisionError on a T_max of 0 and runs an inside-out cosine below
     if isinstance(T_max, bool) or not isinstance(T_max, numbers.Real) or not T_max > 0:
         raise ValueError(f"T_max must be a number > 0, got {T_max!r}")
@@ -260,18 +262,40 @@ def cosine_annealing(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule:
     # the lr torch sets at the first step of each later period, less eta_min, rounded as torch
     rise = (eta_min + amplitude * (1 - math.cos(math.pi / T_max)) / 2) - eta_min
 
+    replayed = None
+    if not restarts:
+        replayed = torch.tensor(_cosine_recursion(lr, T_max, eta_min), dtype=torch.float64)
+
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
         t = _f64(count)
         c_t = 1 + torch.cos(math.pi * t / T_max)
         first = eta_min + amplitude * c_t / 2
-        if not restarts:
-            return first
+        if replayed is not None:
+            i = torch.clamp(_i64(count), max=len(replayed) - 1)
+            return torch.where(t < len(replayed), _take(replayed, i), first)
         start = t - torch.remainder(t - T_max - 1, 2 * T_max)
         c_start = 1 + torch.cos(math.pi * start / T_max)
         later = eta_min + rise * (c_t / c_start)
         return torch.where(t <= T_max, first, later)
 
     return schedule
+
+
+def _cosine_recursion(lr: float, T_max: float, eta_min: float, steps: int = 10_000) -> list:
+    """CosineAnnealingLR's lr after 0, 1, ... scheduler steps, computed as its ``get_lr``
+    computes them (Python floats, step by step), up to ``steps`` of them or the first
+    division by zero."""
+    out = [lr]
+    for t in range(1, steps):
+        prev = out[-1]
+        if (t - 1 - T_max) % (2 * T_max) == 0:
+            out.append(prev + (lr - eta_min) * (1 - math.cos(math.pi / T_max)) / 2)
+            continue
+        trough = 1 + math.cos(math.pi * (t - 1) / T_max)
+        if trough == 0:
+            break
+        out.append((1 + math.cos(math.pi * t / T_max)) / trough * (prev - eta_min) + eta_min)
+    return out
 
 
 def cosine_annealing_warm_restarts(
