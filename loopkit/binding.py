@@ -114,9 +114,10 @@ class ModuleBinding:
         """Within the block the module holds ``tensors`` (as a call does) and ``True`` is
         yielded; afterwards ``tensors`` holds what the block left in each name's slot and
         the module is as it was. Where only ``functional_call`` applies (see the class
-        docstring) nothing is swapped and ``False`` is yielded. (Not for compiled code:
-        Dynamo would trace the generator.)"""
-        plan = self._plan(tensors)
+        docstring) nothing is swapped and ``False`` is yielded. For right after a call,
+        which checked that the module is as resolved (not for compiled code: Dynamo would
+        trace the generator)."""
+        plan = self._plan(tensors, check=False)
         if plan is None:
             yield False
             return
@@ -143,12 +144,13 @@ class ModuleBinding:
         for store, attr, old in reversed(saved):
             store[attr] = old
 
-    def _plan(self, tensors: dict[str, Any]) -> list | None:
+    def _plan(self, tensors: dict[str, Any], check: bool = True) -> list | None:
         """``(name, slots, value)`` for each given tensor, or None where the binding does
-        not apply."""
+        not apply. ``check=False`` skips checking that the module is as resolved (a
+        ``holding`` block right after a call, which checked)."""
         # While held, the slots hold given tensors, not the resolved ones: a call then (a
         # recomputation in the backward) is as valid as the block's own swap.
-        if not self._holding and not self._intact():
+        if check and not self._holding and not self._intact():
             if torch.compiler.is_compiling():  # resolving traces slowly: let torch do it
                 return None
             self._resolve()

@@ -337,9 +337,11 @@ class _Step:
         """After a call: if it wrote into the params or buffers it was given, pass views
         from now on (and warn, where they were the caller's own tensors)."""
         self._first_call = False
+        if _versions(given) == versions:
+            return
         named = _named(given)
         written = [k for (k, t), v in zip(named, versions, strict=True) if v != _version(t)]
-        if written and not self._writes_inputs:
+        if not self._writes_inputs:
             self._writes_inputs = True
             if not guarded:
                 warnings.warn(
@@ -936,7 +938,13 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _versions(trees: tuple) -> list[int]:
-    return [_version(v) for _, v in _named(trees)]
+    """:func:`_version` of each tensor of :func:`_named` (inlined: it runs every call)."""
+    return [
+        -1 if t.is_inference() else t._version
+        for tree in trees
+        for t in tree.values()
+        if isinstance(t, torch.Tensor)
+    ]
 
 
 def _clone_metrics(metrics: Metrics) -> Metrics:
