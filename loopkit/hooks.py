@@ -45,12 +45,14 @@ def _due_step(loop: Loop, every_steps: int | None) -> bool:
 def _monitored(hook: Hook, who: str, key: str, loop: Loop, complete: bool = True) -> bool:
     """Whether ``key`` is in ``loop.logs``. Where it is missing from ``complete`` logs (an
     epoch's end, when every hook has logged) while others of its source are there
-    (``val/los`` next to ``val/loss``: a typo), warn once per hook, naming those keys. A
-    source with nothing logged (a validation every few epochs) is no reason to warn."""
+    (``val/los`` next to ``val/loss``: a typo), or that has no source (``val_loss``), warn
+    once per hook and fit, naming the keys there are. A source with nothing logged (a
+    validation every few epochs) is no reason to warn."""
     if key in loop.logs:
         return True
     source = key.rpartition("/")[0]
-    typo = complete and source and any(k.rpartition("/")[0] == source for k in loop.logs)
+    # a key without a source ("val_loss") is never logged by Validate: warn too
+    typo = complete and (not source or any(k.rpartition("/")[0] == source for k in loop.logs))
     if typo and not getattr(hook, "_warned_missing", False) and distributed.is_main():
         hook._warned_missing = True
         warnings.warn(
@@ -194,6 +196,7 @@ class Checkpoint(Hook):
         return path
 
     def on_fit_start(self, loop: Loop) -> None:
+        self._warned_missing = False
         if loop.resumed_from is None:
             self.records, self.pending, self.validated = [], [], {}
             self._warn_of_earlier_checkpoints()
@@ -591,6 +594,7 @@ class EarlyStopping(Hook):
         self.best, self.wait, self.checked = state["best"], state["wait"], state["checked"]
 
     def on_fit_start(self, loop: Loop) -> None:
+        self._warned_missing = False
         if loop.resumed_from is None:
             self.best, self.wait, self.checked = None, 0, False
 

@@ -336,7 +336,9 @@ class _Step:
     def _note_writes(self, given: tuple, versions: list, guarded: bool) -> None:
         """After a call: if it wrote into the params or buffers it was given, pass views
         from now on (and warn, where they were the caller's own tensors)."""
-        self._first_call = False
+        # an inference tensor has no version counter (-1): where one was given, keep
+        # passing views, as a write to it cannot be seen
+        self._first_call = -1 in versions
         if _versions(given) == versions:
             return
         named = _named(given)
@@ -907,8 +909,8 @@ def _saved_tensor_hooks_enabled() -> bool:
 def _lazy_copies(tensors: dict) -> dict:
     """``tensors`` with each plain tensor replaced by a copy-on-write view of it
     (``torch._lazy_clone``): the same values and storage, copied only when written (the
-    writer gets the copy). Subclasses, and tensors whose storage torch cannot share so
-    (numpy-backed, shared-memory, memory-mapped), are passed as they are."""
+    writer gets the copy). Tensors whose storage torch cannot share so (numpy-backed,
+    shared-memory, memory-mapped) are copied; subclasses are passed as they are."""
     if _lazy_clone is None:
         return tensors
     return {k: _lazy_copy(v) for k, v in tensors.items()}
@@ -920,7 +922,7 @@ def _lazy_copy(t: Any) -> Any:
     try:
         return _lazy_clone(t)
     except RuntimeError:  # a storage with its own deleter (from_numpy, share_memory_, mmap)
-        return t
+        return t.clone()  # (only on the calls that guard: the first, and after a write)
 
 
 _lazy_clone = getattr(torch, "_lazy_clone", None)  # torch >= 2.3

@@ -835,6 +835,8 @@ def test_a_monitor_missing_from_the_logs_is_warned_of_once():
         warnings.simplefilter("error")
         tiny_fit([ConstantValidation(), lk.hooks.EarlyStopping("val/ppl"), Derive()], epochs=2)
         tiny_fit([ConstantValidation(), lk.hooks.EarlyStopping("test/loss")], epochs=2)
+    with pytest.warns(UserWarning, match="'val_loss', which is not in the logs"):
+        tiny_fit([ConstantValidation(), lk.hooks.EarlyStopping("val_loss")], epochs=2)
 
 
 def test_keep_best_with_a_monitor_missing_from_the_logs_is_warned_of(tmp_path):

@@ -686,3 +686,27 @@ def test_a_forward_that_writes_its_params_only_sometimes_is_warned_of_then_guard
     before = state.params["emb.weight"].clone()
     step(state, batch(4))
     assert torch.equal(state.params["emb.weight"], before)
+
+
+def test_a_first_call_protects_shared_memory_and_inference_mode_states():
+    """Copy-on-write views cannot be made of shared-memory storage (the step copies it) and
+    an inference tensor has no version counter (the step keeps passing views)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 3))
+    opt = optim.sgd(lr=0.1)
+
+    def loss(net, batch):
+        return F.cross_entropy(net(batch[0]), batch[1])
+
+    batch = (torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,)))
+    state = lk.TrainState.create(model, opt)
+    shared = state.replace(params={k: v.clone().share_memory_() for k, v in state.params.items()})
+    before = shared.params["0.weight"].clone()
+    lk.train_step(model, loss, opt)(shared, batch)
+    assert torch.equal(shared.params["0.weight"], before)
+    evaluate = lk.eval_step(model, loss)
+    before = state.params["0.weight"].clone()
+    for _ in range(2):
+        with torch.inference_mode():
+            evaluate(state, batch)
+        assert torch.equal(state.params["0.weight"], before)
