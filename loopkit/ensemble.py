@@ -292,18 +292,12 @@ class _MemberDropout(TorchFunctionMode):
         )
 
         if not is_batchedtensor(x) or maybe_get_level(x) != self.level:
-            return tuple(x.stride()) if not is_batchedtensor(x) else _contiguous(x.shape)
+            if is_batchedtensor(x):  # batched at another level: its layout is not known
+                return torch.empty(x.shape, device="meta").stride()
+            return tuple(x.stride())
         strides = list(get_unwrapped(x).stride())
         del strides[maybe_get_bdim(x)]
         return tuple(strides)
-
-
-def _contiguous(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _generators(rng: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Generator]]:
