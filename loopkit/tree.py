@@ -55,6 +55,7 @@ def check_same_keys(tree: PyTree, like: PyTree, what: str, like_what: str) -> No
     """
     if _tensor_dict(tree) and _tensor_dict(like) and tree.keys() == like.keys():
         return
+    check_no_none(tree, what)
     if pytree.tree_structure(tree) == pytree.tree_structure(like):
         return
     got, _ = flatten_with_names(tree)
@@ -71,6 +72,24 @@ def check_same_keys(tree: PyTree, like: PyTree, what: str, like_what: str) -> No
         f"{what} does not match {like_what}: missing {listing(missing) or 'nothing'}; "
         f"unexpected {listing(extra) or 'nothing'}. "
         f"Build {what} from the same {like_what} (e.g. grads of state.params)."
+    )
+
+
+def check_no_none(tree: PyTree, what: str) -> None:
+    """Raise a ValueError naming the None leaves of ``tree`` (grads or updates), if any: what
+    ``torch.autograd.grad(..., allow_unused=True)`` gives for a param the loss does not use.
+    torch's pytree takes None for a leaf, so without this it fails inside a transform."""
+    if _tensor_dict(tree) or all(leaf is not None for leaf in tree_leaves(tree)):
+        return
+    nones = [path for path, leaf in flatten_with_names(tree)[0].items() if leaf is None]
+    raise ValueError(
+        f"{', '.join(f'{what}{path}' for path in nones[:10])} "
+        f"{'is' if len(nones) == 1 else 'are'} None, as "
+        "torch.autograd.grad(..., allow_unused=True) gives for a param the loss does not "
+        "use; torch.optim skips a param whose .grad is None, loopkit's optimizers take a "
+        "tensor for every param. Give it a zero gradient (torch.zeros_like(param): the "
+        "same as skipping it unless weight decay or momentum moves it), or keep the param "
+        "out of this optimizer (optim.freeze, or requires_grad=False for TrainState.create)."
     )
 
 

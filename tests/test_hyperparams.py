@@ -277,3 +277,48 @@ def test_vmap_over_a_stack_of_injected_states(name):
         tol = dict(rtol=0, atol=0.1 * 0.01 * k_members) if name == "muon" else TOL[dtype]
         for k in params:
             torch.testing.assert_close(batched_params[k][i], members[i][k], **tol)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "asgd"])
+@pytest.mark.parametrize("how", ["set_hyperparams", "set_learning_rate"])
+def test_a_one_element_tensor_value_is_set_as_torch_reads_it(name, how):
+    """``param_group["lr"] = torch.tensor([0.02])`` steps in torch (which reads the value
+    as a scalar); setting a ``[1]``-shaped tensor here does the same, betas included."""
+    params = {
+        "w": torch.randn(3, 2, dtype=torch.float64),
+        "t": torch.tensor(1.5, dtype=torch.float64),
+    }
+    g = torch.Generator().manual_seed(0)
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+             for _ in range(3)]  # fmt: skip
+    lr = torch.tensor([0.02], dtype=torch.float64)
+    betas = (torch.tensor([0.8], dtype=torch.float64), torch.tensor([0.9], dtype=torch.float64))
+    if how == "set_learning_rate":  # the lr of a plain optimizer's state
+        tx = getattr(optim, name)(lr=0.1)
+    else:
+        tx = optim.inject_hyperparams(getattr(optim, name))(lr=0.1)
+    state = tx.init(params)
+    if how == "set_learning_rate":
+        state = optim.set_learning_rate(state, lr)
+    elif name == "adamw":
+        state = optim.set_hyperparams(state, lr=lr, betas=betas)
+    else:
+        state = optim.set_hyperparams(state, lr=lr)
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = TORCH_OPTIMIZERS[name](ps.values(), lr=0.1)
+    opt.param_groups[0]["lr"] = lr
+    if name == "adamw" and how == "set_hyperparams":
+        opt.param_groups[0]["betas"] = betas
+    got = params
+    for gs in grads:
+        got, state = optim.apply_gradients(tx, gs, state, got)
+        for k, p in ps.items():
+            p.grad = gs[k].clone()
+        opt.step()
+    for k, p in ps.items():
+        assert got[k].shape == p.shape
+        torch.testing.assert_close(got[k], p.detach(), **TOL[torch.float64])
+    assert all(lr.shape == () for lr in optim.learning_rates(state))
+    if how == "set_hyperparams":
+        assert all(v.shape == (2,) if k == "betas" else v.shape == ()
+                   for k, v in optim.hyperparams(state)[0].items())  # fmt: skip

@@ -118,7 +118,8 @@ def test_an_eager_adamw_update_dispatches_the_same_ops_for_any_number_of_params(
     not ~13 per param."""
     few, many = _adamw_ops(4), _adamw_ops(16)
     assert few == many
-    assert sum(c for k, c in many.items() if k.startswith("_foreach")) == 12, many
+    # 12, and 2 clamps keeping a +-inf param's decay term finite (torch keeps such a param)
+    assert sum(c for k, c in many.items() if k.startswith("_foreach")) == 14, many
     assert sum(many.values()) < 30, many
 
 

@@ -428,22 +428,25 @@ def _from_zero(t):
 @pytest.mark.parametrize(
     "name, schedule",
     [(n, s) for n in ("sgd", "sgd_nesterov", "sgd_dampening") for s in (_cycle, _from_zero)]
-    + [(n, _cycle) for n in ("adam", "adamw", "adamax", "nadam", "radam")],
+    + [(n, _cycle) for n in ("adam", "adamw", "adamax", "nadam", "radam", "rmsprop")],
 )
 def test_scheduled_momentum_matches_torch_param_group_changes(name, schedule):
-    """What CyclicLR/OneCycleLR do to torch: set the group's momentum (SGD) or betas[0]
-    (Adam) before each step. A schedule in place of the number does the same here."""
+    """What CyclicLR/OneCycleLR do to torch: set the group's momentum (SGD, RMSprop) or
+    betas[0] (Adam) before each step. A schedule in place of the number does the same here."""
     params = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
     g = torch.Generator().manual_seed(0)
     grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
              for _ in range(7)]  # fmt: skip
-    if name.startswith("sgd"):
-        kw = dict(lr=0.1, weight_decay=0.01, nesterov=name == "sgd_nesterov",
-                  dampening=0.3 if name == "sgd_dampening" else 0.0)  # fmt: skip
-        tx = optim.sgd(momentum=schedule, **kw)
+    if name.startswith("sgd") or name == "rmsprop":
+        if name == "rmsprop":
+            kw = dict(lr=0.01, weight_decay=0.01, centered=True)
+        else:
+            kw = dict(lr=0.1, weight_decay=0.01, nesterov=name == "sgd_nesterov",
+                      dampening=0.3 if name == "sgd_dampening" else 0.0)  # fmt: skip
+        tx = getattr(optim, name[:3] if name != "rmsprop" else name)(momentum=schedule, **kw)
 
         def make(ps):
-            return torch.optim.SGD(ps, momentum=0.9, **kw)
+            return TORCH_OPTIMIZERS[name[:3] if name != "rmsprop" else name](ps, momentum=0.9, **kw)
 
         def set_value(group, v):
             group["momentum"] = v
@@ -574,3 +577,232 @@ def test_new_states_share_no_tensor(name, lr, default):
     assert len(set(own)) == len(own), "two leaves of one state share a tensor"
     assert not set(own) & set(_storages(second)), "two states share a tensor"
     assert not set(own) & set(_storages((params, given))), "a state holds a given tensor"
+
+
+# Params torch multiplies by a factor each step: decoupled decay (`p *= 1 - lr * wd`), ASGD's
+# `p *= 1 - lambd * eta`, Adafactor's decay and relative step size. A +-inf entry (a causal
+# attention bias) stays inf in torch; an update `p + (-lr * wd * p)` would make it NaN.
+INF_CASES = {
+    "adamw": ("adamw", dict(lr=0.01, weight_decay=0.1)),
+    "adam_decoupled": ("adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    "nadam_decoupled": ("nadam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    "radam_decoupled": ("radam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    "muon": ("muon", dict(lr=0.02, weight_decay=0.1)),
+    "asgd": ("asgd", dict(lr=0.01, lambd=0.1, t0=2.0)),
+    "adafactor": ("adafactor", dict(lr=0.01, weight_decay=0.1)),
+    # where torch itself turns an inf into NaN (L2 decay puts inf in the gradient)
+    "sgd_l2": ("sgd", dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    "adam_l2": ("adam", dict(lr=0.01, weight_decay=0.1)),
+    "asgd_l2": ("asgd", dict(lr=0.01, weight_decay=0.1)),
+}
+
+
+def _with_infs(seed: int, matrices_only: bool, grad_at_inf: bool):
+    """Params holding -inf and +inf entries, and gradients that are zero there (a masked
+    attention bias) or, with ``grad_at_inf``, not."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64)}
+    if not matrices_only:
+        params["b"] = torch.randn(5, generator=g, dtype=torch.float64)
+    infs = {k: torch.rand(v.shape, generator=g) < 0.3 for k, v in params.items()}
+    infs["w"][0, 1] = True
+    for k, p in params.items():
+        p[infs[k]] = float("-inf")
+        p.view(-1)[-1] = float("inf")
+        infs[k].view(-1)[-1] = True
+    grads = [
+        {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+        for _ in range(4)
+    ]
+    if not grad_at_inf:
+        for gs in grads:
+            for k, gi in gs.items():
+                gi[infs[k]] = 0.0
+    return params, grads
+
+
+@pytest.mark.parametrize("case", sorted(INF_CASES))
+@pytest.mark.parametrize("grad_at_inf", [False, True])
+@given(seed=st.integers(0, 2**16))
+def test_an_infinite_param_stays_as_torch_keeps_it(case, grad_at_inf, seed):
+    name, kwargs = INF_CASES[case]
+    params, grads = _with_infs(seed, name == "muon", grad_at_inf)
+    torch_cls = torch.optim.Muon if name == "muon" else TORCH_OPTIMIZERS[name]
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch_cls(ps.values(), **kwargs)
+    for gs in grads:
+        for k, p in ps.items():
+            p.grad = gs[k].clone()
+        opt.step()
+    tx = getattr(optim, name)(**kwargs)
+    by_update, _ = loopkit_run(params, grads, tx)
+    by_apply, state = params, tx.init(params)
+    for gs in grads:
+        by_apply, state = optim.apply_gradients(tx, gs, state, by_apply)
+    for got in (by_update, by_apply):
+        for k, p in ps.items():
+            torch.testing.assert_close(got[k], p.detach(), equal_nan=True, **TOL[torch.float64])
+    if name == "asgd":
+        ax = state[-1].ax
+        for k, p in ps.items():
+            torch.testing.assert_close(ax[k], opt.state[p]["ax"], equal_nan=True)
+
+
+@pytest.mark.compile
+def test_an_infinite_param_stays_as_torch_keeps_it_compiled():
+    params, grads = _with_infs(0, True, False)
+    txs = {"adamw": optim.adamw(lr=0.01), "asgd": optim.asgd(lr=0.01, lambd=0.1, t0=2.0)}
+
+    @torch.compile(fullgraph=True)
+    def step(params, states, grads):
+        out = {}
+        for name, tx in txs.items():
+            updates, states[name] = tx.update(grads, states[name], params[name])
+            out[name] = optim.apply_updates(params[name], updates)
+        return out, states
+
+    got = {name: params for name in txs}
+    states = {name: tx.init(params) for name, tx in txs.items()}
+    for gs in grads:
+        got, states = step(got, states, gs)
+    for name, kwargs in (("adamw", dict(lr=0.01)), ("asgd", dict(lr=0.01, lambd=0.1, t0=2.0))):
+        want = torch_reference(params, grads, name, kwargs)
+        torch.testing.assert_close(got[name]["w"], want["w"], equal_nan=True, **TOL[torch.float64])
+
+
+# Every numeric argument with a valid non-default value (so that each link it feeds runs).
+HYPERPARAMETERS = {
+    "sgd": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "adam": dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01),
+    "adamw": dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01),
+    "rmsprop": dict(lr=0.01, alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5),
+    "adagrad": dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1,
+                    eps=1e-8),
+    "adamax": dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01),
+    "nadam": dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01, momentum_decay=0.01),
+    "radam": dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01),
+    "adadelta": dict(lr=1.0, rho=0.8, eps=1e-5, weight_decay=0.01),
+    "asgd": dict(lr=0.01, lambd=0.01, alpha=0.7, t0=2.0, weight_decay=0.01),
+    "rprop": dict(lr=0.01, etas=(0.4, 1.3), step_sizes=(1e-5, 10.0)),
+    "adafactor": dict(lr=0.01, beta2_decay=-0.7, eps=(1e-20, 1e-3), d=1.5, weight_decay=0.01),
+    "muon": dict(lr=0.02, weight_decay=0.1, momentum=0.9, eps=1e-6),
+}  # fmt: skip
+
+
+def _tensor_cases() -> list[tuple[str, str, int | None]]:
+    """(optimizer, argument, index in a tuple argument or None)."""
+    return [
+        (name, arg, i)
+        for name, kwargs in HYPERPARAMETERS.items()
+        for arg, value in kwargs.items()
+        for i in (range(len(value)) if isinstance(value, tuple) else [None])
+    ]
+
+
+@pytest.mark.parametrize("name, arg, index", _tensor_cases())
+def test_a_one_element_tensor_hyperparameter_is_read_as_a_scalar(name, arg, index):
+    """torch reads a one-element tensor hyperparameter as a scalar (``_to_scalar``): a
+    ``[1]``-shaped one must not broadcast a 0-dim param (or its state) to ``[1]``."""
+
+    def given(make):
+        kwargs = dict(HYPERPARAMETERS[name])
+        value = kwargs[arg]
+        if index is None:
+            kwargs[arg] = make(value)
+        else:  # Adam and AdamW take both betas as tensors or neither
+            both = name in ("adam", "adamw") and arg == "betas"
+            kwargs[arg] = tuple(make(v) if i == index or both else v for i, v in enumerate(value))
+        return getattr(optim, name)(**kwargs)
+
+    shapes = {"w": (3, 2), "v": (2, 3)} if name == "muon" else {"t": (), "w": (3,), "m": (2, 2)}
+    g = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+             for _ in range(3)]  # fmt: skip
+    got, state = loopkit_run(params, grads, given(lambda v: torch.tensor([v], dtype=torch.float64)))
+    want, want_state = loopkit_run(
+        params, grads, given(lambda v: torch.tensor(v, dtype=torch.float64))
+    )
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in params.items()}
+    for x, y in zip(lk.tree.tree_leaves(state), lk.tree.tree_leaves(want_state), strict=True):
+        assert x.shape == y.shape
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, where, example",
+    [
+        ("muon", dict(momentum=_cycle), "momentum", "momentum=schedule"),
+        ("sgd", dict(weight_decay=_cycle), "weight_decay", "weight_decay=schedule"),
+        ("sgd", dict(momentum=0.9, dampening=_cycle), "dampening", "dampening=schedule"),
+        ("adam", dict(weight_decay=_cycle), "weight_decay", "weight_decay=schedule"),
+        ("adamw", dict(betas=(0.9, _cycle)), r"betas\[1\]", r"betas=\(0.9, schedule\)"),
+        ("nadam", dict(betas=(_cycle, _cycle)), r"betas\[1\]", r"betas=\(schedule, schedule\)"),
+        ("adagrad", dict(lr_decay=_cycle), "lr_decay", "lr_decay=schedule"),
+        ("rmsprop", dict(alpha=_cycle), "alpha", "alpha=schedule"),
+        ("rprop", dict(etas=(_cycle, 1.2)), r"etas\[0\]", r"etas=\(schedule, 1.2\)"),
+    ],
+)
+def test_a_schedule_where_a_number_is_read_names_the_argument_and_the_fix(
+    name, kwargs, where, example
+):
+    """torch's CyclicLR/OneCycleLR cycle any optimizer's ``momentum``; a schedule for an
+    argument read as a number here gets an error that names it and says how to schedule it
+    (and the fix it names runs)."""
+    fix = rf"optim.inject_hyperparams\(optim.{name}\)\({example}\)"
+    with pytest.raises(TypeError, match=rf"optim.{name} takes {where} as a number.*{fix}"):
+        getattr(optim, name)(**kwargs)
+    tx = optim.inject_hyperparams(getattr(optim, name))(**kwargs)
+    params = {"w": torch.randn(3, 2)}
+    optim.apply_gradients(tx, {"w": torch.ones(3, 2)}, tx.init(params), params)
+
+
+SWITCHES = ("foreach", "capturable", "differentiable", "fused")
+
+
+def test_torch_implementation_switches_are_taken_as_torch_takes_them():
+    """Code ported from torch.optim passes ``foreach``, ``capturable``, ``differentiable``:
+    each optimizer takes those torch's does, with its defaults, and they change nothing."""
+    params = {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(3)]
+    for name, cls in {**TORCH_CLASSES, "adafactor": torch.optim.Adafactor}.items():
+        ours = inspect.signature(getattr(optim, name)).parameters
+        theirs = inspect.signature(cls).parameters
+        for switch in SWITCHES:
+            assert (switch in ours) == (switch in theirs), f"{name}: {switch}"
+        if name == "muon":
+            params_, grads_ = {"w": params["w"]}, [{"w": g["w"]} for g in grads]
+        else:
+            params_, grads_ = params, grads
+        want, _ = loopkit_run(params_, grads_, getattr(optim, name)())
+        for switch in ("capturable", "differentiable", "foreach"):
+            if switch not in ours or (name == "rmsprop" and switch == "foreach"):
+                continue
+            for value in (True, False):
+                got, _ = loopkit_run(params_, grads_, getattr(optim, name)(**{switch: value}))
+                for k in want:
+                    torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+            with pytest.raises(TypeError, match=f"{switch} must be None, True or False"):
+                getattr(optim, name)(**{switch: "yes"})
+
+
+@pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
+def test_a_none_gradient_is_named_with_the_fix(name):
+    """``torch.autograd.grad(..., allow_unused=True)`` gives None for a param the loss does
+    not use (torch.optim skips a param whose ``.grad`` is None). Every path of the pure API
+    names it and says what to do, rather than failing inside a transform."""
+    params = {"w": torch.randn(3, 2), "unused": torch.randn(2, 2)}
+    grads = {"w": torch.ones(3, 2), "unused": None}
+    tx = getattr(optim, name)()
+    state = tx.init(params)
+    fix = r"grads\['unused'\] is None.*torch.zeros_like"
+    with pytest.raises(ValueError, match=fix):
+        optim.apply_gradients(tx, grads, state, params)
+    with pytest.raises(ValueError, match=fix):
+        tx.update(grads, state, params)
+    if name not in ("asgd", "adafactor", "sgd", "muon"):  # these need the params
+        with pytest.raises(ValueError, match=fix):
+            tx.update(grads, state)
+    with pytest.raises(ValueError, match=r"updates\['unused'\] is None"):
+        optim.apply_updates(params, grads)

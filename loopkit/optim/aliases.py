@@ -1,11 +1,26 @@
 """torch.optim's optimizers as chains of transforms, with torch's argument names, defaults
-and validation. ``lr`` may be a float or a schedule ``step -> lr``.
+and validation. ``lr`` may be a float or a schedule ``step -> lr``; so may SGD's and
+RMSprop's ``momentum`` and the Adam family's ``betas[0]``, which torch's CyclicLR and
+OneCycleLR cycle. Any other hyperparameter is scheduled by injecting it
+(:func:`~loopkit.optim.inject_hyperparams`); a schedule given for it here is a TypeError
+that says so.
 
-Every numeric hyperparameter may also be a 0-dim tensor: it is then used as it is at every
-update, unvalidated (no host sync), and the chain keeps every link it could need (a tensor
-``momentum`` always has a momentum buffer, a tensor ``weight_decay`` always a decay that is a
-no-op at 0). That is how :func:`~loopkit.optim.inject_hyperparams` passes the current
-values; structure (``amsgrad``, ``nesterov``, ``centered``, ``maximize``...) stays Python."""
+Every numeric hyperparameter may also be a one-element tensor, read as a 0-dim one (as
+torch reads it): it is then used as it is at every update, unvalidated (no host sync), and
+the chain keeps every link it could need (a tensor ``momentum`` always has a momentum
+buffer, a tensor ``weight_decay`` always a decay that is a no-op at 0). That is how
+:func:`~loopkit.optim.inject_hyperparams` passes the current values; structure
+(``amsgrad``, ``nesterov``, ``centered``, ``maximize``...) stays Python.
+
+torch's implementation switches ``foreach``, ``capturable`` and ``differentiable`` are
+accepted where torch takes them (None, True or False) and change nothing, so code ported
+from torch.optim runs as it is: they choose among torch's implementations of one update,
+and loopkit picks its own (multi-tensor ops where torch defaults to them:
+:mod:`loopkit.optim.leafwise`), keeps its state and scalars on the params' device, and
+can always be differentiated through (the fused paths step aside when autograd flows
+through the update). RMSprop's ``foreach=False``
+and the ``fused`` of SGD, Adam, AdamW and Adagrad choose loopkit's implementation (see
+their docstrings)."""
 
 from __future__ import annotations
 
@@ -51,12 +66,12 @@ from loopkit.optim.transforms import (
     scale_by_rprop,
     trace,
 )
-from loopkit.tree import check_same_keys, flatten_with_names
+from loopkit.tree import check_no_none, check_same_keys, flatten_with_names
 
 
 def _checked(tx: Transform) -> Transform:
     """``tx`` whose init rejects params that are not real floating-point tensors and whose
-    update checks that the grads line up with the params."""
+    update checks that the grads line up with the params, with no None among them."""
 
     def init(params):
         for path, p in flatten_with_names(params)[0].items():
@@ -71,6 +86,8 @@ def _checked(tx: Transform) -> Transform:
     def update(grads, state, params=None):
         if params is not None:
             check_same_keys(grads, params, "grads", "params")
+        else:
+            check_no_none(grads, "grads")
         return tx.update(grads, state, params)
 
     inner_apply = _registered_apply(tx.update)
@@ -149,8 +166,51 @@ def _lr(
 
 
 def _num(value: Any) -> Hyper:
-    """A hyperparameter as a float, or a tensor (injected) as it is."""
-    return value if isinstance(value, torch.Tensor) else float(value)
+    """A hyperparameter as a float, or a one-element tensor (given, or injected) as a 0-dim
+    view, as torch reads it (``_to_scalar``): a ``[1]`` tensor would broadcast a 0-dim
+    param's update, and its state, to ``[1]``."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    if value.numel() != 1:
+        raise ValueError(
+            f"a tensor hyperparameter must have one element, got one of shape {list(value.shape)}"
+        )
+    return value.reshape(())
+
+
+def _scheduled(value: Any) -> Hyper | Schedule:
+    """A hyperparameter that may be a schedule (SGD's and RMSprop's ``momentum``, the Adam
+    family's ``betas[0]``, which CyclicLR and OneCycleLR cycle): as it is, else :func:`_num`."""
+    return value if callable(value) else _num(value)
+
+
+def _numbers_only(optimizer: str, **values: Any) -> None:
+    """Reject a schedule given for an argument that ``optimizer`` reads as a number, naming
+    the argument and the way to schedule it: :func:`~loopkit.optim.inject_hyperparams`. A
+    tuple argument is checked element by element, but for ``betas[0]``, which the Adam
+    family takes as a schedule."""
+    for name, value in values.items():
+        parts = value if isinstance(value, tuple) else (value,)
+        for i, part in enumerate(parts):
+            if not callable(part) or (name == "betas" and i == 0):
+                continue
+            where, example = name, f"{name}=schedule"
+            if isinstance(value, tuple):
+                shown = ", ".join("schedule" if callable(v) else repr(v) for v in value)
+                where, example = f"{name}[{i}]", f"{name}=({shown})"
+            raise TypeError(
+                f"optim.{optimizer} takes {where} as a number, not a schedule (lr may be a "
+                "schedule, and SGD's and RMSprop's momentum and the Adam family's betas[0]). "
+                f"To change {where} at every update, inject it: "
+                f"optim.inject_hyperparams(optim.{optimizer})({example})"
+            )
+
+
+def _check_switches(**switches: Any) -> None:
+    """torch's implementation switches (``foreach``, ``capturable``, ``differentiable``):
+    None, True or False, as torch takes them; they change nothing here (module docstring)."""
+    for name, value in switches.items():
+        _check_switch(name, value)
 
 
 def _fixed(value: Any) -> bool:
@@ -166,6 +226,8 @@ def sgd(
     nesterov: bool = False,
     *,
     maximize: bool = False,
+    foreach: bool | None = None,
+    differentiable: bool = False,
     fused: bool | None = None,
 ) -> Transform:
     """torch.optim.SGD: ``g += weight_decay * p``; momentum buffer ``b`` (first ``b = g``,
@@ -177,6 +239,8 @@ def sgd(
     bfloat16 CPU params always run the chain (torch 2.13's CPU kernel drops most of their
     update)."""
     # torch.optim.SGD's checks are `x < 0.0`: a NaN lr, momentum or weight decay passes
+    _numbers_only("sgd", dampening=dampening, weight_decay=weight_decay)
+    _check_switches(foreach=foreach, differentiable=differentiable)
     lr = _lr(lr, _negative)
     varying = not _fixed(momentum)  # a schedule (one_cycle_momentum) or injected
     _check(momentum, "Invalid momentum value: ", _negative)
@@ -191,7 +255,7 @@ def sgd(
     tx = chain(
         *([negate()] if maximize else []),
         add_decayed_weights(_num(weight_decay)),
-        *([trace(momentum, _num(dampening), nesterov)] if has_trace else []),
+        *([trace(_scheduled(momentum), _num(dampening), nesterov)] if has_trace else []),
         lr_tx,
     )
     if fused is not False and all(map(_fixed, (momentum, dampening, weight_decay))):
@@ -252,8 +316,9 @@ def _kernel_apply(
 
 
 def _beta1(betas: tuple) -> Hyper | Schedule:
-    """betas[0] as a float, or as it is if it is a schedule (cycled like OneCycleLR does)."""
-    return betas[0] if callable(betas[0]) else _num(betas[0])
+    """betas[0] as :func:`_num` gives it, or as it is if it is a schedule (cycled like
+    OneCycleLR does)."""
+    return _scheduled(betas[0])
 
 
 def _check_adam(betas, eps, weight_decay) -> None:
@@ -285,9 +350,12 @@ def adam(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
-    decoupled_weight_decay: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
     fused: bool | None = None,
+    decoupled_weight_decay: bool = False,
 ) -> Transform:
     """torch.optim.Adam: L2 weight decay ``g += weight_decay * p`` (or AdamW's decoupled
     decay with ``decoupled_weight_decay=True``), then :func:`scale_by_adam`, then ``-lr``.
@@ -301,6 +369,9 @@ def adam(
     reads a float32 lr); unlike torch's flag it is not an error where the kernel cannot run
     (compiled steps, torch.func transforms, autograd through the update, other layouts):
     the chain runs there."""
+    name = "adamw" if decoupled_weight_decay else "adam"
+    _numbers_only(name, betas=betas, eps=eps, weight_decay=weight_decay)
+    _check_switches(foreach=foreach, capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
     _check_beta_types(betas)
@@ -332,7 +403,7 @@ def _adaptive(
     ``p -= lr * weight_decay * p``) ``[negate] -> direction -> decay -> -lr``; with
     ``kernel`` (Adam's or Adagrad's, see :func:`_kernel_apply`), taking ``direction``'s
     state of type ``kind``, as the chain's apply."""
-    decay = add_decayed_weights(_num(weight_decay))
+    decay = add_decayed_weights(_num(weight_decay), decoupled=decoupled)
     core = [direction, decay] if decoupled else [decay, direction]
     lr_tx = scale_by_learning_rate(lr)
     tx = chain(*([negate()] if maximize else []), *core, lr_tx)
@@ -352,6 +423,9 @@ def adamw(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
     fused: bool | None = None,
 ) -> Transform:
     """torch.optim.AdamW: ``p -= lr * weight_decay * p`` (decoupled from the moments), then
@@ -359,7 +433,7 @@ def adamw(
     there)."""
     return adam(
         lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
-        fused=fused,
+        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
     )  # fmt: skip
 
 
@@ -368,20 +442,25 @@ def rmsprop(
     alpha: float = 0.99,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    momentum: float = 0.0,
+    momentum: float | Schedule = 0.0,
     centered: bool = False,
     *,
-    maximize: bool = False,
+    capturable: bool = False,
     foreach: bool | None = None,
+    maximize: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """torch.optim.RMSprop: ``g += weight_decay * p``; ``x = g / (sqrt(v) + eps)`` with
     :func:`scale_by_rms`; with momentum ``b = momentum * b + x`` and ``p -= lr * b``,
-    otherwise ``p -= lr * x``.
+    otherwise ``p -= lr * x``. ``momentum`` may be a schedule, as CyclicLR and OneCycleLR
+    cycle it (at a step where it is 0 the buffer is kept and skipped, as torch does).
 
     Eager steps on the CPU run torch.optim.RMSprop's own in-place ops, batched over the
     params (:func:`loopkit.optim.fused.rmsprop_step`: bitwise torch's default result),
     where its rules allow and alpha, eps, weight decay and momentum are numbers;
     ``foreach=False`` always runs the chain."""
+    _numbers_only("rmsprop", alpha=alpha, eps=eps, weight_decay=weight_decay)
+    _check_switches(capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     _check(eps, "Invalid epsilon value: ")
     _check(momentum, "Invalid momentum value: ")
@@ -390,7 +469,7 @@ def rmsprop(
     _check_switch("foreach", foreach)
     direction = scale_by_rms(_num(alpha), _num(eps), centered)
     if not _fixed(momentum) or momentum > 0:
-        direction = chain(direction, trace(_num(momentum)))
+        direction = chain(direction, trace(_scheduled(momentum)))
     kernel = kind = None
     if foreach is not False and all(map(_fixed, (alpha, eps, weight_decay, momentum))):
         kernel = functools.partial(
@@ -409,7 +488,9 @@ def adagrad(
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
+    differentiable: bool = False,
     fused: bool | None = None,
 ) -> Transform:
     """torch.optim.Adagrad: ``g += weight_decay * p``; ``s += g^2``;
@@ -419,6 +500,11 @@ def adagrad(
     with numeric lr_decay, weight decay and eps, and on the CPU only (torch 2.13 has no
     CUDA kernel). ``fused`` as for :func:`adam`: ``True`` also fuses float16 and bfloat16
     params."""
+    _numbers_only(
+        "adagrad", lr_decay=lr_decay, weight_decay=weight_decay,
+        initial_accumulator_value=initial_accumulator_value, eps=eps,
+    )  # fmt: skip
+    _check_switches(foreach=foreach, differentiable=differentiable)
     lr = _lr(lr)
     _check(lr_decay, "Invalid lr_decay value: ")
     _check(weight_decay, "Invalid weight_decay value: ")
@@ -442,9 +528,14 @@ def adamax(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """torch.optim.Adamax: ``g += weight_decay * p``, then :func:`scale_by_adamax`, ``-lr``."""
+    _numbers_only("adamax", betas=betas, eps=eps, weight_decay=weight_decay)
+    _check_switches(foreach=foreach, capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
     direction = scale_by_adamax(_beta1(betas), _num(betas[1]), _num(eps))
@@ -459,10 +550,17 @@ def nadam(
     momentum_decay: float = 4e-3,
     decoupled_weight_decay: bool = False,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """torch.optim.NAdam: weight decay (L2, or decoupled like AdamW), then
     :func:`scale_by_nadam`, then ``-lr``."""
+    _numbers_only(
+        "nadam", betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay
+    )
+    _check_switches(foreach=foreach, capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
     _check(momentum_decay, "Invalid momentum_decay value: ")
@@ -477,10 +575,15 @@ def radam(
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """torch.optim.RAdam: weight decay (L2, or decoupled like AdamW), then
     :func:`scale_by_radam`, then ``-lr``."""
+    _numbers_only("radam", betas=betas, eps=eps, weight_decay=weight_decay)
+    _check_switches(foreach=foreach, capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     _check_adam(betas, eps, weight_decay)
     direction = scale_by_radam(_beta1(betas), _num(betas[1]), _num(eps))
@@ -493,10 +596,15 @@ def adadelta(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """torch.optim.Adadelta: ``g += weight_decay * p``, then :func:`scale_by_adadelta`,
     then ``-lr``."""
+    _numbers_only("adadelta", rho=rho, eps=eps, weight_decay=weight_decay)
+    _check_switches(foreach=foreach, capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     _check(rho, "Invalid rho value: ", lambda v: not 0.0 <= v <= 1.0)
     _check(eps, "Invalid epsilon value: ")
@@ -510,11 +618,16 @@ def rprop(
     etas: tuple[float, float] = (0.5, 1.2),
     step_sizes: tuple[float, float] = (1e-6, 50),
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """torch.optim.Rprop: sign-based steps whose sizes (starting at ``lr``) grow by
     ``etas[1]`` while the gradient keeps its sign and shrink by ``etas[0]`` when it flips
     (:func:`scale_by_rprop`). As in torch, a schedule only sets the initial step size."""
+    _numbers_only("rprop", etas=etas, step_sizes=step_sizes)
+    _check_switches(foreach=foreach, capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     low, high = _checked_value(etas[0]), _checked_value(etas[1])
     if low is not None and high is not None and not 0.0 < low < 1.0 < high:
@@ -531,10 +644,15 @@ def asgd(
     t0: float = 1e6,
     weight_decay: float = 0.0,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """torch.optim.ASGD: ``g += weight_decay * p``, then :func:`asgd_update` (SGD with a
     decaying step ``eta`` and a running average of the params in ``opt_state[-1].ax``)."""
+    _numbers_only("asgd", lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay)
+    _check_switches(foreach=foreach, capturable=capturable, differentiable=differentiable)
     lr = _lr(lr)
     _check(weight_decay, "Invalid weight_decay value: ")
     core = asgd_update(lr, _num(lambd), _num(alpha), _num(t0))
@@ -550,10 +668,13 @@ def adafactor(
     d: float = 1.0,
     weight_decay: float = 0.0,
     *,
+    foreach: bool | None = None,
     maximize: bool = False,
 ) -> Transform:
     """torch.optim.Adafactor: factored second moments for 2+-dim params, relative step
     sizes and update clipping (:func:`adafactor_update`). Params must be a dict."""
+    _numbers_only("adafactor", beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay)
+    _check_switches(foreach=foreach)
     lr = _lr(lr, message="Learning rate should be >= 0 but is: ")
     _check(beta2_decay, "beta2_decay should be <= 0 but is: ", lambda v: not 0.0 >= v)
     if eps[0] is not None:
@@ -561,6 +682,7 @@ def adafactor(
     _check(eps[1], "epsilon2 should be >= 0 but is: ")
     _check(d, "Clipping threshold d should be >= 1 but is: ", lambda v: not 1.0 <= v)
     _check(weight_decay, "weight_decay should be >= 0 but is: ")
+    eps = tuple(None if e is None else _num(e) for e in eps)
     core = adafactor_update(lr, _num(beta2_decay), eps, _num(d), _num(weight_decay))
     return _checked(chain(*([negate()] if maximize else []), core))
 
@@ -579,6 +701,7 @@ def muon(
     orthogonalisation in bfloat16, shape-dependent lr ratio), decoupled weight decay
     ``p -= lr * weight_decay * p``, then ``-lr``. Give other params another optimizer with
     :func:`~loopkit.optim.multi_transform`."""
+    _numbers_only("muon", weight_decay=weight_decay, momentum=momentum, eps=eps)
     lr = _lr(lr, message="Learning rate should be >= 0 but is: ")
     _check(momentum, "momentum should be >= 0 but is: ")
     _check(weight_decay, "weight decay should be >= 0 but is: ")

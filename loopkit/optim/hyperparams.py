@@ -186,12 +186,19 @@ def _walk(state: Any, visit: Callable[[Any], Any]) -> Any:
     return state
 
 
+def _as_value(x: Any, like: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor like ``like``: a one-element tensor (or list) as a 0-dim one, as
+    torch reads a ``param_group`` value such as ``torch.tensor([0.02])``."""
+    value = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+    return value.reshape(()) if value.numel() == 1 else value
+
+
 def _set(old: torch.Tensor, new: Any) -> torch.Tensor:
     """``new`` (a value, or a function of ``old``) as a tensor like ``old``."""
     new = new(old) if callable(new) else new
     if isinstance(new, tuple):
-        new = torch.stack([torch.as_tensor(x, dtype=old.dtype, device=old.device) for x in new])
-    return torch.as_tensor(new, dtype=old.dtype, device=old.device).expand(old.shape).clone()
+        new = torch.stack([_as_value(x, old) for x in new])
+    return _as_value(new, old).expand(old.shape).clone()
 
 
 def hyperparams(opt_state: Any) -> list[dict[str, torch.Tensor]]:

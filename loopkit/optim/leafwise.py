@@ -8,13 +8,13 @@ eager step ran at half the imperative loop's speed on an H200.
 
 :func:`leafwise` is ``tree_map`` for those formulas. It calls ``fn`` once per group of
 keys whose leaves share their device and dtype (in every tree), with :class:`Leaves`
-standing for the group's tensors. An op on
-``Leaves`` is one multi-tensor ``torch._foreach_*`` call where torch has one (arithmetic with
-another ``Leaves``, a number or a 0-dim tensor of the leaves' dtype; ``sqrt``, ``lerp``,
-``addcmul``, ``maximum``, ...), and otherwise the same op applied leaf by leaf. Formulas
-may use tensor operators, comparisons, methods and torch functions of their leaves; a
-formula that needs a leaf's attributes (``x.shape``) or Python values (``x.numel()``)
-gets an error that says to use ``tree_map``. The values are those of the per-leaf code:
+standing for the group's tensors. An op on ``Leaves`` is one multi-tensor
+``torch._foreach_*`` call where torch has one (arithmetic with another ``Leaves``, a number
+or a 0-dim tensor of the leaves' dtype; ``sqrt``, ``lerp``, ``addcmul``, ``maximum``,
+``clamp``, ...), and otherwise the same op applied leaf by leaf. Formulas may use tensor
+operators, comparisons, methods and torch functions of their leaves; a formula that needs
+a leaf's attributes (``x.shape``) or Python values (``x.numel()``) gets an error that says
+to use ``tree_map``. The values are those of the per-leaf code:
 
 - on the CPU, torch's foreach ops are loops of the single-tensor op: bitwise the values of
   ``tree_map`` (the order in which autograd sums a shared scalar's gradient may differ);
@@ -155,6 +155,16 @@ class Leaves:
         if _plain(self, tensor1, tensor2) and _number(value):
             return _batched(torch._foreach_addcmul(self.ts, tensor1.ts, tensor2.ts, value=value))
         return _each(torch.Tensor.addcmul, (self, tensor1, tensor2), {"value": value})
+
+    def clamp(self, min=None, max=None):  # noqa: A002 -- Tensor.clamp's names
+        if self.plain and all(b is None or _number(b) for b in (min, max)):
+            ts = self.ts
+            if min is not None:
+                ts = torch._foreach_clamp_min(ts, min)
+            if max is not None:
+                ts = torch._foreach_clamp_max(ts, max)
+            return _batched(ts)
+        return _each(torch.Tensor.clamp, (self, min, max))
 
     def to(self, *args, **kwargs):
         # The formulas call .to(dtype) to match a dtype they already have: a no-op, as on

@@ -104,6 +104,12 @@ def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float | torch.Tensor) 
     return torch.lerp(start, end, weight)
 
 
+def _step_to(new: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The update taking ``p`` to ``new``: ``new - p``, and 0 where they are equal, so that
+    ``p + update`` keeps a +-inf entry that the step leaves as it is (``inf - inf`` is NaN)."""
+    return torch.where(new == p, 0.0, new - p)
+
+
 def _need_params(params: PyTree | None, name: str) -> PyTree:
     if params is None:
         raise ValueError(f"{name} needs the params: call update(grads, opt_state, params)")
@@ -117,11 +123,18 @@ def negate() -> Transform:
     )
 
 
-def add_decayed_weights(weight_decay: Hyper) -> Transform:
-    """``g <- g + weight_decay * p``: L2 regularisation (coupled weight decay), or decoupled
-    decay when placed after the adaptive scaling and before the learning rate. A tensor
-    ``weight_decay`` (injected) is applied where it is non-zero: at 0 the update passes
-    through unchanged, as torch skips the decay then."""
+def add_decayed_weights(weight_decay: Hyper, *, decoupled: bool = False) -> Transform:
+    """``g <- g + weight_decay * p``: L2 regularisation (coupled weight decay), or with
+    ``decoupled=True`` AdamW's decoupled decay, placed after the adaptive scaling and before
+    the learning rate. A tensor ``weight_decay`` (injected) is applied where it is non-zero:
+    at 0 the update passes through unchanged, as torch skips the decay then.
+
+    ``decoupled`` takes the decay term of a +-inf param entry as the largest finite value of
+    its sign: torch's ``p *= 1 - lr * weight_decay`` leaves such an entry as it is (for
+    ``lr * weight_decay < 1``), and so does adding a finite update to it, where adding
+    ``-lr * weight_decay * p`` would give ``inf - inf = NaN``. (That holds for ``lr <= 1``,
+    where the scaled term stays finite.) Coupled decay keeps the inf, as torch's
+    ``g += weight_decay * p`` does."""
     injected = isinstance(weight_decay, torch.Tensor)
 
     def update(g, state, params=None):
@@ -133,7 +146,11 @@ def add_decayed_weights(weight_decay: Hyper) -> Transform:
         nonzero = weight_decay != 0 if injected else None
 
         def decay(gi, pi):
-            decayed = gi + wd(gi) * pi
+            term = wd(gi) * pi
+            if decoupled:  # +-inf to the largest finite value (see the docstring)
+                big = torch.finfo(term.dtype).max
+                term = term.clamp(-big, big)
+            decayed = gi + term
             return torch.where(nonzero, decayed, gi) if injected else decayed
 
         return leafwise(decay, g, params), state
@@ -664,7 +681,7 @@ def asgd_update(
 ) -> Transform:
     """Averaged SGD's update, as torch.optim.ASGD (t counts from 1)::
 
-        p' = p (1 - lambd eta) - eta g        out = p' - p
+        p' = p (1 - lambd eta) - eta g        out = p' - p  (0 where p' == p: an inf kept)
         ax = ax + mu (p' - ax)  (ax = p' while mu = 1)
         eta = lr_t / (1 + lambd lr_t t)^alpha      mu = 1 / max(1, t - t0)
 
@@ -688,16 +705,18 @@ def asgd_update(
         params = _need_params(params, "asgd")
         count = state.count + 1
         t = count.to(torch.float64)
-        eta = state.eta.to(torch.float64)
+        lr_t = _lr_at(lr, state.lr, state.count)
+        # torch sets eta to the group's lr at the first step: an lr set since init counts
+        first_eta = lr_t.to(state.eta.dtype)
+        eta = torch.where(state.count == 0, first_eta, state.eta).to(torch.float64)
         new = leafwise(lambda p, gi: p * _s(1 - lambd * eta, p) + gi * _s(-eta, gi), params, g)
         averaging = state.mu != 1
         ax = leafwise(
             lambda a, pn: torch.where(averaging, a + (pn - a) * _s(state.mu, a), pn), state.ax, new
         )
-        lr_t = _lr_at(lr, state.lr, state.count)
         next_eta = lr_t / (1 + lambd * lr_t * t) ** alpha
         next_mu = 1 / torch.clamp(t - t0, min=1)
-        out = leafwise(lambda pn, p: pn - p, new, params)
+        out = leafwise(_step_to, new, params)
         dtype = state.eta.dtype
         return out, AsgdState(count, lr_t, next_eta.to(dtype), next_mu.to(dtype), ax)
 
@@ -726,7 +745,7 @@ def adafactor_update(
         2+ dims: R = lerp(R, mean_last(g^2), w_t), C = lerp(C, mean_penultimate(g^2), w_t),
                  v = R C / clamp(mean(R), eps1)          else: v = lerp(v, g^2, w_t)
         u = g / sqrt(clamp(v, eps1^2))      u /= max(1, rms(u) / d)
-        p' = p (1 - lr weight_decay) - alpha u           out = p' - p
+        p' = p (1 - lr weight_decay) - alpha u           out = p' - p  (0 where p' == p)
 
     ``eps1`` defaults to the machine epsilon of the first param's dtype: torch resolves it
     once per group and reuses it for the other params. Params must be a dict.
@@ -777,13 +796,19 @@ def adafactor_update(
                 v = variance[k]
             u = v.clamp(min=_s(e1 * e1, v)).rsqrt() * gi
             numel_sqrt = p.numel() ** 0.5
-            alpha = torch.clamp(p.norm(2).to(torch.float64) / numel_sqrt, min=eps2) * rho
-            denom = torch.clamp(u.norm(2).to(torch.float64) / (numel_sqrt * d), min=1.0)
+            alpha = _python_max(eps2, p.norm(2).to(torch.float64) / numel_sqrt) * rho
+            denom = _python_max(1.0, u.norm(2).to(torch.float64) / (numel_sqrt * d))
             new_p = p * _s(1 - lr_t * weight_decay, p) + u * _s(-alpha / denom, u)
-            out[k] = new_p - p
+            out[k] = _step_to(new_p, p)
         return out, AdafactorState(count, lr_t, row_var, col_var, variance)
 
     return Transform(init, update)
+
+
+def _python_max(low: Hyper, x: torch.Tensor) -> torch.Tensor:
+    """Python's ``max(low, x)``, as torch.optim.Adafactor computes it on ``x.item()``: ``low``
+    unless ``x > low``, so a NaN ``x`` (a param holding inf and NaN) gives ``low``."""
+    return torch.where(x > low, x, low)
 
 
 def _newton_schulz(
