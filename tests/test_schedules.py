@@ -319,7 +319,15 @@ def test_cyclic_and_one_cycle_reject_what_torch_rejects():
     "build, match",
     [
         (lambda: S.step_lr(1.0, step_size=0), "step_size"),
-        (lambda: S.multi_step_lr(1.0, [1, 2.5]), "milestone"),
+        (lambda: S.step_lr(1.0, step_size=-2.5), "step_size"),
+        # not whole: torch would never decay, undo the factor or restart the next scheduler
+        (lambda: S.step_lr(1.0, step_size=0.1), "first is step 3602879701896397"),
+        (lambda: S.multi_step_lr(1.0, [1, 2.5]), "milestone.*would never decay"),
+        (lambda: S.constant_lr(1.0, 0.5, total_iters=2.5), "total_iters.*forever"),
+        (lambda: S.sequential([S.constant(1.0)] * 2, [2.5]), "milestone.*never restart"),
+        (lambda: S.polynomial_lr(1.0, total_iters=math.nan), "total_iters"),
+        (lambda: S.reduce_on_plateau(1.0, patience=math.nan), "patience"),
+        (lambda: S.reduce_on_plateau(1.0, cooldown="2"), "cooldown"),
         (lambda: S.multiplicative_lr(1.0, lambda j: 0.9, total_steps=-1), "total_steps"),
         (lambda: S.cosine_annealing(1.0, T_max=0), "T_max"),
         (lambda: S.cosine_annealing(1.0, T_max=-2.5), "T_max"),
@@ -367,6 +375,18 @@ SCHEDULER_ARGUMENTS = [
       for kw in [dict(factor=1.0), dict(factor=1.5), dict(mode="median"),
                  dict(threshold_mode="pct"), dict(min_lr=[0.1]), dict(min_lr=(0.1,)),
                  dict(factor=-0.5, patience=-1, cooldown=-1, min_lr=-1.0, eps=-1.0)]],
+    # non-integer counts torch takes (test_*_non_integer_* compare their lrs)
+    (lambda o: L.StepLR(o, 2.5), lambda: S.step_lr(1.0, 2.5)),
+    (lambda o: L.StepLR(o, math.inf), lambda: S.step_lr(1.0, math.inf)),
+    *[(lambda o, n=n: L.PolynomialLR(o, n), lambda n=n: S.polynomial_lr(1.0, n))
+      for n in (2.5, 0.5, math.inf, -math.inf)],
+    *[(lambda o, n=n: L.LinearLR(o, total_iters=n), lambda n=n: S.linear(1.0, total_iters=n))
+      for n in (2.5, math.inf, -math.inf)],
+    (lambda o: L.ConstantLR(o, total_iters=3.0), lambda: S.constant_lr(1.0, total_iters=3.0)),
+    (lambda o: L.MultiStepLR(o, [2.0, 4]), lambda: S.multi_step_lr(1.0, [2.0, 4])),
+    *[(lambda o, kw=kw: L.ReduceLROnPlateau(o, **kw), lambda kw=kw: S.reduce_on_plateau(1.0, **kw))
+      for kw in [dict(patience=2.5, cooldown=1.5), dict(patience=math.inf, cooldown=math.inf),
+                 dict(patience=-math.inf, cooldown=-math.inf)]],
     (lambda o: L.SequentialLR(o, [], []), lambda: S.sequential([], [])),
     (lambda o: L.SequentialLR(o, [_step_lr(o), _step_lr(o)], []),
      lambda: S.sequential([S.constant(1.0)] * 2, [])),
@@ -588,6 +608,9 @@ COMPILED = {
     "cosine_annealing": S.cosine_annealing(1.0, 2, 0.1),
     "warm_restarts": S.cosine_annealing_warm_restarts(1.0, 1, 2, 0.1),
     "warm_restarts_mult_1": S.cosine_annealing_warm_restarts(1.0, 2),
+    "warm_restarts_fractional": (lambda w: lambda c: w(c / 4.0))(
+        S.cosine_annealing_warm_restarts(1.0, 1, 2, 0.1)
+    ),
     "cyclic_lr": S.cyclic_lr(0.1, 1.0, 2, mode="triangular2"),
     "cyclic_momentum": S.cyclic_momentum(0.8, 0.9, 2, 1, mode="exp_range", gamma=0.9),
     "one_cycle_lr": S.one_cycle_lr(1.0, 4, three_phase=True),
@@ -634,3 +657,174 @@ def test_python_int_counts_and_device():
         got = schedule(3)
         assert got.dtype == torch.float64 and got.shape == () and got.device.type == "cpu", name
         assert float(got) == float(schedule(torch.tensor(3))), name
+
+
+# --- fractional counts and non-integer arguments --------------------------------------------
+
+
+@given(
+    lr=LR,
+    T_0=st.integers(1, 12),
+    T_mult=st.integers(1, 4),
+    eta_frac=st.floats(0.0, 1.0),
+    iters=st.integers(2, 9),
+    epochs=st.integers(1, 40),
+    as_tensor=st.booleans(),
+)
+def test_cosine_annealing_warm_restarts_fractional_counts(
+    lr, T_0, T_mult, eta_frac, iters, epochs, as_tensor
+):
+    """torch's per-batch idiom ``scheduler.step(epoch + i / iters)``: the same fractional count
+    gives the same lr. At ``i = 0`` (a whole epoch) the count is the step count."""
+    eta_min = eta_frac * lr
+    ours = S.cosine_annealing_warm_restarts(lr, T_0, T_mult, eta_min)
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=lr)
+    sched = L.CosineAnnealingWarmRestarts(opt, T_0, T_mult, eta_min)
+    for epoch in range(epochs):
+        for i in range(iters):
+            count = epoch + i / iters
+            opt.step()
+            sched.step(count)
+            got = ours(torch.tensor(count, dtype=torch.float64) if as_tensor else count)
+            assert got.dtype == torch.float64 and got.shape == ()
+            if i == 0:
+                # torch's step(epoch) finds the period with a float log, which rounds below
+                # some restarts (e.g. T_0=1, T_mult=3, epoch 121); step() counts exactly
+                assert float(got) == float(ours(torch.tensor(epoch))), f"epoch={epoch}"
+            else:
+                assert float(got) == pytest.approx(sched.get_last_lr()[0], rel=1e-12), count
+
+
+def test_cosine_annealing_warm_restarts_fractional_count_is_not_truncated():
+    warm = S.cosine_annealing_warm_restarts(0.1, T_0=2, T_mult=2)
+    in_steps = S.cosine_annealing_warm_restarts(0.1, T_0=2 * 4, T_mult=2)  # 4 steps per epoch
+    for c in range(40):
+        got = float(warm(torch.tensor(c, dtype=torch.float64) / 4))
+        assert got == pytest.approx(float(in_steps(c)), rel=1e-12), c
+
+
+HALVES = st.integers(-8, 80).map(lambda n: n / 2)  # whole and half steps, as torch takes them
+
+
+@given(
+    lr=LR,
+    step_size=st.integers(1, 40).map(lambda n: n / 4) | st.integers(1, 9).map(float),
+    gamma=GAMMA,
+    steps=st.integers(0, 60),
+)
+def test_step_lr_with_a_non_integer_step_size(lr, step_size, gamma, steps):
+    """torch decays where ``t % step_size == 0``: at the multiples of 5 for 2.5."""
+    want = torch_trajectory(lambda o: L.StepLR(o, step_size, gamma), lr, steps)
+    assert_matches(S.step_lr(lr, step_size, gamma), want)
+
+
+@given(lr=LR, total_iters=HALVES, power=st.floats(0.0, 4.0), extra=st.integers(0, 10))
+def test_polynomial_lr_with_a_non_integer_total_iters(lr, total_iters, power, extra):
+    steps = max(math.ceil(total_iters), 0) + extra
+    want = torch_trajectory(lambda o: L.PolynomialLR(o, total_iters, power), lr, steps)
+    assert_matches(S.polynomial_lr(lr, total_iters, power), want)
+
+
+@given(
+    lr=LR,
+    factor=st.floats(1e-6, 1.0),
+    total_iters=st.integers(-2, 20).map(float),
+    milestones=st.lists(st.integers(-3, 30).map(float), max_size=6),
+    steps=st.integers(0, 40),
+)
+def test_whole_float_counts_are_integers(lr, factor, total_iters, milestones, steps):
+    """``3.0`` is ``3`` to torch (it compares the int step with it): the same lrs here."""
+    want = torch_trajectory(lambda o: L.ConstantLR(o, factor, total_iters), lr, steps)
+    assert_matches(S.constant_lr(lr, factor, total_iters), want)
+    want = torch_trajectory(lambda o: L.MultiStepLR(o, milestones, 0.5), lr, steps)
+    assert_matches(S.multi_step_lr(lr, milestones, 0.5), want)
+    bounds = sorted(milestones[:2])
+    pairs = [(L.ConstantLR, S.constant_lr), (L.ExponentialLR, S.exponential_lr)]
+    pairs = (pairs * 2)[: len(bounds) + 1]
+    want = torch_trajectory(
+        lambda o: L.SequentialLR(o, [make(o, 0.5) for make, _ in pairs], bounds), lr, steps
+    )
+    assert_matches(S.sequential([ours(lr, 0.5) for _, ours in pairs], bounds), want)
+
+
+WHOLE_OR_NOT = st.floats(-1.5, 4.5) | st.integers(-1, 4) | st.just(math.inf)
+
+
+@given(
+    lr=LR,
+    patience=WHOLE_OR_NOT,
+    cooldown=WHOLE_OR_NOT,
+    threshold_mode=st.sampled_from(["rel", "abs"]),
+    metrics=st.lists(METRIC | st.floats(-1e3, 1e3), max_size=40),
+)
+def test_reduce_on_plateau_with_non_integer_patience_and_cooldown(
+    lr, patience, cooldown, threshold_mode, metrics
+):
+    kwargs = dict(factor=0.5, patience=patience, cooldown=cooldown, threshold_mode=threshold_mode)
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=lr)
+    sched = L.ReduceLROnPlateau(opt, **kwargs)
+    plateau = S.reduce_on_plateau(lr, **kwargs)
+    state = plateau.init()
+    for m in metrics:
+        opt.step()
+        sched.step(m)
+        state = plateau.update(state, m)
+        assert float(state.lr) == sched.get_last_lr()[0]
+        assert int(state.num_bad_epochs) == sched.num_bad_epochs
+        assert bool(state.cooldown_counter > 0) == sched.in_cooldown
+
+
+def _torch_lrs(make, steps):
+    return [round(lr, 12) for lr in torch_trajectory(make, 0.1, steps)]
+
+
+def _lrs(schedule, steps):
+    return [round(float(schedule(t)), 12) for t in range(steps + 1)]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_sequential_departs_from_torch_where_its_docstring_says():
+    """The three torch composites that :func:`sequential` documents as giving other lrs: here
+    each member keeps its own lrs. If torch changes, the docstring must too."""
+    inner = S.sequential([S.constant_lr(0.1, 0.5, 2), S.exponential_lr(0.1, 0.9)], [3])
+    ours = S.sequential([inner, S.step_lr(0.1, 2, 0.5)], [10])
+    assert _lrs(ours, 9) == _lrs(inner, 9)
+    assert _torch_lrs(
+        lambda o: L.SequentialLR(
+            o,
+            [L.SequentialLR(o, [L.ConstantLR(o, 0.5, 2), L.ExponentialLR(o, 0.9)], [3]),
+             L.StepLR(o, 2, 0.5)],
+            [10],
+        ),
+        9,
+    ) != _lrs(ours, 9)  # fmt: skip
+
+    chain = S.chained(0.1, S.constant_lr(1.0, 0.5, 3), S.exponential_lr(1.0, 0.9))
+    ours = S.sequential([chain, S.step_lr(0.1, 2, 0.5)], [5])
+    assert _lrs(ours, 4) == _torch_lrs(
+        lambda o: L.ChainedScheduler([L.ConstantLR(o, 0.5, 3), L.ExponentialLR(o, 0.9)]), 4
+    )
+    assert _torch_lrs(
+        lambda o: L.SequentialLR(
+            o,
+            [L.ChainedScheduler([L.ConstantLR(o, 0.5, 3), L.ExponentialLR(o, 0.9)]),
+             L.StepLR(o, 2, 0.5)],
+            [5],
+        ),
+        4,
+    ) != _lrs(ours, 4)  # fmt: skip
+
+    warm = S.linear(0.1, 0.1, 1.0, 5)
+    ours = S.sequential([warm, S.one_cycle_lr(0.5, total_steps=30)], [5])
+    assert _lrs(ours, 4) == _lrs(warm, 4)
+    assert _torch_lrs(
+        lambda o: L.SequentialLR(
+            o,
+            [L.LinearLR(o, 0.1, 1.0, 5),
+             L.OneCycleLR(o, 0.5, total_steps=30, cycle_momentum=False)],
+            [5],
+        ),
+        4,
+    ) != _lrs(ours, 4)  # fmt: skip

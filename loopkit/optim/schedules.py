@@ -11,10 +11,19 @@ Each schedule named after a ``torch.optim.lr_scheduler`` class gives the lr that
 first argument instead of an optimizer; :func:`sequential` and :func:`chained` compose them like
 ``SequentialLR`` and ``ChainedScheduler``. ``ReduceLROnPlateau`` depends on metrics, not on the
 step, so :func:`reduce_on_plateau` is a small ``init``/``update`` state machine instead.
+
+An optimizer calls its schedule with its own count of updates (an int64 tensor). A loop that
+calls ``scheduler.step()`` once per epoch instead is ``lr=lambda c: schedule(c //
+steps_per_epoch)``. :func:`cosine_annealing_warm_restarts` also takes a fractional count (a
+float, or a floating tensor, taken as float64), as torch's ``scheduler.step(epoch + i /
+iters)`` does (its docstring says how). The other schedules are defined at whole counts: at a
+fractional one, those written as a formula of ``t`` evaluate it there, and those that count
+steps or read a table take its whole part.
 """
 
 from __future__ import annotations
 
+import fractions
 import itertools
 import math
 import numbers
@@ -26,8 +35,9 @@ import torch
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _f64(count: torch.Tensor | int) -> torch.Tensor:
-    return torch.as_tensor(count).to(torch.float64)
+def _f64(count: torch.Tensor | float) -> torch.Tensor:
+    # a Python float goes straight to float64 (torch.as_tensor would round it to float32)
+    return torch.as_tensor(count, dtype=torch.float64)
 
 
 def _i64(count: torch.Tensor | int) -> torch.Tensor:
@@ -46,12 +56,28 @@ def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(table, 0, index.reshape(1)).reshape(())
 
 
-def _integer(name: str, value: object, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+def _integer(name: str, value: object, minimum: int | None = None, why: str = "") -> int:
+    """``value`` as an int: an integer, or a float with a whole value (torch compares its int
+    step count with such an argument, so ``3.0`` acts as ``3``). ``why`` says, for an argument
+    torch takes as any number, what torch would do with a fractional one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number of steps, got {value!r}{why}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return int(value)
+
+
+def _last_step(name: str, total_iters: object) -> int:
+    """The last step at which LinearLR or PolynomialLR changes the lr: ``floor(total_iters)``
+    (torch holds the lr once its step count is past ``total_iters``), 0 when it never does."""
+    if isinstance(total_iters, bool) or not isinstance(total_iters, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {total_iters!r}")
+    if math.isnan(total_iters):
+        raise ValueError(f"{name} must be a number, got {total_iters}")
+    # an infinite total_iters: the lr never changes in torch either (its step's factor is 1)
+    return 0 if math.isinf(total_iters) else max(math.floor(total_iters), 0)
 
 
 def _callable(name: str, fn: object) -> None:
@@ -70,7 +96,7 @@ def constant(value: float) -> Schedule:
 
 
 def linear(
-    lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5
+    lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: float = 5
 ) -> Schedule:
     """``torch.optim.lr_scheduler.LinearLR``:
     ``lr_t = lr * (s + (e - s) * min(t, floor(T)) / T)`` with s, e the start and end factors
@@ -84,8 +110,8 @@ def linear(
     if end_factor > 1.0 or end_factor < 0:
         raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
     lr, s, e = float(lr), float(start_factor), float(end_factor)
-    last = math.floor(total_iters)  # the last step at which torch changes the lr
-    if last <= 0:
+    last = _last_step("total_iters", total_iters)
+    if last == 0:
         return constant(lr * s)
 
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
@@ -95,7 +121,7 @@ def linear(
     return schedule
 
 
-def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 0.1) -> Schedule:
+def linear_warmup(lr: float, warmup_steps: float, start_factor: float = 0.1) -> Schedule:
     """Warm up linearly from ``start_factor * lr`` to ``lr`` over ``warmup_steps`` updates,
     then hold: ``LinearLR(start_factor, 1.0, total_iters=warmup_steps)``."""
     return linear(lr, start_factor=start_factor, end_factor=1.0, total_iters=warmup_steps)
@@ -143,15 +169,33 @@ def multiplicative_lr(lr: float, lr_lambda: Callable[[int], float], total_steps:
     return schedule
 
 
-def step_lr(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
-    """``torch.optim.lr_scheduler.StepLR``: ``lr_t = lr * gamma ** floor(t / step_size)``."""
+def step_lr(lr: float, step_size: float, gamma: float = 0.1) -> Schedule:
+    """``torch.optim.lr_scheduler.StepLR``: ``lr_t = lr * gamma ** floor(t / step_size)``.
+
+    A fractional ``step_size`` decays, as torch's (``t % step_size == 0``), only at the steps
+    that are exact multiples of it: every ``n`` steps for ``step_size = n / 2**k`` in lowest
+    terms (every 5 steps for 2.5, every step for 0.5). A ``step_size`` whose first such step is
+    past ``2**31``, as for any decimal not exact in binary (0.1, 2.7), is rejected: torch
+    would never decay."""
     # torch does not check step_size, but a step_size of 0 fails with ZeroDivisionError on the
     # first step() and a negative one decays on multiples of |step_size|.
-    step_size = _integer("step_size", step_size, minimum=1)
+    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
+        raise ValueError(f"step_size must be a number, got {step_size!r}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    if math.isinf(step_size):  # no step is a multiple
+        return constant(lr)
+    period = fractions.Fraction(step_size).numerator  # the first step that is a multiple
+    if period > 2**31:
+        raise ValueError(
+            f"step_size={step_size!r}: torch's StepLR decays only at the steps that are exact "
+            f"multiples of its float value, and the first is step {period}, so it would never "
+            "decay; use a whole number of steps (or a binary fraction such as 2.5)"
+        )
     lr, gamma = float(lr), float(gamma)
 
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
-        decays = torch.div(_i64(count), step_size, rounding_mode="floor").to(torch.float64)
+        decays = torch.div(_i64(count), period, rounding_mode="floor").to(torch.float64)
         return lr * gamma**decays
 
     return schedule
@@ -162,8 +206,12 @@ def multi_step_lr(lr: float, milestones: Iterable[int], gamma: float = 0.1) -> S
     number of milestones ``<= t``.
 
     As in torch, milestones need not be sorted and a milestone listed k times decays by
-    ``gamma ** k``; negative milestones are never reached by torch's counter and are ignored."""
-    milestones = [_integer("each milestone", m) for m in milestones]
+    ``gamma ** k``; negative milestones are never reached by torch's counter and are ignored.
+    A whole float (``3.0``) is that step; a fractional milestone is rejected, as torch's
+    counter would never reach it either."""
+    why = ": torch's MultiStepLR decays when its integer step count equals a milestone, so it "
+    why += "would never decay there; round it"
+    milestones = [_integer("each milestone", m, why=why) for m in milestones]
     lr, gamma = float(lr), float(gamma)
     reached = sorted(m for m in milestones if m >= 0)
     if not reached:
@@ -185,10 +233,14 @@ def constant_lr(lr: float, factor: float = 1.0 / 3, total_iters: int = 5) -> Sch
     With ``total_iters <= 0`` torch never undoes the factor (it applies it at step 0 and the
     undo test ``t == total_iters`` is then never reached), so the lr is ``lr * factor`` forever.
     With ``factor = 0`` torch raises ZeroDivisionError at ``t = total_iters``; here the lr
-    returns to ``lr`` there, as torch's closed form says."""
+    returns to ``lr`` there, as torch's closed form says. A whole float ``total_iters``
+    (``3.0``) is that step; a fractional one is rejected, as torch would never undo the
+    factor."""
     if factor > 1.0 or factor < 0:
         raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
-    total_iters = _integer("total_iters", total_iters)
+    why = ": torch's ConstantLR undoes the factor when its integer step count equals "
+    why += "total_iters, so it would keep lr * factor forever; round it"
+    total_iters = _integer("total_iters", total_iters, why=why)
     lr, factor = float(lr), float(factor)
     if total_iters <= 0:
         return constant(lr * factor)
@@ -210,18 +262,18 @@ def exponential_lr(lr: float, gamma: float) -> Schedule:
     return schedule
 
 
-def polynomial_lr(lr: float, total_iters: int = 5, power: float = 1.0) -> Schedule:
+def polynomial_lr(lr: float, total_iters: float = 5, power: float = 1.0) -> Schedule:
     """``torch.optim.lr_scheduler.PolynomialLR``:
-    ``lr_t = lr * (1 - min(t, T) / T) ** power`` with ``T = total_iters``.
-
-    With ``total_iters <= 0`` torch never decays (every step is past the end): ``lr_t = lr``."""
-    total_iters = _integer("total_iters", total_iters)
+    ``lr_t = lr * (1 - min(t, floor(T)) / T) ** power`` with ``T = total_iters``: torch
+    stops changing the lr after step ``T``, so with a fractional ``T`` it holds its value at
+    ``floor(T)``, and with ``T < 1`` it never decays: ``lr_t = lr``."""
     lr, power = float(lr), float(power)
-    if total_iters <= 0:
+    last = _last_step("total_iters", total_iters)
+    if last == 0:
         return constant(lr)
 
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
-        t = torch.clamp(_f64(count), max=total_iters)
+        t = torch.clamp(_f64(count), max=last)
         return lr * (1.0 - t / total_iters) ** power
 
     return schedule
@@ -230,7 +282,7 @@ def polynomial_lr(lr: float, total_iters: int = 5, power: float = 1.0) -> Schedu
 # --- cosine and cyclic schedules ------------------------------------------------------------
 
 
-def cosine_annealing(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule:
+def cosine_annealing(lr: float, T_max: float, eta_min: float = 0.0) -> Schedule:
     """``torch.optim.lr_scheduler.CosineAnnealingLR``:
     ``lr_t = eta_min + (lr - eta_min) * (1 + cos(pi * t / T_max)) / 2``.
 
@@ -303,7 +355,16 @@ def cosine_annealing_warm_restarts(
 ) -> Schedule:
     """``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts``:
     ``lr_t = eta_min + (lr - eta_min) * (1 + cos(pi * T_cur / T_i)) / 2`` where period ``i``
-    lasts ``T_i = T_0 * T_mult**i`` steps and ``T_cur`` counts the steps since it began."""
+    lasts ``T_i = T_0 * T_mult**i`` steps and ``T_cur`` counts the steps since it began.
+
+    A fractional count ``t`` (a float, or a floating tensor) gives the lr of torch's
+    ``scheduler.step(t)``, as in its per-batch idiom ``scheduler.step(epoch + i / iters)``,
+    here ``lr=lambda c: schedule(c.double() / iters)`` (``c / iters`` would round the count
+    to float32). With ``T_0`` in steps instead, ``cosine_annealing_warm_restarts(lr, T_0 *
+    iters, T_mult)`` gives the same lrs, within rounding, at the plain step count. At a whole
+    ``t`` torch's ``step(t)`` finds the period with a float log, which rounds below some
+    restarts (``T_0=1, T_mult=3, t=121``) and then gives ``eta_min`` there; this schedule
+    gives the restart's ``lr``, as ``t`` calls of ``step()`` do."""
     if T_0 <= 0 or not isinstance(T_0, int):
         raise ValueError(f"Expected positive integer T_0, but got {T_0}")
     if T_mult < 1 or not isinstance(T_mult, int):
@@ -324,15 +385,18 @@ def cosine_annealing_warm_restarts(
     lengths_t = torch.tensor([float(n) for n in lengths], dtype=torch.float64)
 
     def position(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T_cur, T_i) after ``c`` steps."""
+        """(T_cur, T_i) after ``c`` steps (an int64 count, or a float64 one: torch's
+        ``epoch - start`` or ``epoch % T_0``)."""
         if T_mult == 1:
             T_i = torch.full_like(c, float(T_0), dtype=torch.float64)
-            return torch.remainder(c, min(T_0, 2**62)), T_i
+            period = float(T_0) if c.is_floating_point() else min(T_0, 2**62)
+            return torch.remainder(c, period), T_i
         i = (starts_t.to(c.device) <= c).sum() - 1
         return c - _take(starts_t, i), _take(lengths_t, i)
 
-    def schedule(count: torch.Tensor | int) -> torch.Tensor:
-        T_cur, T_i = position(_i64(count))
+    def schedule(count: torch.Tensor | float) -> torch.Tensor:
+        fractional = torch.as_tensor(count).is_floating_point()
+        T_cur, T_i = position(_f64(count) if fractional else _i64(count))
         phase = math.pi * T_cur.to(torch.float64) / T_i
         return eta_min + (lr - eta_min) * (1 + torch.cos(phase)) / 2
 
@@ -385,8 +449,8 @@ def _cycle(
 def cyclic_lr(
     base_lr: float,
     max_lr: float,
-    step_size_up: int = 2000,
-    step_size_down: int | None = None,
+    step_size_up: float = 2000,
+    step_size_down: float | None = None,
     mode: str = "triangular",
     gamma: float = 1.0,
     scale_fn: Callable[[torch.Tensor], torch.Tensor | float] | None = None,
@@ -413,8 +477,8 @@ def cyclic_lr(
 def cyclic_momentum(
     base_momentum: float = 0.8,
     max_momentum: float = 0.9,
-    step_size_up: int = 2000,
-    step_size_down: int | None = None,
+    step_size_up: float = 2000,
+    step_size_down: float | None = None,
     mode: str = "triangular",
     gamma: float = 1.0,
     scale_fn: Callable[[torch.Tensor], torch.Tensor | float] | None = None,
@@ -570,9 +634,27 @@ def sequential(schedules: Sequence[Schedule], milestones: Sequence[int]) -> Sche
     ``MultiplicativeLR`` multiplies the previous scheduler's lr by ``lr_lambda(0)``.
     Milestones must be non-decreasing (torch bisects them without checking); a schedule whose
     milestone is ``<= 0`` starts at count 0, as torch starts it when the SequentialLR is
-    built."""
+    built. A whole float milestone (``3.0``) is that step; a fractional one is rejected.
+
+    Three compositions give other lrs in torch, through quirks of its composite schedulers;
+    here each member follows its own schedule:
+
+    - a ``SequentialLR`` nested as a member of another switches members one step early
+      (torch's ``recursive_undo`` rewinds its members but not its own ``last_epoch``, which
+      it compares with its milestones);
+    - a ``ChainedScheduler`` member applies its members' first step at its start (an
+      ``ExponentialLR`` in it multiplies by ``gamma`` at step 0): its members get
+      ``_initial_step`` without being marked initial;
+    - ``OneCycleLR`` and ``CyclicLR`` members overwrite the param group's ``initial_lr``
+      (with ``max_lr / div_factor``, ``base_lr``), from which torch's other members then
+      compute their lrs, while here each keeps its own ``lr``.
+
+    Torch does not restart a ``SequentialLR`` or ``ChainedScheduler`` at a milestone
+    (NotImplementedError), so a composite after the first member has no torch reference."""
     schedules = list(schedules)
-    milestones = [_integer("each milestone", m) for m in milestones]
+    why = ": torch's SequentialLR restarts a scheduler when its integer step count equals the "
+    why += "milestone, so it would never restart the next one; round it"
+    milestones = [_integer("each milestone", m, why=why) for m in milestones]
     if not schedules:
         raise ValueError("SequentialLR expects at least one scheduler, but got no scheduler.")
     if len(milestones) != len(schedules) - 1:
@@ -691,14 +773,24 @@ def _min_lr(min_lr: float | Sequence[float]) -> float | tuple[float, ...]:
     return float(min_lr)
 
 
+def _updates(name: str, value: object, whole: Callable[[float], int]) -> int:
+    """ReduceLROnPlateau's ``patience`` or ``cooldown`` as the whole count of updates it
+    acts as (``whole`` rounds it); an infinite one as a count no run reaches."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"{name} must be a number of updates, got {value!r}")
+    if math.isinf(value):
+        return 2**62 if value > 0 else -1
+    return whole(value)
+
+
 def reduce_on_plateau(
     lr: float,
     mode: str = "min",
     factor: float = 0.1,
-    patience: int = 10,
+    patience: float = 10,
     threshold: float = 1e-4,
     threshold_mode: str = "rel",
-    cooldown: int = 0,
+    cooldown: float = 0,
     min_lr: float | Sequence[float] = 0,
     eps: float = 1e-8,
 ) -> Plateau:
@@ -714,7 +806,12 @@ def reduce_on_plateau(
 
     ``min_lr`` may be a list or tuple with one floor per param group, as torch takes it
     (:attr:`Plateau.min_lr` keeps it); ``state.lr`` is the first group's lr, floored at
-    ``min_lr[0]``."""
+    ``min_lr[0]``.
+
+    ``patience`` and ``cooldown`` may be any numbers, as in torch: a fractional patience
+    acts as its floor (the count of bad updates is whole), a fractional cooldown as its
+    ceiling (torch counts it down while it is above 0), and ``patience=math.inf`` never
+    reduces."""
     if factor >= 1.0:
         raise ValueError("Factor should be < 1.0.")
     min_lr = _min_lr(min_lr)
@@ -724,7 +821,8 @@ def reduce_on_plateau(
         raise ValueError("threshold mode " + threshold_mode + " is unknown!")
     lr, factor, threshold, eps = float(lr), float(factor), float(threshold), float(eps)
     own_min_lr = min_lr[0] if isinstance(min_lr, tuple) else min_lr
-    patience, cooldown = _integer("patience", patience), _integer("cooldown", cooldown)
+    patience = _updates("patience", patience, math.floor)
+    cooldown = _updates("cooldown", cooldown, math.ceil)
     worst = math.inf if mode == "min" else -math.inf
 
     def is_better(metric: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
