@@ -44,22 +44,61 @@ def _due_step(loop: Loop, every_steps: int | None) -> bool:
 
 def _monitored(hook: Hook, who: str, key: str, loop: Loop, complete: bool = True) -> bool:
     """Whether ``key`` is in ``loop.logs``. Where it is missing from ``complete`` logs (an
-    epoch's end, when every hook has logged) while others of its source are there
-    (``val/los`` next to ``val/loss``: a typo), or that has no source (``val_loss``), warn
-    once per hook and fit, naming the keys there are. A source with nothing logged (a
+    epoch's end, when every hook has logged), warn once per hook and fit, naming the keys
+    there are, if others of its source are there (``val/los`` next to ``val/loss``: a typo),
+    if it has no source (``val_loss``), or if nothing logs its source: no :class:`Validate`
+    of that prefix, and no finished epoch of the fit logged it (``val/loss`` without a
+    Validate hook, which would never be fed). A source with nothing logged this epoch (a
     validation every few epochs) is no reason to warn."""
     if key in loop.logs:
         return True
-    source = key.rpartition("/")[0]
-    # a key without a source ("val_loss") is never logged by Validate: warn too
-    typo = complete and (not source or any(k.rpartition("/")[0] == source for k in loop.logs))
-    if typo and not getattr(hook, "_warned_missing", False) and distributed.is_main():
+    if complete and not getattr(hook, "_warned_missing", False) and distributed.is_main():
+        source = key.rpartition("/")[0]
+        # a key without a source ("val_loss") is never logged by Validate: warn too
+        typo = not source or any(k.rpartition("/")[0] == source for k in loop.logs)
+        if typo:
+            why = f"which is not in the logs: they hold {sorted(loop.logs)}"
+        elif _unlogged(source, loop):
+            why = (
+                f"which nothing logs: no Validate hook has prefix {source!r} and no epoch so "
+                f"far logged a {source + '/'!r} key (the logs hold {sorted(loop.logs)}). Add a "
+                f"Validate(evaluate_step, data, prefix={source!r}) hook, or monitor a key "
+                "that is logged (a step metric's is 'train/<name>')"
+            )
+        else:
+            return False
         hook._warned_missing = True
-        warnings.warn(
-            f"{who} monitors {key!r}, which is not in the logs: they hold {sorted(loop.logs)}",
-            stacklevel=3,
-        )
+        warnings.warn(f"{who} monitors {key!r}, {why}", stacklevel=3)
     return False
+
+
+def _unlogged(source: str, loop: Loop) -> bool:
+    """Whether no hook is there to log keys of ``source`` (``"val"`` in ``"val/loss"``): it
+    is not ``train`` (the step's metrics), no :class:`Validate` (also one in :class:`Every`)
+    has it as prefix, and no finished epoch of the fit logged one."""
+    if source == "train" or not loop.history:  # a custom hook's first epoch may be yet to log
+        return False
+    prefixes = {getattr(h, "hook", h).prefix for h in loop.hooks
+                if isinstance(getattr(h, "hook", h), Validate)}  # fmt: skip
+    logged = any(k.rpartition("/")[0] == source for epoch in loop.history for k in epoch)
+    return source not in prefixes and not logged
+
+
+def _number(who: str, key: str, value: Any) -> float:
+    """The monitored log ``key``'s ``value`` as a float: a per-member list (an ensemble's
+    metric) or anything else that is not one number is an error naming the fix."""
+    value = to_python(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list):
+        raise TypeError(
+            f"{who} needs one number, but {key!r} is {value}, one per ensemble member. "
+            "Monitor one number: log a reduction of it from a hook listed before, e.g. "
+            f"loop.logs['{key}_mean'] = statistics.mean(loop.logs['{key}']) in its "
+            "on_validation_end (on_epoch_end for a train/ metric), and monitor "
+            f"'{key}_mean'"
+        )
+    raise TypeError(f"{who} needs a number, but {key!r} is {value!r} ({type(value).__name__})")
 
 
 class Validate(Hook):
@@ -273,8 +312,8 @@ class Checkpoint(Hook):
             return None
         if self.validated.get(self.keep_best, loop.step) != loop.step:
             return None  # validated at an earlier step: another state's value
-        value = loop.logs[self.keep_best]
-        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        value = _number("Checkpoint(keep_best=...)", self.keep_best, loop.logs[self.keep_best])
+        return value if math.isfinite(value) else None
 
     def _remove_pending(self) -> None:
         if distributed.is_main():
@@ -399,10 +438,11 @@ class Every(Hook):
 
 class LearningRateMonitor(Hook):
     """Put the learning rate of the last step in ``loop.logs`` at each epoch end: ``"lr"``,
-    or ``"lr/0"``, ``"lr/1"``, ... with several parameter groups (list loggers after it)."""
+    or ``"lr/0"``, ``"lr/1"``, ... with several parameter groups (list loggers after it).
+    On an ensemble state each is a list, one lr per member, as its metrics are."""
 
     def on_epoch_end(self, loop: Loop) -> None:
-        lrs = [float(lr) for lr in optim.learning_rates(loop.state.opt_state)]
+        lrs = [to_python(lr) for lr in optim.learning_rates(loop.state.opt_state)]
         if len(lrs) == 1:
             loop.logs["lr"] = lrs[0]
         else:
@@ -483,15 +523,50 @@ class NaNGuard(Hook):
             warnings.warn(f"{message}: {done}", stacklevel=2)
 
 
-class ReduceLROnPlateau(Hook):
-    """Feed a validation metric to a plateau schedule
-    (:func:`loopkit.optim.schedules.reduce_on_plateau`) after each validation and, when it
-    reduces, reduce every lr in the optimizer state as torch's ``ReduceLROnPlateau`` does
-    after ``scheduler.step(metric)``: each parameter group's lr becomes
-    ``max(lr * factor, min_lr)`` unless that changes it by no more than ``eps`` (the
-    plateau's own ``factor``, ``min_lr`` and ``eps``; a ``min_lr`` per group must have one
-    per group). ``loop.logs["lr"]`` is the plateau's lr. List it after
-    the :class:`Validate` it reads.
+class _Monitor(Hook):
+    """A hook that checks the log ``monitor`` once per new value: after each validation
+    that logs it, and at an epoch end where it is logged but no validation checked it
+    (``train/...`` metrics) — never twice at one step, wherever the hook is listed (a
+    validation at the epoch's end, two Validate hooks). A monitor missing at an epoch's end
+    is warned of as :func:`_monitored` says."""
+
+    monitor: str
+    checked: int | None = None  # the step of this epoch's last check
+
+    def check(self, loop: Loop) -> None:
+        raise NotImplementedError
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self._warned_missing = False
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        if loop.batch == 0:  # not when resuming mid-epoch
+            self.checked = None
+
+    def on_validation_end(self, loop: Loop) -> None:
+        fresh = self.checked != loop.step
+        if fresh and _monitored(self, type(self).__name__, self.monitor, loop, complete=False):
+            self.check(loop)
+            self.checked = loop.step
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if _monitored(self, type(self).__name__, self.monitor, loop) and self.checked is None:
+            self.check(loop)
+            self.checked = loop.step
+
+
+class ReduceLROnPlateau(_Monitor):
+    """Feed ``monitor`` (a key of ``loop.logs``) to a plateau schedule
+    (:func:`loopkit.optim.schedules.reduce_on_plateau`) after each validation that logs it,
+    and at each epoch end where it is logged but no validation fed it (``"train/loss"``:
+    the epoch's mean, as torch's loop calling ``scheduler.step(epoch_loss)`` once per
+    epoch). When the plateau reduces, reduce every lr in the optimizer state as torch's
+    ``ReduceLROnPlateau`` does after ``scheduler.step(metric)``: each parameter group's lr
+    becomes ``max(lr * factor, min_lr)`` unless that changes it by no more than ``eps``
+    (the plateau's own ``factor``, ``min_lr`` and ``eps``; a ``min_lr`` per group must have
+    one per group). ``loop.logs["lr"]`` is the plateau's lr. On an ensemble's per-member
+    metric each member has its own plateau. A ``monitor`` that nothing logs (the default
+    ``"val/loss"`` without a :class:`Validate`) or that is misspelt is warned of once.
 
     The optimizer must take a number lr or an injected one
     (:func:`loopkit.optim.inject_hyperparams`): a schedule would recompute its own lr at
@@ -502,25 +577,26 @@ class ReduceLROnPlateau(Hook):
     def __init__(self, plateau: Any, monitor: str = "val/loss"):
         self.plateau, self.monitor = plateau, monitor
         self.state: Any = None
-        self.expected: list[torch.Tensor] | None = None  # the lrs set at the last validation
+        self.expected: list[torch.Tensor] | None = None  # the lrs set at the last check
 
     def state_dict(self) -> dict[str, Any] | None:
-        return None if self.state is None else self.state._asdict()
+        if self.state is None:
+            return None
+        return {"plateau": self.state._asdict(), "checked": self.checked}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = type(self.plateau.init(torch.device("cpu")))(**state)
+        if "plateau" not in state:  # a checkpoint from before the hook saved "checked"
+            state = {"plateau": state, "checked": None}
+        self.state = type(self.plateau.init(torch.device("cpu")))(**state["plateau"])
+        self.checked = state["checked"]
 
     def on_fit_start(self, loop: Loop) -> None:
+        super().on_fit_start(loop)
         if loop.resumed_from is None or self.state is None:
-            self.state = self.plateau.init(loop.state.step.device)
+            self.state, self.checked = self.plateau.init(loop.state.step.device), None
         self.expected = None
 
-    def on_validation_end(self, loop: Loop) -> None:
-        if self.monitor not in loop.logs:
-            raise KeyError(
-                f"ReduceLROnPlateau monitors {self.monitor!r}, which is not in the logs "
-                f"({sorted(loop.logs)}): list it after the Validate hook that produces it"
-            )
+    def check(self, loop: Loop) -> None:
         before, metric = self.state, loop.logs[self.monitor]
         self.state = self.plateau.update(before, metric)
 
@@ -564,15 +640,16 @@ class ReduceLROnPlateau(Hook):
             )
 
 
-class EarlyStopping(Hook):
+class EarlyStopping(_Monitor):
     """Stop when ``monitor`` (a key of ``loop.logs``, e.g. ``"val/loss"``) has not improved
     for ``patience`` consecutive checks. A check happens after each validation that logs
     the metric, and at each epoch end where it is logged but no validation checked it
-    (``train/...`` metrics); list this hook after the :class:`Validate` it reads.
+    (``train/...`` metrics); at most one per step.
     Improvement means ``value < best - min_delta`` (``mode="min"``) or
     ``value > best + min_delta`` (``"max"``); a NaN or infinite value never improves.
-    A ``monitor`` missing at an epoch's end while others of its source are logged (a typo)
-    is warned of once. A fresh (not resumed) ``fit`` starts counting afresh."""
+    A ``monitor`` that is misspelt or that nothing logs is warned of once; one that is not
+    one number (an ensemble's per-member list) is an error. A fresh (not resumed) ``fit``
+    starts counting afresh."""
 
     def __init__(self, monitor: str = "val/loss", *, mode: str = "min", patience: int = 5,
                  min_delta: float = 0.0):  # fmt: skip
@@ -585,7 +662,6 @@ class EarlyStopping(Hook):
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.wait = 0
-        self.checked = False  # by a validation in the current epoch
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait, "checked": self.checked}
@@ -594,9 +670,9 @@ class EarlyStopping(Hook):
         self.best, self.wait, self.checked = state["best"], state["wait"], state["checked"]
 
     def on_fit_start(self, loop: Loop) -> None:
-        self._warned_missing = False
+        super().on_fit_start(loop)
         if loop.resumed_from is None:
-            self.best, self.wait, self.checked = None, 0, False
+            self.best, self.wait, self.checked = None, 0, None
 
     def improved(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -608,23 +684,13 @@ class EarlyStopping(Hook):
         return value > self.best + self.min_delta
 
     def check(self, loop: Loop) -> None:
-        value = float(loop.logs[self.monitor])
+        value = _number("EarlyStopping", self.monitor, loop.logs[self.monitor])
         if self.improved(value):
             self.best, self.wait = value, 0
         else:
             self.wait += 1
             if self.wait >= self.patience:
                 loop.should_stop = True
-
-    def on_validation_end(self, loop: Loop) -> None:
-        if _monitored(self, "EarlyStopping", self.monitor, loop, complete=False):
-            self.check(loop)
-            self.checked = True
-
-    def on_epoch_end(self, loop: Loop) -> None:
-        if _monitored(self, "EarlyStopping", self.monitor, loop) and not self.checked:
-            self.check(loop)
-        self.checked = False
 
 
 def _records_before(records: list[dict], epoch: int) -> list[dict]:
@@ -637,8 +703,10 @@ class _FileLogger(Hook):
     starts a new file (``append=True`` keeps what is there, as Keras' CSVLogger). When
     ``fit`` resumes, the records of the epochs the resumed run will redo are dropped (only
     the run's own: the records an ``append=True`` run found in the file stay), so the file
-    ends up as an uninterrupted run's. ``every=N`` writes every N epochs (and the final
-    one). ``filename`` defaults to the subclass's ``default_filename``."""
+    ends up as an uninterrupted run's. A last line a crash cut short (no newline) is not a
+    record: an ``append=True`` or resumed run drops it before writing. ``every=N`` writes
+    every N epochs (and the final one). ``filename`` defaults to the subclass's
+    ``default_filename``."""
 
     default_filename: str
 
@@ -666,10 +734,12 @@ class _FileLogger(Hook):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if loop.resumed_from is not None:
             if self.path.exists():
+                self._drop_cut_line()
                 records = self.read()
                 own = _records_before(records[self.kept :], loop.epoch)
                 self.rewrite(records[: self.kept] + own)
         elif self.append and self.path.exists():
+            self._drop_cut_line()
             self.kept = len(self.read())
         else:
             self.path.unlink(missing_ok=True)
@@ -690,6 +760,14 @@ class _FileLogger(Hook):
 
     def write(self, record: dict) -> None:
         raise NotImplementedError
+
+    def _drop_cut_line(self) -> None:
+        """Cut off a last line that a crash left without its newline (each record is written
+        with its own), so this run's first record starts a line of its own."""
+        with open(self.path, "rb+") as f:
+            text = f.read()
+            if text and not text.endswith(b"\n"):
+                f.truncate(text.rfind(b"\n") + 1)
 
     def _replace(self, text: str) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")

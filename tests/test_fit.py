@@ -796,6 +796,20 @@ def test_reduce_lr_on_plateau_refuses_a_scheduled_lr():
                epochs=3, hooks=hooks)  # fmt: skip
 
 
+def test_reduce_lr_on_plateau_loads_the_state_of_an_older_checkpoint():
+    """Before it recorded its last check, the hook's state_dict was the plateau's fields."""
+    plateau = optim.schedules.reduce_on_plateau(0.1, factor=0.5, patience=0)
+    hook = lk.hooks.ReduceLROnPlateau(plateau)
+    state = plateau.update(plateau.init(torch.device("cpu")), torch.tensor(1.0))
+    hook.load_state_dict(state._asdict())
+    assert hook.checked is None
+    for a, b in zip(hook.state, state, strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    saved = hook.state_dict()
+    hook.load_state_dict(saved)
+    assert hook.state_dict().keys() == {"plateau", "checked"}
+
+
 # --- keep_best ranks by values of the checkpoint's own step ---------------------------------
 
 
@@ -834,7 +848,10 @@ def test_a_monitor_missing_from_the_logs_is_warned_of_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_fit([ConstantValidation(), lk.hooks.EarlyStopping("val/ppl"), Derive()], epochs=2)
-        tiny_fit([ConstantValidation(), lk.hooks.EarlyStopping("test/loss")], epochs=2)
+        test = lk.hooks.Validate(lk.eval_step(nn.Linear(2, 2), loss_fn),
+                                 [(torch.randn(4, 2), torch.randint(0, 2, (4,)))],
+                                 every=5, prefix="test")  # fmt: skip
+        tiny_fit([ConstantValidation(), test, lk.hooks.EarlyStopping("test/loss")], epochs=2)
     with pytest.warns(UserWarning, match="'val_loss', which is not in the logs"):
         tiny_fit([ConstantValidation(), lk.hooks.EarlyStopping("val_loss")], epochs=2)
 
@@ -875,3 +892,180 @@ def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_warned_of(tmp_path):
         warnings.simplefilter("error")
         lk.fit(step, lk.TrainState.create(model, opt), data, epochs=2,
                hooks=[lk.hooks.Checkpoint(tmp_path)], resume="latest")  # fmt: skip
+
+
+# --- ReduceLROnPlateau on a train metric; monitors nothing logs --------------------------
+
+
+@pytest.mark.parametrize("validate", [None, "before", "after"])
+def test_reduce_lr_on_plateau_on_a_train_metric_matches_torch(validate):
+    """monitor="train/loss" steps the plateau once per epoch on the epoch's mean train loss,
+    as torch's loop calling ``scheduler.step(epoch_loss)`` does: without a Validate hook,
+    and with one listed before or after it (still once per epoch, not twice)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    train = [(torch.randn(6, 5, generator=g, dtype=torch.float64),
+              torch.randint(0, 3, (6,), generator=g)) for _ in range(4)]  # fmt: skip
+    kwargs = dict(factor=0.5, patience=0, threshold=0.05)
+    opt = optim.sgd(lr=0.5, momentum=0.9)
+    lrs = []
+
+    class RecordLR(lk.Hook):
+        def on_epoch_end(self, loop):
+            lrs.append(float(optim.learning_rates(loop.state.opt_state)[0]))
+
+    plateau = lk.hooks.ReduceLROnPlateau(
+        optim.schedules.reduce_on_plateau(0.5, **kwargs), monitor="train/loss"
+    )
+    hooks = [plateau, RecordLR()]
+    if validate is not None:
+        check = lk.hooks.Validate(lk.eval_step(model, loss_fn), train[:1])
+        hooks.insert(0 if validate == "before" else 1, check)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+                       train, epochs=14, hooks=hooks)  # fmt: skip
+
+    ref = copy.deepcopy(model)
+    topt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, **kwargs)
+    ref_lrs = []
+    for _ in range(14):
+        total = torch.zeros((), dtype=torch.float64)
+        for b in train:
+            topt.zero_grad()
+            loss = loss_fn(ref, b)[0]
+            loss.backward()
+            topt.step()
+            total += loss.detach()
+        sched.step((total / len(train)).item())
+        ref_lrs.append(topt.param_groups[0]["lr"])
+    assert lrs == ref_lrs and len(set(lrs)) > 2
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_early_stopping_checks_a_train_metric_once_per_epoch_wherever_it_is_listed():
+    """Listed before a Validate, EarlyStopping("train/loss") checks at the epoch end and not
+    again at that step's validation; two Validate hooks at one step check "val/loss" once."""
+    for hooks in (
+        lambda es: [es, ConstantValidation()],
+        lambda es: [ConstantValidation(), ConstantValidation(), es],
+    ):
+        for monitor in ("train/loss", "val/loss"):
+            stop = lk.hooks.EarlyStopping(monitor, patience=3, mode="max")  # never improves
+            state = tiny_fit(hooks(stop), epochs=10)
+            assert int(state.step) == 4, (monitor, int(state.step))  # best at 1, 3 more
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: lk.hooks.ReduceLROnPlateau(optim.schedules.reduce_on_plateau(0.1)),
+        lambda d: lk.hooks.EarlyStopping("val/loss"),
+        lambda d: lk.hooks.Checkpoint(d, keep_best="val/loss"),
+    ],
+)
+def test_a_monitor_that_no_hook_logs_is_warned_of(make, tmp_path):
+    """The default monitor "val/loss" without a Validate hook would never be fed: warned
+    of once, naming the fix. With a Validate of that prefix (every few epochs) it is not."""
+    with pytest.warns(UserWarning, match="'val/loss'.*no Validate hook.*prefix") as warned:
+        tiny_fit([make(tmp_path / "a")], epochs=3)
+    assert len([w for w in warned if "val/loss" in str(w.message)]) == 1
+    model = nn.Linear(2, 2)
+    later = lk.hooks.Validate(lk.eval_step(model, loss_fn), [(torch.randn(4, 2),
+                              torch.randint(0, 2, (4,)))], every=5)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_fit([later, make(tmp_path / "b")], epochs=3)
+
+
+# --- loggers appending to a file whose last line a crash cut short -----------------------
+
+
+@pytest.mark.parametrize(
+    "logger, cut",
+    [
+        (lk.hooks.JSONLLogger, '{"epoch": 0, "step": 3, "train/loss": 0.7}\n{"epoch": 1, "st'),
+        (lk.hooks.CSVLogger, "epoch,step,train/loss\r\n0,3,0.7\r\n1,6"),
+    ],
+)
+def test_append_after_a_line_cut_short_drops_it_and_resumes(logger, cut, tmp_path):
+    """The earlier run's cut-short last line is dropped, not glued to this run's first
+    record; interrupted and resumed, the file is the uninterrupted run's."""
+
+    class Crash(Exception):
+        pass
+
+    class CrashAt(lk.Hook):
+        def on_step_end(self, loop):
+            if loop.step == 8:
+                raise Crash
+
+    model, opt = nn.Linear(5, 2), optim.sgd(lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 5, generator=g), torch.randint(0, 2, (4,), generator=g))
+            for _ in range(3)]  # fmt: skip
+    step = lk.train_step(model, loss_fn, opt)
+
+    def run(directory, *extra, resume=None):
+        hooks = [logger(directory, append=True), lk.hooks.Checkpoint(directory / "ck"), *extra]
+        lk.fit(step, lk.TrainState.create(model, opt), data, epochs=4, hooks=hooks,
+               resume=resume)  # fmt: skip
+        return (directory / logger.default_filename).read_text()
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    for d in (straight, broken):
+        d.mkdir()
+        (d / logger.default_filename).write_text(cut, newline="")
+    expected = run(straight)
+    with pytest.raises(Crash):
+        run(broken, CrashAt())
+    assert run(broken, resume="latest") == expected
+    records = logger(straight).read()
+    assert [int(r["epoch"]) for r in records] == [0, 0, 1, 2, 3]
+    assert [int(r["step"]) for r in records] == [3, 3, 6, 9, 12]
+    assert float(records[0]["train/loss"]) == 0.7
+
+
+# --- hooks on an ensemble's per-member metrics --------------------------------------------
+
+
+def ensemble_problem():
+    mk = lambda: nn.Linear(5, 2)  # noqa: E731
+    opt = optim.sgd(lr=0.1)
+    state = lk.ensemble.create(mk, opt, seeds=range(3))
+    state = lk.ensemble.set_hyperparams(state, lr=[0.1, 0.2, 0.3])
+    step = lk.ensemble_step(lk.train_step(mk(), loss_fn, opt))
+    evaluate = lk.ensemble_step(lk.eval_step(mk(), loss_fn))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 5, generator=g)
+    data = lk.data.Batches(x, (x[:, 0] > 0).long(), batch_size=8)
+    return step, state, data, lk.hooks.Validate(evaluate, data)
+
+
+def test_learning_rate_monitor_logs_an_ensembles_lrs_per_member():
+    step, state, data, _ = ensemble_problem()
+    logged = []
+
+    class Record(lk.Hook):
+        def on_epoch_end(self, loop):
+            logged.append(loop.logs["lr"])
+
+    lk.fit(step, state, data, epochs=1, hooks=[lk.hooks.LearningRateMonitor(), Record()])
+    assert logged == [pytest.approx([0.1, 0.2, 0.3], rel=1e-7)]
+
+
+@pytest.mark.parametrize(
+    "make, who",
+    [
+        (lambda d: lk.hooks.EarlyStopping("val/loss"), "EarlyStopping"),
+        (lambda d: lk.hooks.EarlyStopping("train/loss"), "EarlyStopping"),
+        (lambda d: lk.hooks.Checkpoint(d, keep_last=1, keep_best="val/loss"), "keep_best"),
+    ],
+)
+def test_a_per_member_metric_where_one_number_is_needed_names_the_fix(make, who, tmp_path):
+    step, state, data, validate = ensemble_problem()
+    with pytest.raises(TypeError, match=f"{who}.*one per ensemble member.*statistics.mean"):
+        lk.fit(step, state, data, epochs=2, hooks=[validate, make(tmp_path)])
