@@ -23,6 +23,7 @@ with the mismatched names and shapes (:class:`CheckpointError`) instead of loadi
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -169,7 +170,7 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     containers (such as pickled code)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}{_moved_aside_hint(path)}")
     _require_checkpoint_directory(path)
     try:
         marker = json.loads((path / MARKER).read_text())
@@ -202,6 +203,17 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a loopkit checkpoint (expected format {FORMAT})"
         )
     return {**payload, "metadata": json.loads(payload["metadata"])}
+
+
+def _moved_aside_hint(path: Path) -> str:
+    """For a missing ``path`` whose old copy a killed :func:`save` left hidden, what to do."""
+    aside = path.parent.glob(f".{glob.escape(path.name)}.old-*") if path.parent.is_dir() else ()
+    if not any(_HIDDEN.fullmatch(p.name) for p in aside):
+        return ""
+    return (
+        f": a save over it was interrupted and left the old one in .{path.name}.old-*; "
+        f"loopkit.checkpoint.clean_temporaries({str(path.parent)!r}) puts it back"
+    )
 
 
 def _require_checkpoint_directory(path: Path) -> None:
@@ -334,16 +346,20 @@ def read_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | N
     return None
 
 
+_HIDDEN = re.compile(r"\.(.+)\.(tmp|old|del)-\d+-[0-9a-f]{8}")
+
+
 def clean_temporaries(directory: str | os.PathLike) -> None:
-    """Tidy what writers killed part-way left in ``directory``: temporary directories are
-    removed, and a checkpoint moved aside for a replacement that never arrived is put back
-    (or removed, if its name is taken). Call it only when no other process writes there."""
+    """Tidy what writers killed part-way left in ``directory``, for checkpoints of any name:
+    temporary directories are removed, and a checkpoint moved aside for a replacement that
+    never arrived is put back (or removed, if its name is taken). Call it only when no
+    other process writes there."""
     directory = Path(directory)
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        match = re.fullmatch(r"\.(step-[\d-]+)\.(tmp|old|del)-\d+-[0-9a-f]{8}", p.name)
-        if match is None:
+        match = _HIDDEN.fullmatch(p.name)
+        if match is None or not p.is_dir():
             continue
         original = directory / match.group(1)
         if match.group(2) == "old" and (p / MARKER).exists() and not original.exists():

@@ -3,19 +3,23 @@
 :func:`loopkit.fit` resumes a run by calling :func:`set_epoch` with the saved epoch and
 skipping the batches already taken in it, so the data must replay the same batches for the
 same epoch. :class:`Batches` (in-memory tensors), :class:`EpochSampler` (for a
-``DataLoader``) and :class:`Reiterable` (wrapping a generator function) do;
-:func:`why_not_resumable` names the data that may not.
+``DataLoader``) and :class:`Reiterable` (wrapping a generator function) do. A checkpoint
+also holds the random state a pass draws from (:func:`random_state`: the global generators
+and a ``DataLoader``'s), so a ``DataLoader`` with ``shuffle=True`` or random augmentation
+replays too. :func:`why_not_resumable` names the data that may not.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import random
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -145,39 +149,140 @@ def _sampler(loader: DataLoader) -> Any:
     return getattr(batch_sampler, "sampler", None) if batch_sampler is not None else loader.sampler
 
 
+def _distinct(objects: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for obj in objects:
+        if obj is not None and all(obj is not seen for seen in out):
+            out.append(obj)
+    return out
+
+
+def _epoch_takers(loader: DataLoader) -> list[Any]:
+    """The parts of ``loader`` with a ``set_epoch``: its batch sampler, its sampler
+    (``DistributedSampler``, :class:`EpochSampler`) and its dataset (a streaming
+    ``IterableDataset``, as in webdataset or Hugging Face ``datasets``)."""
+    parts = [loader.batch_sampler, _sampler(loader), loader.dataset]
+    return [p for p in _distinct(parts) if hasattr(p, "set_epoch")]
+
+
 def set_epoch(data: Iterable, epoch: int) -> None:
-    """Tell ``data`` which epoch it serves: ``data.set_epoch(epoch)`` if it has one, else
-    the ``set_epoch`` of a ``DataLoader``'s sampler (``DistributedSampler``,
-    :class:`EpochSampler`)."""
+    """Tell ``data`` which epoch it serves: ``data.set_epoch(epoch)`` if it has one; for a
+    ``DataLoader``, the ``set_epoch`` of its batch sampler, sampler and dataset, each that
+    has one."""
     if hasattr(data, "set_epoch"):
         data.set_epoch(epoch)
-    elif isinstance(data, DataLoader) and hasattr(_sampler(data), "set_epoch"):
-        _sampler(data).set_epoch(epoch)
+    elif isinstance(data, DataLoader):
+        for part in _epoch_takers(data):
+            part.set_epoch(epoch)
 
 
-def iter_from(data: Iterable, start: int) -> Iterator:
+def _generators(data: Iterable) -> dict[str, torch.Generator]:
+    """The generators of a ``DataLoader`` (its worker seeds, and the order of
+    ``shuffle=True``) and of its sampler, when it has its own."""
+    if not isinstance(data, DataLoader):
+        return {}
+    found = {"loader": data.generator, "sampler": getattr(_sampler(data), "generator", None)}
+    found = {k: g for k, g in found.items() if isinstance(g, torch.Generator)}
+    if "sampler" in found and found["sampler"] is found.get("loader"):
+        del found["sampler"]
+    return found
+
+
+def random_state(data: Iterable) -> dict[str, Any]:
+    """What a pass of ``data`` may draw random numbers from, as tensors, numbers and tuples
+    (a checkpoint holds them): torch's global CPU generator, Python's ``random`` and NumPy's
+    global generator (random augmentation in the main process; a ``DataLoader`` also draws
+    its workers' seeds and ``shuffle=True``'s order from torch's), and the generators of a
+    ``DataLoader`` and of its sampler. :func:`set_random_state` puts them back."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        name, keys, *rest = np.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), *rest)
+    if generators := _generators(data):
+        state["generators"] = {k: g.get_state() for k, g in generators.items()}
+    return state
+
+
+def set_random_state(data: Iterable, state: dict[str, Any]) -> None:
+    """Set the generators :func:`random_state` read to the states it returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    for key, generator in _generators(data).items():
+        if key in state.get("generators", {}):
+            generator.set_state(state["generators"][key])
+
+
+def iter_from(data: Iterable, start: int, then: Callable[[], None] | None = None) -> Iterator:
     """An iterator over ``data``'s current pass from batch ``start`` on: ``data.iter_from``
-    where it exists, otherwise the first ``start`` batches are drawn and dropped."""
+    where it exists, otherwise the first ``start`` batches are drawn and dropped, here and
+    now. ``then()`` (if given) is called after that, before the first batch is drawn."""
     if start and hasattr(data, "iter_from"):
-        return data.iter_from(start)
-    return itertools.islice(iter(data), start, None)
+        rest = data.iter_from(start)
+    else:
+        rest = iter(data)
+        for _ in itertools.islice(rest, start):
+            pass
+    if then is not None:
+        then()
+    return rest
+
+
+_TORCH_SAMPLERS = "torch.utils.data"
+
+
+def _why_loader_may_not_resume(loader: DataLoader) -> str | None:
+    if loader.num_workers > 0 and loader.persistent_workers:
+        return (
+            "its workers persist across passes (persistent_workers=True): a checkpoint cannot "
+            "hold their random generators, which carry on from pass to pass, so random "
+            "augmentation in them differs after a resume (and a dataset's set_epoch does not "
+            "reach them). With persistent_workers=False each pass seeds its workers from "
+            "generators the checkpoint holds"
+        )
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "set_epoch"):
+            return None
+        return (
+            f"loopkit cannot tell whether the IterableDataset {type(dataset).__name__} "
+            "yields the same examples when a pass is replayed. A resume is exact when each "
+            "pass depends only on its epoch: give the dataset a set_epoch(epoch) method "
+            "(fit calls it before each pass; a DataLoader takes no sampler for an "
+            "IterableDataset), and draw any other randomness from torch's global generator, "
+            "which the checkpoint holds"
+        )
+    order = loader.batch_sampler
+    if order is None or type(order).__module__.startswith(_TORCH_SAMPLERS):
+        order = loader.sampler  # torch's BatchSampler only batches its sampler's order
+    if hasattr(order, "set_epoch") or type(order).__module__.startswith(_TORCH_SAMPLERS):
+        return None  # torch's samplers draw from the global generator or their own
+    return (
+        f"loopkit cannot tell whether its sampler ({type(order).__name__}) replays the same "
+        "order: a resume is exact for a sampler that draws only from torch's global "
+        "generator or from a generator given to the DataLoader or held as its .generator "
+        "(the checkpoint holds those), or that has set_epoch(epoch), which fit calls before "
+        "each pass, such as loopkit.data.EpochSampler(n, seed=...)"
+    )
 
 
 def why_not_resumable(data: Iterable) -> str | None:
-    """None for data that replays the same batches for the same epoch (sequences, anything
-    with ``set_epoch``, a ``DataLoader`` with a sequential sampler or one with
-    ``set_epoch``); otherwise why a resumed run may see other batches."""
+    """None for data that replays the same batches for the same epoch once ``fit`` has put
+    back the random state a checkpoint holds (:func:`random_state`): sequences, anything
+    with ``set_epoch``, and a ``DataLoader`` whose sampler is one of torch's (shuffled or
+    not) or has ``set_epoch``, over any map-style dataset (random augmentation included)
+    or an ``IterableDataset`` with ``set_epoch``, unless its workers persist; otherwise
+    why a resumed run may see other batches."""
     if isinstance(data, Sequence) or hasattr(data, "set_epoch"):
         return None
     if isinstance(data, DataLoader):
-        sampler = _sampler(data)
-        if isinstance(sampler, SequentialSampler) or hasattr(sampler, "set_epoch"):
-            return None
-        return (
-            f"its sampler ({type(sampler).__name__}) draws its order from the global RNG, so a "
-            "resumed run shuffles differently: pass sampler=loopkit.data.EpochSampler(n, "
-            "seed=...) (or a DistributedSampler) instead of shuffle=True"
-        )
+        return _why_loader_may_not_resume(data)
     return (
         f"loopkit cannot tell whether a {type(data).__name__} replays the same batches: wrap "
         "it in loopkit.data.Reiterable(make) with make(epoch) deterministic, or give it a "

@@ -19,10 +19,11 @@ Under ``torch.distributed`` with a data-parallel step
 from, and the hooks that write files or print do so on rank 0 only.
 
 Resuming: a checkpoint written by :class:`~loopkit.hooks.Checkpoint` holds the state, the
-data position (epoch, batches taken in it), the epoch's partial metric sums, the logs and
-history, and every hook's ``state_dict()``. ``fit(..., resume=...)`` restores all of it and
-replays the data from that position, so a resumed run is bitwise identical to one never
-interrupted.
+data position (epoch, batches taken in it), the random state the data draws from
+(:func:`loopkit.data.random_state`, at the start of the open pass and at the checkpoint),
+the epoch's partial metric sums, the logs and history, and every hook's ``state_dict()``.
+``fit(..., resume=...)`` restores all of it and replays the data from that position, so a
+resumed run is bitwise identical to one never interrupted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import dataclasses
 import operator
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import torch
 
 from loopkit import checkpoint, distributed
 from loopkit import data as data_lib
+from loopkit.checkpoint import step_of
 from loopkit.state import TrainState
 from loopkit.tree import leading_dim
 
@@ -98,6 +100,10 @@ class Loop:
     sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     sum_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
     taken: int = 0
+    _data: Any = None
+    _data_parallel: bool = False
+    _pass_random: dict[str, Any] | None = None  # the random state the open pass started from
+    _resumed_random: dict[str, Any] | None = None  # a checkpoint's, until its pass reopens
     _after: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     _previous: TrainState | None = None
     _skipped: bool = False
@@ -151,8 +157,19 @@ class Loop:
             seen[name] = seen.get(name, 0) + 1
         return keys
 
+    def _random_states(self) -> list[dict[str, Any]]:
+        """The random state of the data now and at the start of the open pass (a pass
+        resumed mid-way replays its start from it): one per rank under data parallelism,
+        gathered from every rank, since each draws its own augmentation."""
+        mine = {
+            "now": data_lib.random_state(self._data),
+            "pass": self._pass_random if self.batch else None,
+        }
+        return distributed.all_gather_object(mine) if self._data_parallel else [mine]
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the TrainState that a resumed run needs to carry on exactly."""
+        """Everything but the TrainState that a resumed run needs to carry on exactly.
+        Under data parallelism every rank must call it (``hooks.Checkpoint`` does)."""
         hooks = {}
         for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
             if (s := getattr(hook, "state_dict", lambda: None)()) is not None:
@@ -167,6 +184,7 @@ class Loop:
             "history": plain_data(self.history, "loop.history"),
             "stopped": self.should_stop,
             "world_size": distributed.world_size(),
+            "random": self._random_states(),
             "hooks": hooks,
         }
 
@@ -179,6 +197,9 @@ class Loop:
         for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
             if key in saved["hooks"]:
                 hook.load_state_dict(saved["hooks"][key])
+        if randoms := saved.get("random"):  # checkpoints before it had none
+            self._resumed_random = randoms[distributed.rank() if len(randoms) > 1 else 0]
+            data_lib.set_random_state(self._data, self._resumed_random["now"])
 
 
 def plain_data(value: Any, where: str) -> Any:
@@ -356,6 +377,12 @@ def _epoch_length(data: Iterable, steps_per_epoch: int | None) -> int | None:
     return length if steps_per_epoch is None else min(length, steps_per_epoch)
 
 
+def _checkpoint_directories(hooks: Sequence[Hook]) -> set[Path]:
+    return {
+        d for h in hooks if (d := getattr(h, "checkpoint_directory", lambda: None)()) is not None
+    }
+
+
 def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path:
     """The directory (or checkpoint) ``resume`` names."""
     if resume != "latest":
@@ -365,9 +392,7 @@ def _resume_candidates(resume: str | os.PathLike, hooks: Sequence[Hook]) -> Path
                 f"{resume!r} (None or False: start afresh)"
             )
         return Path(resume)
-    directories = {
-        d for h in hooks if (d := getattr(h, "checkpoint_directory", lambda: None)()) is not None
-    }
+    directories = _checkpoint_directories(hooks)
     if len(directories) != 1:
         found = "none" if not directories else ", ".join(map(str, sorted(directories)))
         raise ValueError(
@@ -410,7 +435,37 @@ def _read_resume(loop: Loop, resume: str | os.PathLike) -> tuple[Path, dict] | N
             "resume."
         )
     loop.state = checkpoint.restore(contents["state"], loop.state, f"checkpoint {path}")
+    if resume != "latest" and Path(resume) == path:  # a checkpoint named, not a directory
+        _set_aside_newer(path, int(loop.state.step), loop.hooks)
     return path, contents["extra"]["loop"]
+
+
+def _set_aside_newer(resumed: Path, step: int, hooks: Sequence[Hook]) -> None:
+    """Resuming from a named checkpoint older than others in a Checkpoint hook's directory
+    rolls the run back: those newer ones belong to the run that went on from it. They are
+    moved into a subdirectory (nothing is deleted), or ``resume="latest"`` would later pick
+    them over this run's own. Newer: listed after ``resumed`` in its own directory, of a
+    later step elsewhere."""
+    for directory in sorted(_checkpoint_directories(hooks)):
+        found = checkpoint.checkpoints(directory)
+        same = [i for i, p in enumerate(found) if p.resolve() == resumed.resolve()]
+        newer = found[same[0] + 1 :] if same else [p for p in found if step_of(p) > step]
+        if not newer:
+            continue
+        aside, k = directory / f"rolled-back-to-step-{step:09d}", 0
+        while aside.exists():
+            k += 1
+            aside = directory / f"rolled-back-to-step-{step:09d}-{k}"
+        aside.mkdir()
+        for p in newer:
+            os.rename(p, aside / p.name)
+        warnings.warn(
+            f"resumed from {resumed}, older than {len(newer)} checkpoint(s) in {directory} "
+            f"(newest {newer[-1].name}) written by the run that went on from it: moved them "
+            f"to {aside}, so that resume='latest' continues this run, not that one. Move them "
+            "back to return to it.",
+            stacklevel=5,
+        )
 
 
 def _resume(loop: Loop, resume: str | os.PathLike, data_parallel: bool) -> None:
@@ -503,11 +558,13 @@ def fit(
     _check_data(data, epochs, steps_per_epoch)
     hooks = _check_hooks(hooks)
     loop = Loop(state, hooks, epochs, _epoch_length(data, steps_per_epoch), max_steps)
+    loop._data = data
     resume = "latest" if resume is True else resume
     loop.resuming = resume is not None and resume is not False
     if data_parallel is None:
         data_parallel = _is_data_parallel(step)
     data_parallel = data_parallel and distributed.world_size() > 1
+    loop._data_parallel = data_parallel
     if data_parallel:
         _check_ranks_agree(data, steps_per_epoch, epochs, max_steps)
     if loop.resuming:
@@ -527,6 +584,23 @@ def fit(
     return loop.state
 
 
+def _pass(loop: Loop, data: Iterable) -> Iterator:
+    """The open pass of ``data`` from batch ``loop.batch`` on. The random state it starts
+    from is kept for a checkpoint. A pass a checkpoint left open starts again from the saved
+    one, so a ``DataLoader`` draws the same order and worker seeds; the batches it took are
+    skipped, then the random state is set to the checkpoint's, so the next batch draws what
+    it drew in the run never interrupted."""
+    resumed, loop._resumed_random = loop._resumed_random, None
+    if resumed is None or resumed["pass"] is None or loop.batch == 0:
+        loop._pass_random = data_lib.random_state(data)
+        return data_lib.iter_from(data, loop.batch)
+    loop._pass_random = resumed["pass"]
+    data_lib.set_random_state(data, resumed["pass"])
+    return data_lib.iter_from(
+        data, loop.batch, then=lambda: data_lib.set_random_state(data, resumed["now"])
+    )
+
+
 def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int | None) -> None:
     data_lib.set_epoch(data, loop.epoch)
     if loop.batch == 0:
@@ -535,7 +609,7 @@ def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int 
     more = steps_per_epoch is None or loop.batch < steps_per_epoch
     more = more and not (loop.should_stop or loop.steps_done)
     start = loop.batch
-    for batch in data_lib.iter_from(data, loop.batch) if more else ():
+    for batch in _pass(loop, data) if more else ():
         loop._previous, loop._skipped = loop.state, False
         loop.state, loop.metrics = step(loop.state, batch)
         loop.step += 1

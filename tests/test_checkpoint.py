@@ -187,6 +187,23 @@ def test_clean_temporaries_puts_back_a_checkpoint_moved_aside(tmp_path):
     assert os.listdir(tmp_path) == ["step-000000004"]
 
 
+@pytest.mark.parametrize("name", ["best", "final.v2", "step-000000004"])
+def test_clean_temporaries_puts_back_a_checkpoint_of_any_name(tmp_path, name):
+    """A save over ``name`` killed between its two renames leaves the old checkpoint in
+    ``.<name>.old-*`` and the new one in ``.<name>.tmp-*``: the old one comes back under its
+    name, whatever the name, and the temporary goes; a read of the missing name says how."""
+    _, state = a_state()
+    checkpoint.save(tmp_path / name, state)
+    os.rename(tmp_path / name, tmp_path / f".{name}.old-1-0123abcd")
+    checkpoint.save(tmp_path / "scratch", state)
+    os.rename(tmp_path / "scratch", tmp_path / f".{name}.tmp-1-89abcdef")
+    with pytest.raises(FileNotFoundError, match=r"interrupted.*clean_temporaries"):
+        checkpoint.read(tmp_path / name)
+    checkpoint.clean_temporaries(tmp_path)
+    assert os.listdir(tmp_path) == [name]
+    assert_states_equal(checkpoint.load(tmp_path / name, like=state), state)
+
+
 def test_generator_states_of_other_devices_are_tolerated(tmp_path):
     """A checkpoint carries one generator state per device: moving between a GPU and a CPU
     machine keeps the states both sides have and leaves the others alone."""

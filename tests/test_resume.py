@@ -168,22 +168,46 @@ def test_resume_equals_straight_with_a_dataloader_and_an_epoch_sampler(tmp_path)
 
 
 def test_resume_warns_about_data_it_cannot_replay(tmp_path):
+    """Data whose replay loopkit cannot vouch for is warned of, with advice that works:
+    a bare iterable, a sampler of unknown kind, persistent workers, and an IterableDataset
+    without set_epoch (a DataLoader takes no sampler for one, and shuffle=True is not it)."""
     torch.manual_seed(0)
     model = nn.Linear(5, 2)
     opt = optim.sgd(lr=0.1)
     dataset = torch.utils.data.TensorDataset(torch.randn(8, 5), torch.randint(0, 2, (8,)))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)
     step = lk.train_step(model, loss_fn, opt)
     hooks = [lk.hooks.Checkpoint(tmp_path)]
-    with pytest.warns(UserWarning, match="RandomSampler.*EpochSampler"):
-        lk.fit(step, lk.TrainState.create(model, opt), loader, hooks=hooks, resume="latest")
+
+    def resume(data):
+        lk.fit(step, lk.TrainState.create(model, opt), data, hooks=hooks, resume="latest")
 
     class Mine:
         def __iter__(self):
             return iter([(torch.randn(4, 5), torch.randint(0, 2, (4,)))])
 
     with pytest.warns(UserWarning, match="cannot tell whether a Mine replays"):
-        lk.fit(step, lk.TrainState.create(model, opt), Mine(), hooks=hooks, resume="latest")
+        resume(Mine())
+
+    class Reversed(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(range(7, -1, -1))
+
+        def __len__(self):
+            return 8
+
+    with pytest.warns(UserWarning, match=r"its sampler \(Reversed\).*set_epoch"):
+        resume(torch.utils.data.DataLoader(dataset, batch_size=4, sampler=Reversed()))
+    persistent = torch.utils.data.DataLoader(
+        dataset, batch_size=4, num_workers=1, persistent_workers=True
+    )
+    with pytest.warns(UserWarning, match="persistent_workers=True.*persistent_workers=False"):
+        resume(persistent)
+    with pytest.warns(UserWarning) as caught:
+        resume(torch.utils.data.DataLoader(Stream(with_set_epoch=False), batch_size=4))
+    (message,) = [str(w.message) for w in caught]
+    assert "IterableDataset Stream" in message and "set_epoch(epoch)" in message
+    assert "global RNG" not in message and "shuffle=True" not in message
+    assert "takes no sampler" in message
 
 
 def test_resume_latest_without_checkpoints_starts_afresh_and_a_stopped_run_stays_stopped(
@@ -453,3 +477,141 @@ def test_a_checkpoint_a_crash_kept_from_pruning_is_pruned_on_resume(tmp_path, mo
     assert len(checkpoint.checkpoints(tmp_path)) == 3  # one too many
     hook = run(resume="latest")
     assert checkpoint.checkpoints(tmp_path) == hook.saved and len(hook.saved) == 2
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Random augmentation as torchvision and albumentations do it: each example draws from
+    torch's, Python's and NumPy's global generators (in a worker: the worker's, which the
+    DataLoader seeds from its base seed)."""
+
+    def __init__(self, n=30):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 5, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        import numpy as np
+
+        noise = 0.1 * torch.randn(5) + random.random() + float(np.random.rand())
+        return self.x[i] + noise, self.y[i]
+
+
+LOADERS = {
+    "epoch sampler": lambda ds: dict(sampler=lk.data.EpochSampler(len(ds), seed=3)),
+    "shuffle": lambda ds: dict(shuffle=True),
+    "shuffle, generator": lambda ds: dict(shuffle=True, generator=torch.Generator().manual_seed(5)),
+    "sampler's generator": lambda ds: dict(
+        sampler=torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(6))
+    ),
+    "epoch sampler, workers": lambda ds: dict(
+        sampler=lk.data.EpochSampler(len(ds), seed=3), num_workers=2
+    ),
+    "shuffle, workers": lambda ds: dict(shuffle=True, num_workers=2),
+}
+
+
+@pytest.mark.parametrize("crash_after", [13, 17])  # mid-epoch; just after an epoch's end
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_random_augmentation_and_shuffling_resume_exactly(tmp_path, loader, crash_after):
+    """A DataLoader whose order or examples come from the global generators or its own
+    generator (shuffle=True, random augmentation, in the main process or in workers): the
+    checkpoint holds those generators, so the resumed run sees the very batches the
+    uninterrupted one saw, without a warning."""
+    import numpy as np
+
+    def once(directory, crash_after=None, resume=None):
+        torch.manual_seed(0)  # the top of a training script
+        random.seed(0)
+        np.random.seed(0)
+        dataset = Augmented()
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2))
+        opt = optim.sgd(lr=0.1)
+        step = lk.train_step(model, loss_fn, opt)
+        step = step if crash_after is None else crashing(step, crash_after)
+        data = torch.utils.data.DataLoader(dataset, batch_size=4, **LOADERS[loader](dataset))
+        hook = lk.hooks.Checkpoint(directory, every_steps=3)
+        return lk.fit(step, lk.TrainState.create(model, opt, seed=0), data, epochs=3,
+                      hooks=[hook], resume=resume)  # fmt: skip
+
+    straight = once(tmp_path / "a")
+    with pytest.raises(Crash):
+        once(tmp_path / "b", crash_after=crash_after)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = once(tmp_path / "b", resume="latest")
+    assert_states_equal(resumed, straight)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A streaming dataset that orders each pass by its epoch (webdataset, HF streaming)."""
+
+    def __init__(self, with_set_epoch=True):
+        self.x = torch.randn(24, 5, generator=torch.Generator().manual_seed(0))
+        self.epoch, self.calls = 0, []
+        if with_set_epoch:
+            self.set_epoch = self._set_epoch
+
+    def _set_epoch(self, epoch):
+        self.epoch = epoch
+        self.calls.append(epoch)
+
+    def __iter__(self):
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(self.epoch))
+        return iter([(self.x[i], (self.x[i, 0] > 0).long()) for i in order])
+
+
+def test_an_iterable_dataset_gets_its_epoch_and_resumes_exactly(tmp_path):
+    """fit calls set_epoch on a DataLoader's dataset (as on its sampler) before each pass,
+    so a streaming dataset orders each epoch differently and replays it when resumed."""
+
+    def once(directory, crash_after=None, resume=None):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2)
+        opt = optim.sgd(lr=0.1)
+        step = lk.train_step(model, loss_fn, opt)
+        step = step if crash_after is None else crashing(step, crash_after)
+        dataset = Stream()
+        data = torch.utils.data.DataLoader(dataset, batch_size=4)
+        hook = lk.hooks.Checkpoint(directory, every_steps=4)
+        state = lk.fit(step, lk.TrainState.create(model, opt), data, epochs=3, hooks=[hook],
+                       resume=resume)  # fmt: skip
+        return state, dataset.calls
+
+    straight, calls = once(tmp_path / "a")
+    assert calls == [0, 1, 2]
+    with pytest.raises(Crash):
+        once(tmp_path / "b", crash_after=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dataset with set_epoch needs no warning
+        resumed, calls = once(tmp_path / "b", resume="latest")
+    assert calls == [1, 2]
+    assert_states_equal(resumed, straight)
+
+
+def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path):
+    """Rolling back to an earlier checkpoint (here with another lr) abandons the checkpoints
+    the run wrote after it: they are moved into a subdirectory (nothing is deleted), with a
+    warning, so that after a crash resume="latest" continues the new branch, not the old."""
+    import shutil
+
+    first, _ = small_run(tmp_path / "a", epochs=3, every_steps=2)
+    names = [p.name for p in checkpoint.checkpoints(tmp_path / "a" / "ckpt")]
+    newer = names[names.index("step-000000004") + 1 :]
+    back = tmp_path / "a" / "ckpt" / "step-000000004"
+    shutil.copytree(tmp_path / "a", tmp_path / "ref")
+    with pytest.warns(UserWarning, match="moved"):
+        branch, _ = small_run(
+            tmp_path / "ref", lr=0.2, resume=tmp_path / "ref" / back.relative_to(tmp_path / "a")
+        )
+    message = rf"older than {len(newer)} checkpoint.*newest step-000000015.*moved them to"
+    with pytest.warns(UserWarning, match=message):
+        with pytest.raises(Crash):
+            small_run(tmp_path / "a", lr=0.2, resume=back, crash_after=5)
+    resumed, _ = small_run(tmp_path / "a", lr=0.2, resume="latest")
+    assert_states_equal(resumed, branch)
+    (aside,) = [p for p in (tmp_path / "a" / "ckpt").iterdir() if p.name.startswith("rolled")]
+    assert sorted(p.name for p in aside.iterdir()) == newer
+    assert_states_equal(checkpoint.load(aside / newer[-1], like=first), first)
