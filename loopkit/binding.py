@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from loopkit.errors import StepError
+
 Slot = tuple[dict, str]  # a module's ``_parameters`` or ``_buffers`` dict, and a name in it
 
 
@@ -35,6 +37,11 @@ class ModuleBinding:
     semantics, its errors). Unlike torch 2.13's ``functional_call``, it also restores a
     submodule that appears at several places in the tree (whose tensors that one leaves
     swapped).
+
+    The first call after each look-up also checks that the forward registered no param or
+    buffer that is not given (a counter made on the first call, a ``None`` slot filled):
+    such a tensor would stay in the module, outside the caller's state. It raises a
+    :class:`~loopkit.errors.StepError` and leaves the module as it was.
     """
 
     def __init__(self, module: nn.Module):
@@ -64,6 +71,7 @@ class ModuleBinding:
         ]
         self._slots: dict[str, list[Slot]] = {}  # name -> every slot of its tensor
         self._own: dict[str, Slot] = {}  # name -> the slot the name itself denotes
+        self._unchecked = True  # the next call checks what its forward registers
         self._group: dict[str, int] = {}  # name -> index of its tensor (tied names share one)
         if not self._plain:
             return
@@ -105,9 +113,37 @@ class ModuleBinding:
         saved: list = []
         try:
             self._swap_in(plan, saved)
-            return self.module(*args, **kwargs)
+            out = self.module(*args, **kwargs)
         finally:
             self._swap_out(tensors, plan, saved)
+        if self._unchecked and not torch.compiler.is_compiling():
+            self._check_registered(tensors)
+            self._unchecked = False
+        return out
+
+    def _check_registered(self, given: dict[str, Any]) -> None:
+        """Raise (restoring the module's dicts) if the forward registered a param or buffer
+        that was not there when resolved and is not in ``given``."""
+        if self._intact():
+            return
+        module = self.module
+        new = [
+            name
+            for named in (module.named_parameters(), module.named_buffers())
+            for name, _ in named
+            if name not in self._own and name not in given
+        ]
+        if not new:
+            return
+        for store, seen in self._stores:
+            store.clear()
+            store.update(seen)
+        raise StepError(
+            f"the model's forward registered {new[:5]}, which the state does not hold: it "
+            "would stay in the module, so the step would not be pure (the same state giving "
+            "other results, a checkpoint missing it). Run one forward before "
+            "lk.TrainState.create (e.g. model(example_input)), so the state holds it."
+        )
 
     @contextlib.contextmanager
     def holding(self, tensors: dict[str, Any]) -> Iterator[bool]:

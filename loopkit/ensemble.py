@@ -43,13 +43,14 @@ from torch import nn
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
+from loopkit.errors import StepError
 from loopkit.optim.base import Transform
 from loopkit.optim.hyperparams import hyperparams as optim_hyperparams
 from loopkit.optim.hyperparams import learning_rates, set_learning_rate
 from loopkit.optim.hyperparams import set_hyperparams as optim_set_hyperparams
 from loopkit.rng import _device_key, rng_scope
 from loopkit.state import TrainState
-from loopkit.step import EvalStep, TrainStep, _Step, _training, compile_step
+from loopkit.step import EvalStep, TrainStep, _Step, _TrainChecks, _training, compile_step
 from loopkit.tree import flatten_with_names, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -346,11 +347,18 @@ class EnsembleTrainStep(_EnsembleStep):
 
     kind = "ensemble train step"
 
+    def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None, *,
+                 shared_batch: bool = True):  # fmt: skip
+        super().__init__(model, pure, compiled, shared_batch=shared_batch)
+        self._checks = _TrainChecks(model, self._modules)
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        if problem := self._checks.problem(state):
+            raise StepError(f"{self.kind} cannot run: {problem}")
         k = size(state)
         bdims = _batch_dims(batch, k, self.shared_batch)
         args = (state.params, state.buffers, state.opt_state, state.step, bdims, batch)
-        with _training(self.model, self._modules, True):
+        with self._checks.running(), _training(self.model, self._modules, True):
             if self.compiled:
                 # One stream (member 0's) under vmap(randomness="different").
                 first = {key: v[0].clone() for key, v in state.rng.items()}

@@ -7,10 +7,11 @@ caller's. The same ``rng`` therefore always produces the same masks, and a check
 holds ``rng`` resumes them exactly.
 
 ``rng_for(seed, devices)`` matches ``torch.manual_seed(seed)``: an imperative loop seeded
-that way draws exactly the masks an eager loopkit step draws. A compiled step seeds its
-random kernels from the same generators, so its masks are reproducible from the state too,
-but they are not eager's masks: inductor generates them with its own kernels (and may
-reorder them), so compiled and eager runs with Dropout agree in distribution, not bitwise.
+that way draws exactly the masks an eager loopkit step draws. A compiled step draws from
+the same generators, so its masks are reproducible from the state too. On CPU inductor
+keeps Dropout's ``bernoulli_`` as the eager kernel, so compiled masks equal eager's; on a
+GPU inductor generates them with its own random kernels (and may reorder them), so there
+compiled and eager runs with Dropout agree in distribution, not bitwise.
 """
 
 from __future__ import annotations

@@ -76,13 +76,17 @@ class Net:
 
 def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
     """``loss`` or ``(loss, metrics)`` -> ``(loss, metrics)``: checks that the loss is a
-    floating-point scalar; metrics become detached tensors (numbers on the loss's device)."""
+    floating-point scalar (a one-element tensor of any shape is taken as its scalar, as
+    ``loss.backward()`` takes it); metrics become detached tensors (numbers on the loss's
+    device)."""
     if isinstance(out, tuple) and len(out) != 2:
         raise LossError(f"loss_fn must return loss or (loss, metrics), got a {len(out)}-tuple")
     loss, aux = out if isinstance(out, tuple) else (out, {})
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         raise LossError(f"loss_fn must return a floating-point tensor loss, got {describe(loss)}")
-    if loss.ndim != 0:
+    if loss.ndim != 0 and loss.numel() == 1:
+        loss = loss.reshape(())
+    elif loss.ndim != 0:
         raise LossError(
             f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}: reduce it, "
             "e.g. F.cross_entropy(logits, y) (mean by default) or loss.mean()"
@@ -153,21 +157,35 @@ _KNOWN_CAUSES = [
 ]
 
 
-def _state_mismatch(model: nn.Module, optimizer: Transform | None, state: Any) -> str | None:
-    """Why ``state`` cannot be a state of ``model`` trained by ``optimizer`` (None if it
-    can): params the model does not train, or an optimizer state of another structure."""
+def _params_mismatch(model: nn.Module, state: Any) -> str | None:
+    """Why ``state``'s params are not ``model``'s trainable parameters (None if they are)."""
     if not isinstance(state, TrainState):
         return None
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     missing, unknown = sorted(trained - set(state.params)), sorted(set(state.params) - trained)
-    fix = "build it with lk.TrainState.create(model, optimizer) from this step's model and "
-    if missing or unknown:
-        return (
-            f"the state's params are not the model's trainable parameters (missing "
-            f"{missing[:5]}, unknown {unknown[:5]}): {fix}optimizer."
-        )
-    if optimizer is None:
+    if not (missing or unknown):
         return None
+    parts = [f"missing {missing[:5]}: trainable in the model, not in the state"] if missing else []
+    if unknown:
+        parts.append(f"unknown {unknown[:5]}: in the state, not trainable in the model")
+    return (
+        f"the state's params are not the model's trainable parameters ({'; '.join(parts)}). "
+        "The params that train are those whose requires_grad was True when the state was "
+        "made: setting requires_grad afterwards (freezing or unfreezing a layer) changes "
+        "nothing. To freeze params during training, keep requires_grad and wrap the "
+        "optimizer, optim.freeze(optimizer, frozen), from the start; otherwise build the "
+        "state with lk.TrainState.create(model, optimizer) from this step's model (as it is "
+        "now) and optimizer."
+    )
+
+
+def _state_mismatch(model: nn.Module, optimizer: Transform | None, state: Any) -> str | None:
+    """Why ``state`` cannot be a state of ``model`` trained by ``optimizer`` (None if it
+    can): params the model does not train, or an optimizer state of another structure."""
+    mismatch = _params_mismatch(model, state)
+    if mismatch or optimizer is None or not isinstance(state, TrainState):
+        return mismatch
+    fix = "build it with lk.TrainState.create(model, optimizer) from this step's model and "
     try:
         want = optimizer.init(state.params)
     except Exception:  # an optimizer that cannot start from these params says so itself
@@ -190,6 +208,57 @@ def _kinds(opt_state: Any) -> str:
 
 def _known_fix(e: BaseException) -> str | None:
     return next((fix for cause, fix in _KNOWN_CAUSES if cause in str(e)), None)
+
+
+def _gradient_hooks(model: nn.Module) -> str | None:
+    """Why ``model``'s parameters cannot train as they are (None if they can): gradient
+    hooks on the Parameters themselves, which the step never runs."""
+    hooked = [
+        (name, kind)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+        for kind, hooks in (
+            ("register_hook", p._backward_hooks),
+            ("register_post_accumulate_grad_hook", getattr(p, "_post_accumulate_grad_hooks", None)),
+        )
+        if hooks
+    ]
+    if not hooked:
+        return None
+    names = sorted({name for name, _ in hooked})
+    kinds = sorted({kind for _, kind in hooked})
+    return (
+        f"parameters {names[:5]} have gradient hooks ({', '.join(kinds)}), which would never "
+        "run: the step differentiates copies of the state's params, not the module's own "
+        "Parameters. Do what the hooks do to the gradients in the optimizer instead: chain "
+        "a Transform before it, optim.chain(optim.Transform(init, update), optimizer), whose "
+        "update(grads, state, params) changes the grads (optim.freeze(optimizer, frozen) "
+        "keeps whole params fixed); then remove the hooks (handle.remove())."
+    )
+
+
+def _old_reparametrization_fix(model: nn.Module, e: BaseException) -> str | None:
+    """The fix for a compile failure caused by the hooks of the old-style
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (None if that is not the cause)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if not (_is_backend_failure(e) or "TensorWrapper" in str(e)):
+        return None
+    hooked = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if any(isinstance(h, (WeightNorm, SpectralNorm)) for h in m._forward_pre_hooks.values())
+    ]
+    if not hooked:
+        return None
+    return (
+        f"Modules {hooked[:3]} use the old torch.nn.utils.weight_norm / spectral_norm, whose "
+        "forward hook sets the module's weight as an attribute, which the compiled step "
+        "(torch.func.grad_and_value) cannot trace. Use torch.nn.utils.parametrizations."
+        "weight_norm / spectral_norm instead (they compile), or the eager step "
+        "(compile=False)."
+    )
 
 
 def _untraceable_modules(model: nn.Module) -> str | None:
@@ -216,6 +285,12 @@ def _is_compiler_error(e: BaseException) -> bool:
     from torch._dynamo.exc import TorchDynamoException
 
     return isinstance(e, TorchDynamoException)
+
+
+def _is_backend_failure(e: BaseException) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return isinstance(e, BackendCompilerFailed)
 
 
 def _is_recompile_limit(e: BaseException) -> bool:
@@ -247,6 +322,7 @@ class _Step:
     optimizer: Transform | None = None  # set by train_step: checks a failing step's state
     donate = False  # set by compile_step
     cudagraphs = False  # set by compile_step: the call prepares and copies out of a CUDA graph
+    fullgraph = True  # set by compile_step (for its errors)
 
     def __init__(
         self,
@@ -324,14 +400,34 @@ class _Step:
                     "Detach the batch, or compile without donate to differentiate through "
                     "the step."
                 ) from cause
-        raise CompileError(
-            f"torch.compile could not compile the {self.kind} as one graph "
-            f"(fullgraph=True):\n{str(cause).strip()[:2000]}\n"
-            + (self._number_fix(cause) or _known_fix(cause) or
-               "Fix: remove what breaks the graph from loss_fn / the model's forward (.item(), "
-               "print, Python branches or loops on tensor values, unsupported libraries), or "
-               "compile with fullgraph=False to allow graph breaks (slower).")
-        ) from cause  # fmt: skip
+        raise self._compile_error(cause) from cause
+
+    def _compile_error(self, cause: BaseException) -> CompileError:
+        """The error for a compile failure that the eager step does not have."""
+        fix = (
+            self._number_fix(cause)
+            or _old_reparametrization_fix(self.model, cause)
+            or _known_fix(cause)
+        )
+        if fix is None and _is_backend_failure(cause):
+            fix = (
+                "The compiler backend failed on the traced step; that is no graph break, so "
+                "fullgraph=False does not help. Use the eager step (compile=False), or find "
+                "the failing op with backend='aot_eager' or backend='eager'."
+            )
+        elif fix is None:
+            fix = (
+                "Fix: remove what breaks the graph from loss_fn / the model's forward "
+                "(.item(), print, Python branches or loops on tensor values, unsupported "
+                "libraries)"
+                + (", or compile with fullgraph=False to allow graph breaks (slower)."
+                   if self.fullgraph else ".")
+            )  # fmt: skip
+        how = "as one graph (fullgraph=True)" if self.fullgraph else "(fullgraph=False)"
+        return CompileError(
+            f"torch.compile could not compile the {self.kind} {how}:\n"
+            f"{str(cause).strip()[:2000]}\n{fix}"
+        )
 
     def _note_writes(self, given: tuple, versions: list, guarded: bool) -> None:
         """After a call: if it wrote into the params or buffers it was given, pass views
@@ -377,15 +473,65 @@ class _Step:
         )  # fmt: skip
 
 
+class _TrainChecks:
+    """What a step that trains ``model`` checks before a call, and its sparse embeddings.
+
+    On the first call, and whenever a param's ``requires_grad`` changed since, the state's
+    params must be the model's trainable ones and none may have a gradient hook (which the
+    step would not run). Embeddings with ``sparse=True`` run with ``sparse=False`` during
+    the call (:func:`_dense_gradients`)."""
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module]):
+        self.model = model
+        self.params = list(model.parameters())
+        self.trains: list[bool] | None = None  # their requires_grad, when last checked
+        self.sparse = [m for m in modules if isinstance(m, _SPARSE) and m.sparse]
+
+    def problem(self, state: Any) -> str | None:
+        """Why ``state`` cannot train the model as it is now (None if it can)."""
+        trains = [p.requires_grad for p in self.params]
+        if trains == self.trains:
+            return None
+        problem = _gradient_hooks(self.model) or _params_mismatch(self.model, state)
+        if problem is None:
+            self.trains = trains
+        return problem
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """The context of a call: sparse embeddings made dense (:func:`_dense_gradients`)."""
+        return _dense_gradients(self.sparse) if self.sparse else contextlib.nullcontext()
+
+
 class TrainStep(_Step):
-    """``step(state, batch) -> (new_state, metrics)``: one pure training step."""
+    """``step(state, batch) -> (new_state, metrics)``: one pure training step.
+
+    It checks the model and state first, and runs ``sparse=True`` embeddings with
+    ``sparse=False`` (:class:`_TrainChecks`): the same gradient, dense, which every
+    optimizer takes (torch.optim takes sparse ones only in SGD and Adagrad, with the same
+    results)."""
 
     kind = "train step"
 
+    def __init__(
+        self,
+        model: nn.Module,
+        pure: Callable,
+        compiled: Callable | None = None,
+        prepare: Callable[[TrainState], int] | None = None,
+    ):
+        super().__init__(model, pure, compiled, prepare)
+        self._checks = _TrainChecks(model, self._modules)
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if problem := self._checks.problem(state):
+            raise StepError(f"{self.kind} {int(state.step)} cannot run: {problem}")
         args = (state.params, state.buffers, state.opt_state, state.step, batch)
         fold = self.prepare(state) if self.prepare is not None else None
-        with _training(self.model, self._modules, True), rng_scope(state.rng, fold) as rng:
+        with (
+            self._checks.running(),
+            _training(self.model, self._modules, True),
+            rng_scope(state.rng, fold) as rng,
+        ):
             out = self._call(state, args)
         if self.donate:  # the new state was written into the input state's tensors
             return TrainState(*args[:4], rng), out
@@ -393,8 +539,25 @@ class TrainStep(_Step):
         return TrainState(params, buffers, opt_state, step, rng), metrics
 
 
+_SPARSE = (nn.Embedding, nn.EmbeddingBag)  # modules with a sparse=True option
+
+
+@contextlib.contextmanager
+def _dense_gradients(modules: list[nn.Module]) -> Iterator[None]:
+    """``sparse=False`` on ``modules`` (sparse embeddings) for the body: their weight's
+    gradient comes out dense (equal to the sparse one's values)."""
+    for m in modules:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.sparse = True
+
+
 class EvalStep(_Step):
-    """``evaluate(state, batch) -> metrics``: eval mode, no gradients, state unchanged."""
+    """``evaluate(state, batch) -> metrics``: eval mode, no gradients, state unchanged
+    (random draws come from ``state.rng``, not advanced: see :func:`eval_step`)."""
 
     kind = "eval step"
 
@@ -642,7 +805,13 @@ def eval_step(
     """Build ``evaluate(state, batch) -> metrics`` with eval-mode semantics: BatchNorm uses
     its running statistics, Dropout is off, no gradients are computed. Metrics are
     ``{"loss": ..., **aux}`` as returned by ``loss_fn``. ``precision`` autocasts as in
-    :func:`train_step`."""
+    :func:`train_step`.
+
+    Random ops that still draw in eval mode (``F.dropout(x, training=True)``, MC dropout)
+    draw from ``state.rng``, which an eval step does not advance (it returns no state):
+    every call with the same state draws the same numbers, for any batch. For other draws
+    give each call its own generator states, e.g. ``evaluate(state.replace(rng=
+    lk.rng_for(i, [device])), batch)`` for the ``i``-th sample."""
     amp_dtype = autocast_dtype(precision)
     binding = ModuleBinding(model)
 
@@ -746,7 +915,7 @@ def compile_step(
         options=options or None,
     )
     out = step.compiled_with(scalars.lifting(fn, donate) if lifts else fn)
-    out.donate, out.cudagraphs = donate, cudagraphs
+    out.donate, out.cudagraphs, out.fullgraph = donate, cudagraphs, fullgraph
     return out
 
 

@@ -250,3 +250,40 @@ def test_a_model_holding_a_torchscript_submodule_still_trains():
     state = lk.TrainState.create(model, opt)
     new, _ = lk.train_step(model, lambda net, b: net(b).square().mean(), opt)(state, x)
     assert not torch.equal(new.params["0.weight"], state.params["0.weight"])
+
+
+class Counted(nn.Module):
+    """Registers its call counter on its first call (or fills its ``None`` slot then)."""
+
+    def __init__(self, slot):
+        super().__init__()
+        if slot:
+            self.register_buffer("count", None)
+
+    def forward(self, x):
+        if getattr(self, "count", None) is None:
+            self.register_buffer("count", torch.zeros(()))
+        self.count = self.count + 1
+        return x * self.count
+
+
+@pytest.mark.parametrize("slot", [False, True])
+def test_binding_refuses_a_tensor_the_forward_registers_and_restores_the_module(slot):
+    """Such a tensor would stay in the module, outside the given tensors (a step's state).
+    Given (as a state made after one forward holds it), it is read and written back as
+    functional_call does."""
+    model = nn.Sequential(nn.Linear(3, 2), Counted(slot))
+    x = torch.randn(4, 3)
+    tensors = _fresh(model, torch.Generator().manual_seed(0))
+    binding = ModuleBinding(model)
+    for _ in range(2):  # refused again: it was not left registered
+        with pytest.raises(lk.StepError, match=r"registered \['1.count'\].*one forward before"):
+            binding(dict(tensors), (x,), {})
+        assert getattr(model[1], "count", None) is None
+        assert ("count" in model[1]._buffers) == slot
+    model(x)
+    tensors = _fresh(model, torch.Generator().manual_seed(0))
+    _assert_same(_both(model, tensors, (x,)))
+    given = dict(tensors)
+    binding(given, (x,), {})
+    assert torch.equal(given["1.count"], tensors["1.count"] + 1)

@@ -853,3 +853,34 @@ def test_a_cumulative_batchnorm_under_compile_is_named_with_its_fix():
     step = lk.train_step(model, loss_fn, opt, compile=True)
     with pytest.raises(lk.CompileError, match=r"BatchNorm \['1'\] has momentum=None.*numeric"):
         step(lk.TrainState.create(model, opt), (torch.randn(5, 6), torch.randint(0, 2, (5,))))
+
+
+def test_a_backend_failure_names_the_fullgraph_given_and_old_weight_norm_with_its_fix():
+    """The old-style weight_norm hook fails in the backend (not a graph break): the error
+    names the fullgraph the step was compiled with, the module and the parametrizations
+    fix, and does not suggest fullgraph=False."""
+    with pytest.warns(FutureWarning, match="weight_norm"):
+        wn = torch.nn.utils.weight_norm(nn.Linear(3, 4))
+    model, opt = nn.Sequential(wn, nn.Tanh(), nn.Linear(4, 2)), optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt, compile=True, fullgraph=False, backend="aot_eager")
+    with pytest.raises(lk.CompileError) as info:
+        step(lk.TrainState.create(model, opt), (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+    message = str(info.value)
+    assert message.startswith("torch.compile could not compile the train step (fullgraph=False)")
+    assert "\\['0'\\]" not in message and "['0'] use the old torch.nn.utils.weight_norm" in message
+    assert "parametrizations.weight_norm" in message and "compile with fullgraph" not in message
+
+
+def test_a_sparse_embedding_compiles_with_its_dense_gradient():
+    """Dynamo cannot trace a sparse gradient: the compiled step, as the eager one, runs the
+    embedding with sparse=False (the same gradient, dense)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    opt = optim.adam(lr=0.1)
+    state = lk.TrainState.create(model, opt)
+    batch = (torch.randint(0, 10, (8, 3)), torch.randint(0, 2, (8,)))
+    want, _ = lk.train_step(model, loss_fn, opt)(state, batch)
+    got, _ = lk.train_step(model, loss_fn, opt, compile=True, backend="eager")(state, batch)
+    for k in want.params:
+        torch.testing.assert_close(got.params[k], want.params[k], **COMPILED)
+    assert model[0].sparse

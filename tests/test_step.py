@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -710,3 +710,161 @@ def test_a_first_call_protects_shared_memory_and_inference_mode_states():
         with torch.inference_mode():
             evaluate(state, batch)
         assert torch.equal(state.params["0.weight"], before)
+
+
+@pytest.mark.parametrize("kind", ["register_hook", "register_post_accumulate_grad_hook"])
+def test_gradient_hooks_on_parameters_are_named_with_the_fix(kind):
+    """The step differentiates copies of the state's params: a hook on the module's own
+    Parameter would never run, so the step refuses it rather than ignore it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = optim.sgd(lr=0.1)
+    state = lk.TrainState.create(model, opt)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    hook = (lambda g: g * 0) if kind == "register_hook" else (lambda p: None)
+    handle = getattr(model[2].weight, kind)(hook)
+    for step in (lk.train_step(model, loss_fn, opt), lk.dp_train_step(model, loss_fn, opt,
+                 max_grad_norm=1.0, noise_multiplier=0.0)):  # fmt: skip
+        with pytest.raises(lk.StepError, match=rf"'2.weight'.*{kind}.*never run.*Transform"):
+            step(state, batch)
+    handle.remove()
+    lk.train_step(model, loss_fn, opt)(state, batch)
+
+
+def _embedding_model(bag, sparse, seed, dtype):
+    torch.manual_seed(seed)
+    if bag:
+        emb = nn.EmbeddingBag(10, 4, mode="sum", sparse=sparse)
+        return nn.Sequential(emb, nn.Linear(4, 3)).to(dtype)
+    return nn.Sequential(nn.Embedding(10, 4, sparse=sparse), nn.Flatten(), nn.Linear(12, 3)).to(
+        dtype
+    )
+
+
+# torch.optim takes sparse gradients in SGD and Adagrad without weight decay; its
+# clip_grad_norm_ takes none.
+def _torch_takes_sparse(name, kwargs, clip_norm):
+    return clip_norm is None and name in ("sgd", "adagrad") and not kwargs.get("weight_decay")
+
+
+@settings(max_examples=25)
+@given(
+    opt_name_kwargs=st.sampled_from(sorted(KWARGS)).flatmap(
+        lambda name: KWARGS[name].map(lambda kw: (name, kw))
+    ),
+    bag=st.booleans(),
+    clip_norm=st.sampled_from([None, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_embeddings_train_as_torch_trains_them(opt_name_kwargs, bag, clip_norm, seed):
+    """``sparse=True`` embeddings: where torch.optim takes their sparse gradients (SGD,
+    Adagrad) the step matches its sparse updates; elsewhere it matches the same model with
+    ``sparse=False`` (the same gradient, dense), which every optimizer takes."""
+    name, kwargs = opt_name_kwargs
+    model = _embedding_model(bag, True, seed, torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randint(0, 10, (6, 3), generator=g), torch.randint(0, 3, (6,), generator=g))
+               for _ in range(3)]  # fmt: skip
+    opt = getattr(optim, name)(**kwargs)
+    state, losses = run_loopkit(model, batches, opt, seed, clip_norm=clip_norm)
+    reference = model
+    if not _torch_takes_sparse(name, kwargs, clip_norm):
+        reference = _embedding_model(bag, False, seed, torch.float64)
+    ref, ref_losses = imperative_run(reference, batches, name, kwargs, seed=seed,
+                                     clip_norm=clip_norm)  # fmt: skip
+    torch.testing.assert_close(losses, ref_losses, **FP64)
+    assert_state_matches(state, ref, **FP64)
+    assert model[0].sparse  # restored after each call
+
+
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_changing_requires_grad_after_the_state_was_made_is_named_with_the_fix(change):
+    """The state decides what trains: a param frozen (or unfrozen) after
+    ``TrainState.create`` would silently keep training (stay fixed), where torch's loop
+    stops (starts) updating it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(change == "freeze")
+    opt = optim.sgd(lr=0.1)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    step = lk.train_step(model, loss_fn, opt)
+    state, _ = step(lk.TrainState.create(model, opt), batch)
+    model[0].weight.requires_grad_(change == "unfreeze")
+    pattern = r"\['0.weight'\].*requires_grad.*optim.freeze.*TrainState.create"
+    with pytest.raises(lk.StepError, match=pattern):
+        step(state, batch)  # the same step
+    with pytest.raises(lk.StepError, match=pattern):
+        lk.train_step(model, loss_fn, opt)(state, batch)  # a step built after the change
+    for s in (step, lk.train_step(model, loss_fn, opt)):  # a state made after it trains
+        new, _ = s(lk.TrainState.create(model, opt), batch)
+        assert ("0.weight" in new.params) == (change == "unfreeze")
+
+
+class Warm(nn.Module):
+    """Registers a warm-up counter on its first forward (or fills a None slot there)."""
+
+    def __init__(self, slot):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        if slot:
+            self.register_buffer("n", None)
+
+    def forward(self, x):
+        if getattr(self, "n", None) is None:
+            self.register_buffer("n", torch.zeros(()))
+        if self.training:
+            self.n += 1
+        return self.lin(x) * torch.clamp(self.n / 3, max=1.0)
+
+
+@pytest.mark.parametrize("slot", [False, True])
+def test_a_buffer_the_forward_registers_is_named_with_the_fix(slot):
+    """A buffer the forward creates would live in the module, not the state: the step
+    would be impure (the same state giving other losses) and a checkpoint would lose it."""
+    torch.manual_seed(0)
+    model, opt = Warm(slot), optim.sgd(lr=0.1)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    state = lk.TrainState.create(model, opt)
+    for make in (lk.train_step, lambda m, f, o: lk.eval_step(m, f)):
+        with pytest.raises(lk.StepError, match=r"registered \['n'\].*forward before "
+                                               r"lk.TrainState.create"):  # fmt: skip
+            make(model, loss_fn, opt)(state, batch)
+        assert getattr(model, "n", None) is None  # the module is as it was
+    model(batch[0])  # the fix
+    state = lk.TrainState.create(model, opt)
+    step = lk.train_step(model, loss_fn, opt)
+    first = [step(state, batch)[1]["loss"] for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+    assert int(step(state, batch)[0].buffers["n"]) == 2
+
+
+def test_eval_step_draws_from_the_rng_it_is_given():
+    """eval does not advance ``rng``: the same state draws the same numbers; a state with
+    another ``rng`` (as the eval_step docstring shows, for MC dropout) draws others."""
+    model = nn.Sequential(nn.Linear(4, 32), nn.Linear(32, 2))
+
+    def mc_loss(net, batch):
+        return F.cross_entropy(F.dropout(net(batch[0]), 0.5, training=True), batch[1])
+
+    state = lk.TrainState.create(model, optim.sgd(lr=0.1))
+    evaluate = lk.eval_step(model, mc_loss)
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    same = {float(evaluate(state, batch)["loss"]) for _ in range(3)}
+    draws = {float(evaluate(state.replace(rng=lk.rng_for(i)), batch)["loss"]) for i in range(3)}
+    assert len(same) == 1 and len(draws) == 3
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_a_one_element_loss_trains_as_its_scalar(shape):
+    """``loss.backward()`` takes any one-element loss (its implicit gradient is 1)."""
+    model, opt, state = _linear_setup()
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+    def shaped(net, b):
+        loss, aux = loss_fn(net, b)
+        return loss.reshape(shape), aux
+
+    want_state, want = lk.train_step(model, loss_fn, opt)(state, batch)
+    got_state, got = lk.train_step(model, shaped, opt)(state, batch)
+    assert got["loss"].shape == ()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_state.params, want_state.params, rtol=0, atol=0)
+    torch.testing.assert_close(lk.eval_step(model, shaped)(state, batch), want, rtol=0, atol=0)
