@@ -9,6 +9,7 @@ name of each check that passed to OUT/rank<r>.txt. Any failure exits non-zero.
 from __future__ import annotations
 
 import functools
+import random
 import sys
 from pathlib import Path
 
@@ -123,6 +124,58 @@ def resumes_exactly() -> None:
     log = (OUT / "straight" / "metrics.jsonl").read_text().splitlines()
     assert len(log) == 4 and (OUT / "resumed" / "metrics.jsonl").read_text().splitlines() == log
     passed("resumes exactly")
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A dataset whose examples get noise from torch's and Python's global generators."""
+
+    def __init__(self):
+        self.x, self.y = data()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i] + 0.1 * torch.randn(5) + random.random(), self.y[i]
+
+
+def augmented_run(directory: Path, crash_after: int | None = None, resume=None):
+    """A fit over a shuffling DataLoader whose augmentation draws from generators seeded
+    differently on each rank."""
+    torch.manual_seed(100 + RANK)
+    random.seed(RANK)
+    model = mlp(0)
+    opt = optim.sgd(lr=0.1)
+    step = lk.distributed.train_step(model, loss_fn, opt)
+    calls = [0]
+
+    @functools.wraps(step)
+    def crashing(state, batch):
+        calls[0] += 1
+        if crash_after is not None and calls[0] > crash_after:
+            raise KeyboardInterrupt
+        return step(state, batch)
+
+    dataset = Augmented()
+    sampler = torch.utils.data.DistributedSampler(dataset, WORLD, RANK, shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, drop_last=True)
+    return lk.fit(crashing, lk.TrainState.create(model, opt, seed=0), loader, epochs=3,
+                  hooks=[lk.hooks.Checkpoint(directory, every_steps=2)], resume=resume)  # fmt: skip
+
+
+def augmentation_resumes_exactly() -> None:
+    """Each rank's checkpointed random state brings back its own augmentation."""
+    straight = augmented_run(OUT / "augmented-straight")
+    try:
+        augmented_run(OUT / "augmented", crash_after=5)
+        raise AssertionError("the run did not crash")
+    except KeyboardInterrupt:
+        pass
+    dist.barrier()
+    resumed = augmented_run(OUT / "augmented", resume="latest")
+    for a, b in zip(lk.tree.tree_leaves(resumed), lk.tree.tree_leaves(straight), strict=True):
+        assert torch.equal(a, b)
+    passed("augmentation resumes exactly")
 
 
 def dropout_differs_across_ranks() -> None:
@@ -252,6 +305,7 @@ if __name__ == "__main__":
     OUT, RANK, WORLD = Path(sys.argv[1]), dist.get_rank(), dist.get_world_size()
     equals_single_process(compile=False)
     resumes_exactly()
+    augmentation_resumes_exactly()
     dropout_differs_across_ranks()
     errors(Path(sys.argv[2]))
     buffers_stay_replicated()

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKS = [
     "equals single process (eager)",
     "resumes exactly",
+    "augmentation resumes exactly",
     "dropout differs across ranks",
     "errors",
     "buffers stay replicated",
@@ -31,8 +32,9 @@ def test_two_processes_under_torchrun(tmp_path):
     (eager and compiled) equal N single-process steps on the concatenated batches, uneven
     tail included, ≤1e-6; a data-parallel fit with BatchNorm, Dropout and checkpoints
     crashed and resumed is bitwise identical to an uninterrupted one, and writes its log
-    once; Dropout masks differ across ranks from one replicated generator; a world-size
-    mismatch on resume and ranks with different models give clear errors."""
+    once; so is one over a shuffling DataLoader with per-rank random augmentation;
+    Dropout masks differ across ranks from one replicated generator; a world-size mismatch
+    on resume and ranks with different models give clear errors."""
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
     opt = optim.sgd(lr=0.1)
