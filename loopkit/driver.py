@@ -157,19 +157,23 @@ class Loop:
             seen[name] = seen.get(name, 0) + 1
         return keys
 
-    def _random_states(self) -> list[dict[str, Any]]:
+    def _random_states(self, every_rank: bool) -> list[dict[str, Any]]:
         """The random state of the data now and at the start of the open pass (a pass
-        resumed mid-way replays its start from it): one per rank under data parallelism,
-        gathered from every rank, since each draws its own augmentation."""
+        resumed mid-way replays its start from it): this rank's, or with ``every_rank``
+        under data parallelism every rank's, since each draws its own augmentation."""
         mine = {
             "now": data_lib.random_state(self._data),
             "pass": self._pass_random if self.batch else None,
         }
-        return distributed.all_gather_object(mine) if self._data_parallel else [mine]
+        return distributed.all_gather_object(mine) if every_rank else [mine]
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, every_rank: bool = False) -> dict[str, Any]:
         """Everything but the TrainState that a resumed run needs to carry on exactly.
-        Under data parallelism every rank must call it (``hooks.Checkpoint`` does)."""
+
+        The data's random state is this process's; with ``every_rank=True`` under data
+        parallelism it is every rank's, gathered: a collective, which every rank must call
+        at once (:class:`~loopkit.hooks.Checkpoint` does). Without it, each rank of a
+        resumed run takes this process's random state."""
         hooks = {}
         for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
             if (s := getattr(hook, "state_dict", lambda: None)()) is not None:
@@ -184,7 +188,7 @@ class Loop:
             "history": plain_data(self.history, "loop.history"),
             "stopped": self.should_stop,
             "world_size": distributed.world_size(),
-            "random": self._random_states(),
+            "random": self._random_states(every_rank and self._data_parallel),
             "hooks": hooks,
         }
 
@@ -435,8 +439,6 @@ def _read_resume(loop: Loop, resume: str | os.PathLike) -> tuple[Path, dict] | N
             "resume."
         )
     loop.state = checkpoint.restore(contents["state"], loop.state, f"checkpoint {path}")
-    if resume != "latest" and Path(resume) == path:  # a checkpoint named, not a directory
-        _set_aside_newer(path, int(loop.state.step), loop.hooks)
     return path, contents["extra"]["loop"]
 
 
@@ -464,7 +466,7 @@ def _set_aside_newer(resumed: Path, step: int, hooks: Sequence[Hook]) -> None:
             f"(newest {newer[-1].name}) written by the run that went on from it: moved them "
             f"to {aside}, so that resume='latest' continues this run, not that one. Move them "
             "back to return to it.",
-            stacklevel=5,
+            stacklevel=4,
         )
 
 
@@ -492,6 +494,9 @@ def _resume(loop: Loop, resume: str | os.PathLike, data_parallel: bool) -> None:
         path, saved = found
         loop.load_state_dict(saved)
         loop.resumed_from = path
+        named = resume != "latest" and Path(resume) == path  # a checkpoint, not a directory
+        if named and distributed.is_main():  # once all of it loaded
+            _set_aside_newer(path, int(loop.state.step), loop.hooks)
 
 
 def _is_data_parallel(step: Any) -> bool:

@@ -78,10 +78,22 @@ def _unlogged(source: str, loop: Loop) -> bool:
     has it as prefix, and no finished epoch of the fit logged one."""
     if source == "train" or not loop.history:  # a custom hook's first epoch may be yet to log
         return False
-    prefixes = {getattr(h, "hook", h).prefix for h in loop.hooks
-                if isinstance(getattr(h, "hook", h), Validate)}  # fmt: skip
     logged = any(k.rpartition("/")[0] == source for epoch in loop.history for k in epoch)
-    return source not in prefixes and not logged
+    return not _validators(source, loop) and not logged
+
+
+def _validators(source: str, loop: Loop) -> list[Validate]:
+    """The :class:`Validate` hooks (also ones in :class:`Every`) whose prefix is ``source``."""
+    hooks = (getattr(h, "hook", h) for h in loop.hooks)
+    return [h for h in hooks if isinstance(h, Validate) and h.prefix == source]
+
+
+def _fresh(key: str, loop: Loop) -> bool:
+    """Whether the log ``key`` may hold a value of this step at an ``on_validation_end``:
+    not where the Validate hooks of its prefix did not run at this step (the event is
+    another prefix's, and the value an earlier state's). Keys no Validate logs may be."""
+    validators = _validators(key.rpartition("/")[0], loop)
+    return not validators or any(v.last_step == loop.step for v in validators)
 
 
 def _number(who: str, key: str, value: Any) -> float:
@@ -261,7 +273,7 @@ class Checkpoint(Hook):
             self.validated = {}
 
     def on_validation_end(self, loop: Loop) -> None:
-        self.validated.update(dict.fromkeys(loop.logs, loop.step))
+        self.validated.update({key: loop.step for key in loop.logs if _fresh(key, loop)})
 
     # Both decide once every hook has seen the event, so that the logs, a stop request and
     # the best value they read are final wherever this hook sits in the list.
@@ -285,7 +297,8 @@ class Checkpoint(Hook):
 
     def save(self, loop: Loop, epoch: int | None = None) -> Path:
         """Write a checkpoint of ``loop`` now, then delete what the retention policy (and a
-        newer save of the same step) leaves out."""
+        newer save of the same step) leaves out. Under data parallelism every rank calls it
+        at once (it gathers each rank's data random state; rank 0 writes)."""
         epoch = loop.epoch if epoch is None else epoch
         path = self.path_for(loop.step)
         record = {"name": path.name, "step": loop.step, "value": self._value(loop)}
@@ -296,7 +309,7 @@ class Checkpoint(Hook):
         self.pending += [r["name"] for r in self.records if r["name"] not in keep]
         self.records = [r for r in records if r["name"] in keep]
         meta = {"epoch": epoch, "step": loop.step, "logs": dict(loop.logs)}
-        extra = {"loop": loop.state_dict()}
+        extra = {"loop": loop.state_dict(every_rank=True)}  # called on every rank
         if distributed.is_main():  # one writer; the state is the same on every rank
             checkpoint.save(path, loop.state, plain_data(meta, "metadata"), extra=extra)
         self._remove_pending()  # only once the new one is committed
@@ -525,10 +538,10 @@ class NaNGuard(Hook):
 
 class _Monitor(Hook):
     """A hook that checks the log ``monitor`` once per new value: after each validation
-    that logs it, and at an epoch end where it is logged but no validation checked it
-    (``train/...`` metrics) — never twice at one step, wherever the hook is listed (a
-    validation at the epoch's end, two Validate hooks). A monitor missing at an epoch's end
-    is warned of as :func:`_monitored` says."""
+    that logs it (not after another prefix's validation), and at an epoch end where it is
+    logged but no validation checked it (``train/...`` metrics) — never twice at one step,
+    wherever the hook is listed (a validation at the epoch's end, two Validate hooks). A
+    monitor missing at an epoch's end is warned of as :func:`_monitored` says."""
 
     monitor: str
     checked: int | None = None  # the step of this epoch's last check
@@ -544,7 +557,7 @@ class _Monitor(Hook):
             self.checked = None
 
     def on_validation_end(self, loop: Loop) -> None:
-        fresh = self.checked != loop.step
+        fresh = self.checked != loop.step and _fresh(self.monitor, loop)
         if fresh and _monitored(self, type(self).__name__, self.monitor, loop, complete=False):
             self.check(loop)
             self.checked = loop.step
@@ -668,6 +681,8 @@ class EarlyStopping(_Monitor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.wait, self.checked = state["best"], state["wait"], state["checked"]
+        if isinstance(self.checked, bool):  # checkpoints before the step was kept
+            self.checked = -1 if self.checked else None  # -1: checked at an earlier step
 
     def on_fit_start(self, loop: Loop) -> None:
         super().on_fit_start(loop)

@@ -810,6 +810,38 @@ def test_reduce_lr_on_plateau_loads_the_state_of_an_older_checkpoint():
     assert hook.state_dict().keys() == {"plateau", "checked"}
 
 
+def test_early_stopping_loads_the_state_of_an_older_checkpoint():
+    """Before it recorded the step of its last check, the hook saved whether it checked."""
+    hook = lk.hooks.EarlyStopping(patience=2)
+    hook.load_state_dict({"best": 0.5, "wait": 1, "checked": False})
+    assert (hook.best, hook.wait, hook.checked) == (0.5, 1, None)  # the epoch end checks
+    hook.load_state_dict({"best": 0.5, "wait": 1, "checked": True})
+    assert hook.checked == -1  # checked this epoch, at no step a validation now reaches
+
+
+def test_a_validation_of_another_prefix_does_not_recheck_an_earlier_value(tmp_path):
+    """val/ every 10 steps, test/ every 5: at step 15 val/loss in the logs is step 10's, so
+    EarlyStopping does not count it again and keep_best does not rank step 15 by it."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = optim.sgd(lr=0.0)  # val/loss never improves: each check counts
+    data = lk.data.Batches(torch.randn(40, 4), torch.randint(0, 3, (40,)), batch_size=2)
+    evaluate = lk.eval_step(model, loss_fn)
+    stopping = lk.hooks.EarlyStopping("val/loss", patience=100)
+    checked = []
+    stopping.check = lambda loop, check=stopping.check: (checked.append(loop.step), check(loop))
+    saving = lk.hooks.Checkpoint(tmp_path, every_steps=5, keep_best="val/loss")
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+           epochs=1, hooks=[
+               lk.hooks.Validate(evaluate, data, every=None, every_steps=10, prefix="val"),
+               lk.hooks.Validate(evaluate, data, every=None, every_steps=5, prefix="test"),
+               stopping, saving])  # fmt: skip
+    assert checked == [10, 20] and stopping.wait == 1
+    ranked = {r["step"]: r["value"] for r in saving.records}
+    assert ranked[10] is not None and ranked[20] is not None
+    assert ranked.get(5) is None and ranked.get(15) is None
+
+
 # --- keep_best ranks by values of the checkpoint's own step ---------------------------------
 
 

@@ -615,3 +615,17 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path):
     (aside,) = [p for p in (tmp_path / "a" / "ckpt").iterdir() if p.name.startswith("rolled")]
     assert sorted(p.name for p in aside.iterdir()) == newer
     assert_states_equal(checkpoint.load(aside / newer[-1], like=first), first)
+
+
+def test_loop_state_dict_gathers_every_rank_only_when_asked(monkeypatch):
+    """``Loop.state_dict()`` stays a local call (a hook may call it on rank 0 alone); the
+    Checkpoint hook, on every rank, asks for every rank's data random state."""
+    model = nn.Linear(2, 2)
+    loop = lk.Loop(lk.TrainState.create(model, optim.sgd(lr=0.1)), [], 1, 1, None)
+    loop._data_parallel = True
+    gathered = []
+    monkeypatch.setattr(
+        lk.distributed, "all_gather_object", lambda obj: gathered.append(obj) or [obj, obj]
+    )
+    assert len(loop.state_dict()["random"]) == 1 and not gathered
+    assert len(loop.state_dict(every_rank=True)["random"]) == 2 and len(gathered) == 1

@@ -719,6 +719,15 @@ def test_step_lr_with_a_non_integer_step_size(lr, step_size, gamma, steps):
     assert_matches(S.step_lr(lr, step_size, gamma), want)
 
 
+@pytest.mark.parametrize("step_size", [2**31 + 1, 10**12, float(2**40)])
+def test_step_lr_with_a_whole_step_size_past_2_31(step_size):
+    """A whole step size is taken however large (only fractional ones whose first exact
+    multiple is past 2**31 are refused)."""
+    want = torch_trajectory(lambda o: L.StepLR(o, step_size, 0.5), 0.1, 5)
+    assert_matches(S.step_lr(0.1, step_size, 0.5), want)
+    assert float(S.step_lr(0.1, step_size, 0.5)(torch.tensor(int(step_size)))) == 0.05
+
+
 @given(lr=LR, total_iters=HALVES, power=st.floats(0.0, 4.0), extra=st.integers(0, 10))
 def test_polynomial_lr_with_a_non_integer_total_iters(lr, total_iters, power, extra):
     steps = max(math.ceil(total_iters), 0) + extra

@@ -171,6 +171,8 @@ def _num(value: Any) -> Hyper:
     param's update, and its state, to ``[1]``."""
     if not isinstance(value, torch.Tensor):
         return float(value)
+    if value.ndim == 0:
+        return value
     if value.numel() != 1:
         raise ValueError(
             f"a tensor hyperparameter must have one element, got one of shape {list(value.shape)}"
@@ -188,7 +190,10 @@ def _numbers_only(optimizer: str, **values: Any) -> None:
     """Reject a schedule given for an argument that ``optimizer`` reads as a number, naming
     the argument and the way to schedule it: :func:`~loopkit.optim.inject_hyperparams`. A
     tuple argument is checked element by element, but for ``betas[0]``, which the Adam
-    family takes as a schedule."""
+    family takes as a schedule. Skipped while injecting (the values were checked when the
+    optimizer was built) and under ``torch.compile``, which cannot read ``_INJECTING``."""
+    if torch.compiler.is_compiling() or _INJECTING.get():
+        return
     for name, value in values.items():
         parts = value if isinstance(value, tuple) else (value,)
         for i, part in enumerate(parts):

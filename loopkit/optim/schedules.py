@@ -186,7 +186,7 @@ def step_lr(lr: float, step_size: float, gamma: float = 0.1) -> Schedule:
     if math.isinf(step_size):  # no step is a multiple
         return constant(lr)
     period = fractions.Fraction(step_size).numerator  # the first step that is a multiple
-    if period > 2**31:
+    if period > 2**31 and not float(step_size).is_integer():
         raise ValueError(
             f"step_size={step_size!r}: torch's StepLR decays only at the steps that are exact "
             f"multiples of its float value, and the first is step {period}, so it would never "
