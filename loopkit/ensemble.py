@@ -50,7 +50,7 @@ from loopkit.optim.hyperparams import learning_rates, set_learning_rate
 from loopkit.optim.hyperparams import set_hyperparams as optim_set_hyperparams
 from loopkit.rng import _device_key, rng_scope
 from loopkit.state import TrainState
-from loopkit.step import EvalStep, TrainStep, _Step, _TrainChecks, _training, compile_step
+from loopkit.step import EvalStep, TrainStep, _Step, _training, compile_step
 from loopkit.tree import flatten_with_names, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -346,11 +346,7 @@ class EnsembleTrainStep(_EnsembleStep):
     one step of the wrapped train step; metrics have a leading ``[K]``."""
 
     kind = "ensemble train step"
-
-    def __init__(self, model: nn.Module, pure: Callable, compiled: Callable | None = None, *,
-                 shared_batch: bool = True):  # fmt: skip
-        super().__init__(model, pure, compiled, shared_batch=shared_batch)
-        self._checks = _TrainChecks(model, self._modules)
+    trains = True
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         if problem := self._checks.problem(state):

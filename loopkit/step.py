@@ -323,6 +323,7 @@ class _Step:
     donate = False  # set by compile_step
     cudagraphs = False  # set by compile_step: the call prepares and copies out of a CUDA graph
     fullgraph = True  # set by compile_step (for its errors)
+    trains = False  # True for steps that train the model: they get its _TrainChecks
 
     def __init__(
         self,
@@ -337,6 +338,8 @@ class _Step:
         self.compiled = compiled is not None
         self.prepare = prepare
         self._modules = list(model.modules())
+        if self.trains:
+            self._checks = _TrainChecks(model, self._modules)
         # A forward may write a param or buffer in place (Embedding's max_norm). The first
         # call passes copy-on-write views of them, so the caller's state stays as it was;
         # later calls do only if a call wrote them (views cost ~2 µs a tensor, and an
@@ -511,16 +514,7 @@ class TrainStep(_Step):
     results)."""
 
     kind = "train step"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        pure: Callable,
-        compiled: Callable | None = None,
-        prepare: Callable[[TrainState], int] | None = None,
-    ):
-        super().__init__(model, pure, compiled, prepare)
-        self._checks = _TrainChecks(model, self._modules)
+    trains = True
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if problem := self._checks.problem(state):

@@ -109,19 +109,26 @@ def run(directory: Path, crash_after: int | None = None, resume=None):
                   hooks=hooks, resume=resume)  # fmt: skip
 
 
-def resumes_exactly() -> None:
-    straight = run(OUT / "straight")
-    assert same_on_every_rank(straight)
+def assert_resumes_exactly(run, name: str, crash_after: int):
+    """``run(directory, crash_after=, resume=)`` crashed after ``crash_after`` steps and
+    resumed ends bitwise equal to a run never interrupted, which it returns."""
+    straight = run(OUT / f"{name}-straight")
     try:
-        run(OUT / "resumed", crash_after=4)
+        run(OUT / name, crash_after=crash_after)
         raise AssertionError("the run did not crash")
     except KeyboardInterrupt:
         pass
     dist.barrier()
-    resumed = run(OUT / "resumed", resume="latest")
+    resumed = run(OUT / name, resume="latest")
     for a, b in zip(lk.tree.tree_leaves(resumed), lk.tree.tree_leaves(straight), strict=True):
         assert torch.equal(a, b)
-    log = (OUT / "straight" / "metrics.jsonl").read_text().splitlines()
+    return straight
+
+
+def resumes_exactly() -> None:
+    straight = assert_resumes_exactly(run, "resumed", crash_after=4)
+    assert same_on_every_rank(straight)
+    log = (OUT / "resumed-straight" / "metrics.jsonl").read_text().splitlines()
     assert len(log) == 4 and (OUT / "resumed" / "metrics.jsonl").read_text().splitlines() == log
     passed("resumes exactly")
 
@@ -165,16 +172,7 @@ def augmented_run(directory: Path, crash_after: int | None = None, resume=None):
 
 def augmentation_resumes_exactly() -> None:
     """Each rank's checkpointed random state brings back its own augmentation."""
-    straight = augmented_run(OUT / "augmented-straight")
-    try:
-        augmented_run(OUT / "augmented", crash_after=5)
-        raise AssertionError("the run did not crash")
-    except KeyboardInterrupt:
-        pass
-    dist.barrier()
-    resumed = augmented_run(OUT / "augmented", resume="latest")
-    for a, b in zip(lk.tree.tree_leaves(resumed), lk.tree.tree_leaves(straight), strict=True):
-        assert torch.equal(a, b)
+    assert_resumes_exactly(augmented_run, "augmented", crash_after=5)
     passed("augmentation resumes exactly")
 
 
