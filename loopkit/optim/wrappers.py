@@ -8,6 +8,7 @@ dict with an entry per name or a function ``(name, tensor) -> bool | label``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -115,10 +116,22 @@ class AccumulateState(NamedTuple):
     inner: Any
 
 
+# accumulate's update function -> its ``every`` (weak keys: it dies with its transform)
+_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def accumulation_window(tx: Transform) -> int | None:
+    """``every`` for a transform made by :func:`accumulate` (itself, not one wrapping it),
+    else None."""
+    return _WINDOWS.get(tx.update)
+
+
 def accumulate(inner: Transform, every: int) -> Transform:
     """Gradient accumulation: ``every`` micro-batch gradients make one update of ``inner``
-    with their mean, equal to one step on the concatenated batch with a mean loss (and to
-    the imperative ``(loss / every).backward()`` loop). In between, updates are zero and
+    with their mean, equal to the imperative ``(loss / every).backward()`` loop, and, for
+    micro-batches of equal size, to one step on the concatenated batch with a mean loss
+    (with sizes that differ, the big batch's mean weighs each example alike, this one each
+    micro-batch). In between, updates are zero and
     ``inner``'s state (its step count and lr schedule included) does not move. To clip the
     accumulated gradient, as torch users clip before ``optimizer.step()``, put the clipping
     inside: ``accumulate(chain(clip_by_global_norm(1.0), adamw()), k)`` (``train_step``'s
@@ -145,6 +158,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
             _where(apply, inner_state, state.inner),
         )
 
+    _WINDOWS[update] = every
     return Transform(init, update)
 
 
