@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
 
+from loopkit.binding import ModuleBinding
+from loopkit.errors import StepError
 from loopkit.optim.base import Transform, apply_gradients
 from loopkit.step import LossFn, Net, TrainStep, _maybe_compile, _split_loss
 from loopkit.tree import tree_flatten, tree_map, tree_unflatten
@@ -54,23 +56,57 @@ def per_sample_grads(
 ) -> tuple[Grads, torch.Tensor, dict[str, torch.Tensor]]:
     """``(grads, losses, metrics)``: ``grads[name]`` has shape ``[B, *param.shape]``, row i
     the gradient of ``loss_fn(net, example_i)`` (the example as a batch of one); ``losses``
-    and each metric have shape ``[B]``. Buffers are read, not updated: BatchNorm in
-    training mode cannot see a batch of one (use GroupNorm or LayerNorm). Random ops (Dropout)
-    follow ``vmap``'s ``randomness`` (by default a different mask per example)."""
-
+    and each metric have shape ``[B]``. Buffers are read, not updated: every example sees
+    them as given, and what the forward writes into them (a counter, running statistics) is
+    discarded. BatchNorm in training mode cannot see a batch of one (use GroupNorm or
+    LayerNorm). Random ops (Dropout) follow ``vmap``'s ``randomness`` (by default a
+    different mask per example)."""
     _check_no_batchnorm(model, in_use_only=True)
+    binding = ModuleBinding(model)
+    return _per_sample_grads(model, binding, loss_fn, params, buffers, batch, randomness)
 
-    def one(p: Grads, example: Any) -> tuple[torch.Tensor, tuple]:
+
+def _per_sample_grads(
+    model: nn.Module,
+    binding: ModuleBinding,
+    loss_fn: LossFn,
+    params: Grads,
+    buffers: Grads,
+    batch: Any,
+    randomness: str = "different",
+) -> tuple[Grads, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`per_sample_grads` through ``binding`` (of ``model``), without its checks."""
+
+    def one(p: Grads, b: Grads, example: Any) -> tuple[torch.Tensor, tuple]:
         example = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
-        loss, metrics = _split_loss(loss_fn(Net(model, p, buffers), example))
+        loss, metrics = _split_loss(loss_fn(Net(model, p, b, binding), example))
         return loss, metrics
 
-    grads, (losses, metrics) = vmap(
-        grad_and_value(one, has_aux=True),
-        in_dims=(None, _example_dims(batch)),
-        randomness=randomness,
-    )(params, batch)
+    # The buffers are an input of the transformed function (torch.func refuses in-place
+    # writes to a tensor it captures), unbatched, and copies: writes to them are discarded.
+    copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
+    try:
+        grads, (losses, metrics) = vmap(
+            grad_and_value(one, has_aux=True),
+            in_dims=(None, None, _example_dims(batch)),
+            randomness=randomness,
+        )(params, copies, batch)
+    except RuntimeError as e:
+        if copies and any(cause in str(e) for cause in _BATCHED_WRITE):
+            raise StepError(f"{e}\n{_BATCHED_WRITE_FIX}") from e
+        raise
     return grads, losses, metrics
+
+
+# vmap's errors for an in-place write of a per-example value into an unbatched tensor
+_BATCHED_WRITE = ("doesn't match the broadcast shape", "vmap: inplace arithmetic")
+_BATCHED_WRITE_FIX = (
+    "If the forward writes a value computed from the example into a buffer in place (a "
+    "running mean, self.m.mul_(0.9).add_(...)): per-sample gradients give every example "
+    "the same buffers, whose writes are discarded, so such a write cannot be made once per "
+    "example. Assign the new value instead (self.m = 0.9 * self.m + ...), or skip the "
+    "update while computing per-sample gradients."
+)
 
 
 def clip_per_sample(grads: Grads, max_norm: float) -> tuple[Grads, torch.Tensor]:
@@ -125,9 +161,10 @@ def dp_train_step(
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     _check_no_batchnorm(model)
     clip, sigma = float(max_grad_norm), float(noise_multiplier) * float(max_grad_norm)
+    binding = ModuleBinding(model)
 
     def train(params, buffers, opt_state, step, batch):
-        grads, losses, aux = per_sample_grads(model, loss_fn, params, buffers, batch)
+        grads, losses, aux = _per_sample_grads(model, binding, loss_fn, params, buffers, batch)
         clipped, norms = clip_per_sample(grads, clip)
         n = losses.shape[0]
         noisy = {k: (g.sum(0) + sigma * torch.randn_like(g[0])) / n for k, g in clipped.items()}

@@ -9,6 +9,7 @@ flags are set for the call and restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,9 +35,11 @@ LossFn = Callable[[Callable[..., Any], Any], "torch.Tensor | tuple[torch.Tensor,
 
 class Net:
     """A callable view of ``module`` bound to given params and buffers:
-    ``net(*args, **kwargs)`` is ``functional_call(module, params | buffers, args, kwargs)``
-    (through ``binding``, a :class:`~loopkit.binding.ModuleBinding` of ``module``, where
-    given: the same call without its per-call lookups).
+    ``net(*args, **kwargs)`` is ``functional_call(module, params | buffers, args, kwargs)``,
+    made through ``binding``, a :class:`~loopkit.binding.ModuleBinding` of ``module`` (the
+    same call without its per-call lookups, and leaving a submodule that appears at two
+    places in the tree as it was). Without one, a Net makes its own; one made while
+    Dynamo traces calls ``functional_call`` itself (making a binding traces slowly).
 
     Buffers the forward updates -- in place (BatchNorm) or by reassignment
     (``self.ema = ...``) -- are kept in ``net.buffers`` (a copy of the dict it was given),
@@ -53,6 +56,8 @@ class Net:
         binding: ModuleBinding | None = None,
     ):
         self.module, self.params, self.buffers = module, params, dict(buffers)
+        if binding is None and not torch.compiler.is_compiling():
+            binding = ModuleBinding(module)
         self.binding = binding
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -101,9 +106,29 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, Metrics]:
             metrics[k] = v.detach()
         elif isinstance(v, (bool, int, float)):
             metrics[k] = torch.tensor(v, device=loss.device)
+        elif _is_number(v):
+            metrics[k] = _number_tensor(v, loss.device)
         else:
             raise LossError(f"metric {k!r} must be a tensor or a number, got {type(v).__name__}")
     return loss, metrics
+
+
+def _is_number(v: Any) -> bool:
+    """Whether ``v`` is a number: a ``numbers.Number`` (with which NumPy registers its
+    number types), a NumPy bool or a 0-dim NumPy array (as Dynamo traces a NumPy scalar);
+    NumPy is checked for only where it is imported: it may not be."""
+    if isinstance(v, numbers.Number):
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and (isinstance(v, np.bool_) or isinstance(v, np.ndarray) and v.ndim == 0)
+
+
+def _number_tensor(v: Any, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor of the number ``v``: a NumPy one keeps its dtype; another real
+    number (Fraction, Decimal) becomes a float."""
+    if hasattr(v, "dtype") or isinstance(v, complex):  # (as_tensor shares an array's memory)
+        return torch.as_tensor(v, device=device).clone()
+    return torch.tensor(float(v), device=device)
 
 
 _MODULE_TRAIN = nn.Module.train
@@ -234,6 +259,29 @@ def _gradient_hooks(model: nn.Module) -> str | None:
         "a Transform before it, optim.chain(optim.Transform(init, update), optimizer), whose "
         "update(grads, state, params) changes the grads (optim.freeze(optimizer, frozen) "
         "keeps whole params fixed); then remove the hooks (handle.remove())."
+    )
+
+
+def _holds_scaler(state: Any) -> bool:
+    """Whether a :class:`~loopkit.precision.LossScaleState` is somewhere in ``state``."""
+    if isinstance(state, LossScaleState):
+        return True
+    if isinstance(state, dict):
+        return any(_holds_scaler(v) for v in state.values())
+    return isinstance(state, tuple | list) and any(_holds_scaler(v) for v in state)
+
+
+def _misplaced_scaler(opt_state: Any) -> str | None:
+    """Why ``opt_state`` cannot train (None if it can): a loss scaler inside another
+    transform, whose scale the step cannot multiply the loss by."""
+    if isinstance(opt_state, LossScaleState) or not _holds_scaler(opt_state):
+        return None
+    return (
+        "the optimizer has a loss scaler (dynamic_loss_scale) inside another transform, so "
+        "the step cannot scale the loss by it, and its unscaling would divide the gradients "
+        "by the scale: make it the outermost one, e.g. "
+        "dynamic_loss_scale(chain(clip_by_global_norm(1.0), optimizer)) or "
+        "dynamic_loss_scale(accumulate(optimizer, k))"
     )
 
 
@@ -495,7 +543,11 @@ class _TrainChecks:
         trains = [p.requires_grad for p in self.params]
         if trains == self.trains:
             return None
-        problem = _gradient_hooks(self.model) or _params_mismatch(self.model, state)
+        problem = (
+            _gradient_hooks(self.model)
+            or _params_mismatch(self.model, state)
+            or _misplaced_scaler(getattr(state, "opt_state", None))
+        )
         if problem is None:
             self.trains = trains
         return problem
@@ -591,10 +643,12 @@ def train_step(
     ``precision="bf16"`` or ``"fp16"`` runs ``loss_fn`` under ``torch.autocast`` with that
     dtype; params, gradients and optimizer state stay in their own dtype (float32 master
     params). ``"fp16"`` needs the optimizer wrapped in
-    :func:`loopkit.precision.dynamic_loss_scale`: the step differentiates
-    ``loss * scale`` and the scaler unscales, skips steps with inf/NaN gradients and
-    adapts the scale as ``torch.amp.GradScaler``; the metric ``loss_scale`` is the scale
-    used. See :mod:`loopkit.precision`.
+    :func:`loopkit.precision.dynamic_loss_scale`. Whenever the optimizer state is that
+    scaler's (at any precision, as ``torch.amp.GradScaler`` scales the loss whatever the
+    autocast), the step differentiates ``loss * scale`` and the scaler unscales, skips
+    steps with inf/NaN gradients and adapts the scale as ``GradScaler``; the metric
+    ``loss_scale`` is the scale used, and ``clip_norm`` is refused (it would clip the
+    scaled gradients). See :mod:`loopkit.precision`.
 
     ``sync`` and ``prepare`` are where data parallelism plugs in (see
     :func:`loopkit.distributed.train_step`, which sets them): ``sync(grads, metrics,
@@ -605,13 +659,9 @@ def train_step(
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm}")
     amp_dtype = autocast_dtype(precision)
-    scaled = amp_dtype == torch.float16
-    if scaled and clip_norm is not None:
-        raise ValueError(
-            "clip_norm with precision='fp16' would clip the scaled gradients: clip the "
-            "unscaled ones inside the scaler instead, "
-            "dynamic_loss_scale(chain(clip_by_global_norm(max_norm), optimizer))"
-        )
+    fp16 = amp_dtype == torch.float16
+    if fp16 and clip_norm is not None:
+        raise ValueError(f"clip_norm with precision='fp16' {_CLIP_SCALED}")
     buffer_names = {name for name, _ in model.named_buffers()}
     binding = ModuleBinding(model)
 
@@ -621,11 +671,16 @@ def train_step(
         before = buffers
         buffers = {k: v.clone() if k in buffer_names else v for k, v in buffers.items()}
 
-        if scaled and not isinstance(opt_state, LossScaleState):
+        # The scaler divides the gradients by its scale: the loss is scaled whenever the
+        # state is a scaler's, whatever the precision (a Python check, fixed per trace).
+        scaled = isinstance(opt_state, LossScaleState)
+        if fp16 and not scaled:
             raise StepError(
                 "precision='fp16' needs a loss scaler: build the optimizer (and the state) "
                 "with loopkit.precision.dynamic_loss_scale(optimizer)"
             )
+        if scaled and clip_norm is not None:
+            raise StepError(f"clip_norm with a loss scaler (dynamic_loss_scale) {_CLIP_SCALED}")
 
         nets = []  # the objective's net, held by the module during the backward
 
@@ -653,6 +708,12 @@ def train_step(
     step = TrainStep(model, train, prepare=prepare)
     step.optimizer = optimizer
     return _maybe_compile(step, compile, compile_kwargs)
+
+
+_CLIP_SCALED = (
+    "would clip the scaled gradients: clip the unscaled ones inside the scaler instead, "
+    "dynamic_loss_scale(chain(clip_by_global_norm(max_norm), optimizer))"
+)
 
 
 def _grad_and_value(
@@ -954,14 +1015,16 @@ def _write_into(old: Any, new: Any, write: bool = True, returned: Any = ()) -> l
     _pair_up(old, new, (), pairs)
     if not write:
         return []
-    overwritten = {id(o) for o, _ in pairs}
-    slots = {id(t): i for i, t in enumerate(returned)}
+    # Sets and dicts of the tensors themselves (hashed by identity): id() on a traced input
+    # would make Dynamo guard on the object, recompiling for every new state.
+    overwritten = {o for o, _ in pairs}
+    slots = {t: i for i, t in enumerate(returned)}
     values = list(returned)  # an old tensor left as it is keeps its value
     writes = []
     for o, n in pairs:
-        if id(n) in overwritten:
+        if n in overwritten:
             n = n.clone()
-        slot = slots.get(id(o))
+        slot = slots.get(o)
         if slot is None:
             writes.append((o, n))
         else:

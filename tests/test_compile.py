@@ -678,6 +678,39 @@ class _Logged(nn.Module):
         return out
 
 
+def test_donated_step_compiles_once_for_fresh_states():
+    """Regression: the donated step called id() on its input tensors inside the compiled
+    code, so Dynamo guarded on each state tensor's identity: every new state (a fresh run,
+    a resumed checkpoint) recompiled, and the ninth hit the recompile limit. Fresh states
+    share one compilation, each equal to the eager step and written into its own
+    tensors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    tx = optim.adam(lr=0.05)
+    counter = CompileCounterWithBackend("aot_eager")
+    donated = lk.train_step(model, loss_fn, tx, compile=True, backend=counter, donate=True)
+    eager = lk.train_step(model, loss_fn, tx)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g))
+               for _ in range(2)]  # fmt: skip
+    for seed in range(4):
+        fresh = lk.TrainState.create(model, tx, seed=seed)  # new tensors, and new values:
+        fresh = fresh.replace(params={k: v + 0.1 * seed for k, v in fresh.params.items()})
+        want, want_losses = run_steps(eager, fresh, batches)
+        mine = lk.tree.tree_map(torch.clone, fresh)
+        got, losses = run_steps(donated, mine, batches)
+        torch.testing.assert_close(losses, want_losses, **COMPILED)
+        for a, b in zip(lk.tree.tree_leaves(got), lk.tree.tree_leaves(want), strict=True):
+            torch.testing.assert_close(a, b, **COMPILED)
+        parts = (got.params, got.buffers, got.opt_state, got.step)
+        given = (mine.params, mine.buffers, mine.opt_state, mine.step)
+        assert all(
+            a is b
+            for a, b in zip(lk.tree.tree_leaves(parts), lk.tree.tree_leaves(given), strict=True)
+        ), "the donated step did not write into the state it was given"
+    assert counter.frame_count == 1, "a fresh state recompiled the donated step"
+
+
 def test_donated_step_with_graph_breaks_updates_float64_scalars_and_logs_old_values():
     """Regressions: with fullgraph=False and a graph break, torch 2.13 dropped the donated
     writes of the state's float64 0-dim CPU tensors (a 0-dim param and its moments, the lr

@@ -241,3 +241,14 @@ def test_fp16_accumulation_follows_torch_amp_recipe(every, overflows, growth_int
         assert float(state.opt_state.scale) == scaler.get_scale()
     for name, p in ref.named_parameters():
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_loss_scaler_inside_another_transform_is_named_with_the_fix():
+    model = nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    for opt in (optim.chain(dynamic_loss_scale(optim.sgd())),
+                optim.accumulate(dynamic_loss_scale(optim.sgd()), 2)):  # fmt: skip
+        for precision in (None, "fp16"):
+            step = lk.train_step(model, loss_fn, opt, precision=precision)
+            with pytest.raises(lk.StepError, match="inside another transform.*outermost"):
+                step(lk.TrainState.create(model, opt), batch)

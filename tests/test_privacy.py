@@ -162,3 +162,119 @@ def test_per_sample_grads_names_a_batchnorm_that_uses_batch_statistics():
     bn.eval()  # running statistics: each example's gradient exists
     grads, losses, _ = lk.per_sample_grads(bn, loss_fn, state.params, state.buffers, batch)
     assert losses.shape == (5,) and grads["0.weight"].shape == (5, 4, 3)
+
+
+class _SharedTwice(nn.Module):
+    """A Linear reached at two places of the module tree (``a`` and ``b.1``)."""
+
+    def __init__(self):
+        super().__init__()
+        lin = nn.Linear(4, 4)
+        self.a, self.b, self.o = lin, nn.Sequential(nn.Tanh(), lin), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.o(self.b(self.a(x)))
+
+
+def test_a_submodule_shared_at_two_places_keeps_its_own_parameters():
+    """Regression: per_sample_grads and dp_train_step called torch's functional_call, which
+    (torch 2.13) left the given, functorch-wrapped tensors in a submodule that appears at
+    two places in the tree (as a Net made without a binding did). The module keeps its own
+    Parameters; the results equal the per-example loop and the naive DP-SGD."""
+    torch.manual_seed(0)
+    model = _SharedTwice().double()
+    own = dict(model.named_parameters(remove_duplicate=False))
+    batches = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+               for _ in range(2)]  # fmt: skip
+    opt = optim.sgd(lr=0.1)
+    state = lk.TrainState.create(model, opt, seed=3)
+    moved = {k: v + 1.0 for k, v in state.params.items()}  # not the module's values
+    grads, _, _ = lk.per_sample_grads(model, loss_fn, moved, state.buffers, batches[0])
+    assert _own_parameters(model, own)
+    want = loop_grads(_with_params(model, moved), batches[0])
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k], **FP64)
+    lk.Net(model, moved, state.buffers)(batches[0][0])  # a Net made without a binding
+    assert _own_parameters(model, own)
+    step = lk.dp_train_step(model, loss_fn, opt, max_grad_norm=0.5, noise_multiplier=0.5)
+    for batch in batches:
+        state, _ = step(state, batch)
+    assert _own_parameters(model, own)
+    assert all(type(p) is nn.Parameter for p in own.values())
+    ref = naive_dp_sgd(model, batches, lambda ps: torch.optim.SGD(ps, lr=0.1),
+                       max_grad_norm=0.5, noise_multiplier=0.5, seed=3)  # fmt: skip
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[k], p.detach(), **FP64)
+
+
+def _own_parameters(model, own):
+    """Whether ``model`` holds, at each name, the Parameter ``own`` has there."""
+    now = dict(model.named_parameters(remove_duplicate=False))
+    return now.keys() == own.keys() and all(now[k] is p for k, p in own.items())
+
+
+def _with_params(model, params):
+    """A copy of ``model`` holding ``params``."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(params[k])
+    return model
+
+
+class _Counting(nn.Module):
+    """A forward that writes its buffers in place: a counter, and a scale it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        self.seen += 1
+        self.scale.mul_(2.0)
+        return self.lin(x) * self.scale
+
+
+def test_a_forward_that_writes_its_buffers_in_place_sees_them_as_given_per_example():
+    """Regression: a forward updating a buffer in place (a counter, running statistics)
+    raised torch.func's "mutate a captured Tensor". Each example sees the buffers as
+    given (its gradient is that of the example alone on a fresh copy of the state), the
+    writes are discarded, and the state's buffers are unchanged; a write of a per-example
+    value into a buffer, which cannot be made, is named."""
+    torch.manual_seed(0)
+    model = _Counting()
+    opt = optim.sgd(lr=0.1)
+    state = lk.TrainState.create(model, opt, seed=0)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    before = lk.tree.tree_map(torch.clone, state.buffers)
+    grads, losses, _ = lk.per_sample_grads(model, loss_fn, state.params, state.buffers, batch)
+    x, y = batch
+    rows = [loop_grads(copy.deepcopy(model), (x[i : i + 1], y[i : i + 1])) for i in range(4)]
+    want = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}  # fresh buffers each
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k], **FP32)
+    step = lk.dp_train_step(model, loss_fn, opt, max_grad_norm=100.0, noise_multiplier=0.0)
+    new, metrics = step(state, batch)
+    torch.testing.assert_close(metrics["loss"], losses.mean())
+    for k, v in before.items():
+        assert torch.equal(state.buffers[k], v) and torch.equal(new.buffers[k], v), k
+    mean = {k: g.mean(0) for k, g in want.items()}
+    for k, p in state.params.items():
+        torch.testing.assert_close(new.params[k], p - 0.1 * mean[k], **FP32)
+
+    class Running(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("mean", torch.zeros(3))
+
+        def forward(self, x):
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+            return self.lin(x)
+
+    running = Running()
+    state = lk.TrainState.create(running, opt)
+    with pytest.raises(lk.StepError, match=r"into a buffer in place.*self\.m = 0\.9"):
+        lk.per_sample_grads(running, loss_fn, state.params, state.buffers, batch)

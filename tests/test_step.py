@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -868,3 +869,69 @@ def test_a_one_element_loss_trains_as_its_scalar(shape):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_state.params, want_state.params, rtol=0, atol=0)
     torch.testing.assert_close(lk.eval_step(model, shaped)(state, batch), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_a_loss_scaler_without_fp16_scales_the_loss_as_grad_scaler(precision):
+    """Regression: the loss was scaled only with precision='fp16', while the scaler always
+    divides the gradients by the scale, so with a scaler at another precision training ran
+    2**16 times too slowly. torch's GradScaler scales the loss whatever the autocast: the
+    step equals its loop (scale growth included), and refuses clip_norm, which would clip
+    the scaled gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g))
+               for _ in range(4)]  # fmt: skip
+    scaling = dict(init_scale=2.0**10, growth_interval=2)
+    opt = lk.precision.dynamic_loss_scale(optim.sgd(lr=0.1, momentum=0.9), **scaling)
+    state, losses = run_loopkit(model, batches, opt, 0, precision=precision)
+    _, metrics = lk.train_step(model, loss_fn, opt, precision=precision)(
+        lk.TrainState.create(model, opt), batches[0]
+    )
+    assert float(metrics["loss_scale"]) == 2.0**10
+
+    ref = copy.deepcopy(model)
+    torch_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", **scaling)
+    want = []
+    for batch in batches:
+        torch_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, _ = loss_fn(ref, batch)
+        scaler.scale(loss).backward()
+        scaler.step(torch_opt)
+        scaler.update()
+        want.append(loss.detach().float())
+    torch.testing.assert_close(losses.float(), torch.stack(want), **FP32)
+    assert_state_matches(state, ref, **FP32)
+    assert float(state.opt_state.scale) == scaler.get_scale() == 2.0**12
+
+    step = lk.train_step(model, loss_fn, opt, precision=precision, clip_norm=1.0)
+    with pytest.raises(lk.StepError, match="clip_norm with a loss scaler .* scaled gradients"):
+        step(lk.TrainState.create(model, opt), batches[0])
+
+
+def test_numpy_scalar_metrics_become_tensors():
+    """Regression: NumPy scalars other than np.float64 (a float subclass) were refused. They
+    become tensors of their dtype, in the eager and the compiled step (where Dynamo traces
+    them as 0-dim arrays)."""
+    model = nn.Linear(3, 2)
+    opt = optim.sgd(lr=0.1)
+    values = {
+        "f32": np.float32(0.5),
+        "i64": np.int64(3),
+        "flag": np.bool_(True),
+        "f64": np.float64(2),
+    }
+
+    def with_metrics(net, batch):
+        return loss_fn(net, batch)[0], dict(values)
+
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    for kwargs in ({}, {"compile": True, "backend": "aot_eager"}):
+        step = lk.train_step(model, with_metrics, opt, **kwargs)
+        _, metrics = step(lk.TrainState.create(model, opt), batch)
+        for k, v in values.items():
+            assert metrics[k].item() == v.item(), (k, kwargs)
+        assert metrics["f32"].dtype == torch.float32 and metrics["flag"].dtype == torch.bool
