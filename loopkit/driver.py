@@ -32,7 +32,7 @@ import dataclasses
 import operator
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -321,7 +321,9 @@ def evaluate(
 
 
 def _check_reiterable(data: Iterable, epochs: int | None) -> None:
-    if (epochs is None or epochs > 1) and iter(data) is data:
+    # only an iterator is asked for iter(): a DataLoader's would draw its seeds and start
+    # its workers, changing the random state of the run
+    if (epochs is None or epochs > 1) and isinstance(data, Iterator) and iter(data) is data:
         raise TypeError(
             f"fit(epochs={epochs}) needs data it can iterate once per epoch, but got a one-shot "
             f"iterator ({type(data).__name__}). Pass a list, a DataLoader, a loopkit.data.Batches, "
@@ -366,11 +368,28 @@ _EVENTS = ("on_fit_start", "on_epoch_start", "on_step_end", "on_epoch_end", "on_
 
 
 def _check_hooks(hooks: Any) -> list[Hook]:
-    if any(hasattr(hooks, e) for e in _EVENTS) or not isinstance(hooks, Iterable):
+    """``hooks`` as a list, each an object with at least one of the events' methods."""
+    if (
+        any(hasattr(hooks, e) for e in _EVENTS)
+        or not isinstance(hooks, Iterable)
+        or isinstance(hooks, str | Mapping)
+    ):
         raise TypeError(
             f"hooks must be a list of hooks, got a {type(hooks).__name__}: pass hooks=[hook]"
         )
-    return list(hooks)
+    hooks = list(hooks)
+    for i, hook in enumerate(hooks):
+        if isinstance(hook, type):
+            raise TypeError(
+                f"hooks[{i}] is the class {hook.__name__}, not a hook: pass an instance, "
+                f"{hook.__name__}(...)"
+            )
+        if not any(hasattr(hook, e) for e in (*_EVENTS, "on_validation_end")):
+            raise TypeError(
+                f"hooks[{i}] is a {type(hook).__name__} ({hook!r:.60}), not a hook: a hook is "
+                "a loopkit.Hook (or an object with on_fit_start, on_step_end, ... methods)"
+            )
+    return hooks
 
 
 def _epoch_length(data: Iterable, steps_per_epoch: int | None) -> int | None:
@@ -414,7 +433,14 @@ def _load_resume(resume: str | os.PathLike, hooks: Sequence[Hook]):
     if resume != "latest" and not where.is_dir():
         raise FileNotFoundError(f"fit(resume={str(resume)!r}): no such checkpoint or directory")
     checkpoint.clean_temporaries(where)  # puts back a checkpoint a killed save moved aside
-    return checkpoint.read_latest(where)
+    found = checkpoint.read_latest(where)
+    if found is None and resume != "latest":  # named: its absence is not a fresh start
+        raise FileNotFoundError(
+            f"fit(resume={str(resume)!r}): the directory holds no committed checkpoint. Name "
+            "the Checkpoint hook's directory (or a checkpoint in it), or pass "
+            "resume='latest' to resume from that hook's directory if it has one"
+        )
+    return found
 
 
 def _read_resume(loop: Loop, resume: str | os.PathLike) -> tuple[Path, dict] | None:
@@ -560,6 +586,11 @@ def fit(
     steps_per_epoch = _check_count(steps_per_epoch, "steps_per_epoch", 1)
     if epochs is None and max_steps is None:
         epochs = 1
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"fit needs a TrainState, got a {type(state).__name__}: "
+            "lk.TrainState.create(model, optimizer)"
+        )
     _check_data(data, epochs, steps_per_epoch)
     hooks = _check_hooks(hooks)
     loop = Loop(state, hooks, epochs, _epoch_length(data, steps_per_epoch), max_steps)
@@ -606,6 +637,23 @@ def _pass(loop: Loop, data: Iterable) -> Iterator:
     )
 
 
+def _checked_output(out: Any) -> tuple[TrainState, Any]:
+    """A step's ``(state, metrics)``, or a TypeError naming what came back instead."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], TrainState):
+        if isinstance(out[1], Mapping):
+            return out
+    got = (
+        f"a {len(out)}-tuple ({', '.join(type(x).__name__ for x in out)})"
+        if isinstance(out, tuple)
+        else f"a {type(out).__name__}"
+    )
+    raise TypeError(
+        f"fit's step must return (state, metrics): a TrainState and a dict of metrics, as "
+        f"lk.train_step's steps do, but it returned {got}. An eval step (lk.eval_step) "
+        "goes in a Validate hook, not in fit's step."
+    )
+
+
 def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int | None) -> None:
     data_lib.set_epoch(data, loop.epoch)
     if loop.batch == 0:
@@ -616,7 +664,7 @@ def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int 
     start = loop.batch
     for batch in _pass(loop, data) if more else ():
         loop._previous, loop._skipped = loop.state, False
-        loop.state, loop.metrics = step(loop.state, batch)
+        loop.state, loop.metrics = _checked_output(step(loop.state, batch))
         loop.step += 1
         loop.batch += 1
         loop.emit("on_step_end")

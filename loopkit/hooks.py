@@ -251,6 +251,11 @@ class Checkpoint(Hook):
         if loop.resumed_from is None:
             self.records, self.pending, self.validated = [], [], {}
             self._warn_of_earlier_checkpoints()
+        elif loop.resumed_from.parent.resolve() != self.directory.resolve():
+            # resumed from another directory: the names it kept or meant to delete are
+            # that directory's, not this one's
+            self.records, self.pending = [], []
+            self._warn_of_earlier_checkpoints()
         if distributed.is_main():
             checkpoint.clean_temporaries(self.directory)
         self._remove_pending()

@@ -129,6 +129,54 @@ def test_one_shot_iterators_are_rejected_for_several_epochs():
         lk.fit(step, lk.TrainState.create(model, opt), gen, epochs=2)
 
 
+def test_a_dataloader_is_not_iterated_before_training():
+    """Checking for a one-shot iterator must not start a DataLoader pass: that would draw
+    its shuffle seed from the global generator, so epoch 0 would depend on ``epochs``."""
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True
+    )
+    firsts = []
+
+    class FirstEpoch(lk.Hook):
+        def on_epoch_end(self, loop):
+            if loop.epoch == 0:
+                firsts.append(loop.state.params)
+
+    for epochs in (1, 3):
+        torch.manual_seed(5)
+        lk.fit(step, lk.TrainState.create(model, opt), loader, epochs=epochs, hooks=[FirstEpoch()])
+    assert all(torch.equal(firsts[0][k], firsts[1][k]) for k in firsts[0])
+
+
+def test_what_is_not_a_state_a_hook_or_a_step_output_is_named():
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    state, data = lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=8)
+    with pytest.raises(TypeError, match="fit needs a TrainState, got a Sequential"):
+        lk.fit(step, model, data)
+    for hooks, message in [
+        ("ckpt", "hooks must be a list of hooks, got a str"),
+        ({"t": lk.hooks.Timer()}, "hooks must be a list of hooks, got a dict"),
+        (["checkpoint"], r"hooks\[0\] is a str \('checkpoint'\), not a hook"),
+        ([lk.hooks.Timer(), None], r"hooks\[1\] is a NoneType"),
+        ([lk.hooks.ProgressBar], r"hooks\[0\] is the class ProgressBar.*ProgressBar\(...\)"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            lk.fit(step, state, data, hooks=hooks)
+    evaluate = lk.eval_step(model, loss_fn)
+    for wrong, got in [
+        (evaluate, "returned a dict. An eval step"),
+        (lambda s, b: step(s, b)[::-1], r"returned a 2-tuple \(dict, TrainState\)"),
+        (lambda s, b: step(s, b)[0], "returned a TrainState"),
+    ]:
+        with pytest.raises(TypeError, match=rf"must return \(state, metrics\).*{got}"):
+            lk.fit(wrong, state, data)
+
+
 def test_keep_last_only_prunes_what_it_wrote(tmp_path):
     model, x, y = problem()
     opt = optim.sgd(lr=0.1)

@@ -629,3 +629,37 @@ def test_loop_state_dict_gathers_every_rank_only_when_asked(monkeypatch):
     )
     assert len(loop.state_dict()["random"]) == 1 and not gathered
     assert len(loop.state_dict(every_rank=True)["random"]) == 2 and len(gathered) == 1
+
+
+def test_resuming_from_another_directory_deletes_nothing_there(tmp_path):
+    """A checkpoint from directory A lists what A's hook kept and meant to delete; resumed
+    into a Checkpoint hook writing to B, those names are B's checkpoints, not its own."""
+    model = nn.Linear(2, 2)
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    data = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))] * 5
+    state = lk.TrainState.create(model, opt)
+    lk.fit(step, state, data, epochs=2, hooks=[lk.hooks.Checkpoint(tmp_path / "B")])
+    lk.fit(step, state, data, epochs=2, hooks=[lk.hooks.Checkpoint(tmp_path / "A", keep_last=1)])
+    before = sorted(p.name for p in (tmp_path / "B").iterdir())
+    assert before == ["step-000000005", "step-000000010"]
+    (older,) = [p for p in (tmp_path / "A").iterdir() if p.name.startswith("step-")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lk.fit(step, state, data, epochs=3, resume=older,
+               hooks=[lk.hooks.Checkpoint(tmp_path / "B", keep_last=1)])  # fmt: skip
+    after = sorted(p.name for p in (tmp_path / "B").iterdir())
+    assert after == ["step-000000005", "step-000000010", "step-000000015"]
+
+
+def test_resuming_from_a_named_directory_without_checkpoints_is_an_error(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = optim.sgd(lr=0.1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    hooks = [lk.hooks.JSONLLogger(tmp_path / "run"), lk.hooks.Checkpoint(tmp_path / "run" / "ckpt")]
+    with pytest.raises(FileNotFoundError, match="holds no committed checkpoint"):
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt),
+               [(torch.randn(4, 2), torch.randint(0, 2, (4,)))], resume=tmp_path / "run",
+               hooks=hooks)  # fmt: skip
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'  # kept
