@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,8 @@ class Validate(Hook):
         self.last_step = state["last_step"]
 
     def on_fit_start(self, loop: Loop) -> None:
+        if isinstance(self.data, Sized) and len(self.data) == 0:  # found now, not an epoch on
+            raise ValueError(f"Validate(prefix={self.prefix!r}) got validation data with no batch")
         if loop.resumed_from is None:  # a fresh run: nothing of an earlier fit carries over
             self.last_step = None
 

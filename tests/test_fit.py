@@ -1149,3 +1149,19 @@ def test_a_per_member_metric_where_one_number_is_needed_names_the_fix(make, who,
     step, state, data, validate = ensemble_problem()
     with pytest.raises(TypeError, match=f"{who}.*one per ensemble member.*statistics.mean"):
         lk.fit(step, state, data, epochs=2, hooks=[validate, make(tmp_path)])
+
+
+def test_empty_validation_data_is_named_before_training():
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    ran = []
+    step = lk.train_step(model, loss_fn, opt)
+
+    def counting(state, batch):
+        ran.append(1)
+        return step(state, batch)
+
+    with pytest.raises(ValueError, match="Validate\\(prefix='val'\\) got validation data with no"):
+        lk.fit(counting, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=8),
+               hooks=[lk.hooks.Validate(lk.eval_step(model, loss_fn), [])])  # fmt: skip
+    assert not ran
