@@ -17,6 +17,7 @@ part of loopkit; use an accountant such as Opacus's RDP accountant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,40 +63,36 @@ def per_sample_grads(
     LayerNorm). Random ops (Dropout) follow ``vmap``'s ``randomness`` (by default a
     different mask per example)."""
     _check_no_batchnorm(model, in_use_only=True)
+    return _per_sample_fn(model, loss_fn, randomness)(params, buffers, batch)
+
+
+def _per_sample_fn(model: nn.Module, loss_fn: LossFn, randomness: str) -> Callable:
+    """``fn(params, buffers, batch)``: :func:`per_sample_grads` without its checks, through
+    one :class:`~loopkit.binding.ModuleBinding` of ``model`` for all its calls."""
     binding = ModuleBinding(model)
-    return _per_sample_grads(model, binding, loss_fn, params, buffers, batch, randomness)
-
-
-def _per_sample_grads(
-    model: nn.Module,
-    binding: ModuleBinding,
-    loss_fn: LossFn,
-    params: Grads,
-    buffers: Grads,
-    batch: Any,
-    randomness: str = "different",
-) -> tuple[Grads, torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`per_sample_grads` through ``binding`` (of ``model``), without its checks."""
 
     def one(p: Grads, b: Grads, example: Any) -> tuple[torch.Tensor, tuple]:
         example = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
         loss, metrics = _split_loss(loss_fn(Net(model, p, b, binding), example))
         return loss, metrics
 
-    # The buffers are an input of the transformed function (torch.func refuses in-place
-    # writes to a tensor it captures), unbatched, and copies: writes to them are discarded.
-    copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
-    try:
-        grads, (losses, metrics) = vmap(
-            grad_and_value(one, has_aux=True),
-            in_dims=(None, None, _example_dims(batch)),
-            randomness=randomness,
-        )(params, copies, batch)
-    except RuntimeError as e:
-        if copies and any(cause in str(e) for cause in _BATCHED_WRITE):
-            raise StepError(f"{e}\n{_BATCHED_WRITE_FIX}") from e
-        raise
-    return grads, losses, metrics
+    def fn(params: Grads, buffers: Grads, batch: Any):
+        # The buffers are an input of the transformed function (torch.func refuses in-place
+        # writes to a tensor it captures), unbatched, and copies: their writes are discarded.
+        copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
+        try:
+            grads, (losses, metrics) = vmap(
+                grad_and_value(one, has_aux=True),
+                in_dims=(None, None, _example_dims(batch)),
+                randomness=randomness,
+            )(params, copies, batch)
+        except RuntimeError as e:
+            if copies and any(cause in str(e) for cause in _BATCHED_WRITE):
+                raise StepError(f"{e}\n{_BATCHED_WRITE_FIX}") from e
+            raise
+        return grads, losses, metrics
+
+    return fn
 
 
 # vmap's errors for an in-place write of a per-example value into an unbatched tensor
@@ -161,10 +158,10 @@ def dp_train_step(
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     _check_no_batchnorm(model)
     clip, sigma = float(max_grad_norm), float(noise_multiplier) * float(max_grad_norm)
-    binding = ModuleBinding(model)
+    per_sample = _per_sample_fn(model, loss_fn, "different")
 
     def train(params, buffers, opt_state, step, batch):
-        grads, losses, aux = _per_sample_grads(model, binding, loss_fn, params, buffers, batch)
+        grads, losses, aux = per_sample(params, buffers, batch)
         clipped, norms = clip_per_sample(grads, clip)
         n = losses.shape[0]
         noisy = {k: (g.sum(0) + sigma * torch.randn_like(g[0])) / n for k, g in clipped.items()}
