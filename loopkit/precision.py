@@ -126,7 +126,7 @@ def dynamic_loss_scale(
         unscaled = leafwise(lambda g: _unscale(g, inv_scale), grads)
         updates, inner_state = inner.update(unscaled, state.inner, params)
         if window is None:
-            skip = ends = found_inf
+            skip = found_inf
             inner_state = tree_map(
                 lambda old, new: torch.where(skip, old, new), state.inner, inner_state
             )
