@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import loopkit as lk
 from loopkit import optim
-from tests.helpers import KWARGS, TORCH_OPTIMIZERS
+from tests.helpers import KWARGS, TORCH_OPTIMIZERS, OpCounter
 
 # fp32: 1e-5 relative. The absolute floor is for elements that cancel to near zero from O(1)
 # terms: torch's `param.add_(grad, alpha=-lr)` rounds once (a fused multiply-add), loopkit's
@@ -806,3 +806,23 @@ def test_a_none_gradient_is_named_with_the_fix(name):
             tx.update(grads, state)
     with pytest.raises(ValueError, match=r"updates\['unused'\] is None"):
         optim.apply_updates(params, grads)
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+@given(data=st.data())
+def test_an_update_makes_no_tensor_from_host_data(name, data):
+    """After ``init``, an eager update creates no tensor from Python values (``lift_fresh``):
+    on an accelerator that is a blocking host-to-device copy at every step (on the H200,
+    SGD and RMSprop momentum made a flag with ``torch.tensor``; tests/test_cuda.py checks
+    for every sync with CUDA's sync debug mode). ``fused=False`` and ``foreach=False`` are
+    drawn too: on the CPU they run the chain that CUDA runs where no kernel fits."""
+    accepted = inspect.signature(getattr(optim, name)).parameters
+    switches = {k: False for k in ("fused", "foreach") if k in accepted}
+    kwargs = {**data.draw(KWARGS[name]), **data.draw(st.sampled_from([{}, switches]))}
+    params, grads = data.draw(params_and_grads(torch.float32))
+    tx = getattr(optim, name)(**kwargs)
+    state = tx.init(params)
+    for gs in grads[:2]:
+        with OpCounter() as ops:
+            params, state = optim.apply_gradients(tx, gs, state, params)
+        assert ops.count["lift_fresh"] == 0, kwargs

@@ -178,8 +178,8 @@ def trace(momentum: Hyper | Schedule, dampening: Hyper = 0.0, nesterov: bool = F
     def update(g, state, params=None):
         momentum_t = _at(momentum, state.count)
         active = momentum_t != 0
-        if not isinstance(active, torch.Tensor):
-            active = torch.tensor(active, device=state.count.device)
+        if not isinstance(active, torch.Tensor):  # a fill, not a host-to-device copy (a sync)
+            active = torch.full_like(state.initialized, bool(active))
         first = ~state.initialized & active
         mom, keep = _per_dtype(momentum_t), _per_dtype(1 - dampening)
 
