@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         "training steps, interleaved in this process; write bench.json, bench.md and "
         "bench.png into --out and print the table.",
     )
-    bench.add_argument("--models", default="mlp,cnn,transformer",
-                       help="comma-separated, from mlp, cnn, transformer")  # fmt: skip
+    bench.add_argument("--models", default=None,
+                       help="comma-separated, from mlp, cnn, transformer (default: each "
+                       "with a case at the chosen sizes)")  # fmt: skip
     bench.add_argument("--variants", default=None, help="comma-separated (default: all)")
     bench.add_argument("--sweep", action="store_true", help="add the larger sizes and batches")
     bench.add_argument("--sweep-only", action="store_true", help="only the larger sizes")
@@ -118,7 +119,8 @@ def _bench_selection(
     else:
         cases, what = bench.CASES + (bench.SWEEP if args.sweep else []), "the default sizes"
     try:
-        cases = bench.select_cases(cases, _names(args.models), what)
+        models = dict.fromkeys(c.model for c in cases) if args.models is None else None
+        cases = bench.select_cases(cases, list(models or _names(args.models)), what)
     except ValueError as e:
         parser.error(f"--models: {e}")
     if args.compile_time is None:  # the default: the MLP's, when it is benchmarked

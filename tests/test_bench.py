@@ -125,6 +125,22 @@ def test_bench_rejects_bad_arguments_before_running(args, message, monkeypatch, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, want",
+    [([], bench.CASES), (["--sweep"], bench.CASES + bench.SWEEP), (["--sweep-only"], bench.SWEEP),
+     (["--tiny"], bench.TINY), (["--sweep-only", "--models", "mlp"], bench.SWEEP[:2])],
+)  # fmt: skip
+def test_bench_runs_every_model_with_a_case_at_the_sizes_unless_told(flags, want, monkeypatch):
+    """Without --models, each model with a case at the chosen sizes (the sweep has no CNN:
+    ``--sweep-only`` alone once failed on the default model list)."""
+    ran = {}
+    monkeypatch.setattr(bench, "run", lambda cases, *a, **k: ran.setdefault("cases", cases))
+    monkeypatch.setattr(bench, "write_report", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "markdown", lambda *a, **k: "")
+    cli.main(["bench", *flags])
+    assert ran["cases"] == want
+
+
 def test_bench_selection_and_run_never_widen_an_empty_selection():
     assert bench.select_cases(bench.TINY, ["cnn"]) == [bench.TINY[1]]
     with pytest.raises(ValueError, match="no cases to run"):
