@@ -8,6 +8,11 @@
 #
 #   bash benchmarks/gpu.sh                 # uses .venv/bin/python (make test creates it)
 #   PY=python3 bash benchmarks/gpu.sh      # another interpreter with torch (CUDA) installed
+#
+# On an H200 it took 276 s (2026-12-04). The larger sizes are a separate run of about 3
+# minutes (benchmarks/results/gpu-sweep/):
+#   python3 -m loopkit bench --device cuda --sweep-only --rounds 5 --steps 50 \
+#       --compile-time '' -o runs/bench-gpu-sweep
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
