@@ -119,8 +119,11 @@ def _bench_selection(
     else:
         cases, what = bench.CASES + (bench.SWEEP if args.sweep else []), "the default sizes"
     try:
-        models = dict.fromkeys(c.model for c in cases) if args.models is None else None
-        cases = bench.select_cases(cases, list(models or _names(args.models)), what)
+        if args.models is None:
+            names = list(dict.fromkeys(c.model for c in cases))
+        else:
+            names = _names(args.models)
+        cases = bench.select_cases(cases, names, what)
     except ValueError as e:
         parser.error(f"--models: {e}")
     if args.compile_time is None:  # the default: the MLP's, when it is benchmarked
