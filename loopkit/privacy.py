@@ -17,6 +17,7 @@ part of loopkit; use an accountant such as Opacus's RDP accountant.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,15 @@ from torch.func import grad_and_value, vmap
 from loopkit.binding import ModuleBinding
 from loopkit.errors import StepError
 from loopkit.optim.base import Transform, apply_gradients
-from loopkit.step import LossFn, Net, TrainStep, _maybe_compile, _split_loss
+from loopkit.step import (
+    _SPARSE,
+    LossFn,
+    Net,
+    TrainStep,
+    _dense_gradients,
+    _maybe_compile,
+    _split_loss,
+)
 from loopkit.tree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["clip_per_sample", "dp_train_step", "per_sample_grads"]
@@ -61,9 +70,40 @@ def per_sample_grads(
     them as given, and what the forward writes into them (a counter, running statistics) is
     discarded. BatchNorm in training mode cannot see a batch of one (use GroupNorm or
     LayerNorm). Random ops (Dropout) follow ``vmap``'s ``randomness`` (by default a
-    different mask per example)."""
+    different mask per example). Every parameter of ``model`` must be in ``params`` (or,
+    to leave it out of the gradients, in ``buffers``), and every key a parameter's or
+    buffer's name: anything else is a ValueError, as ``functional_call(strict=True)``.
+    Sparse embeddings give dense gradients, as in :func:`~loopkit.train_step`."""
     _check_no_batchnorm(model, in_use_only=True)
-    return _per_sample_fn(model, loss_fn, randomness)(params, buffers, batch)
+    _check_names(model, params, buffers)
+    sparse = [m for m in model.modules() if isinstance(m, _SPARSE) and m.sparse]
+    with _dense_gradients(sparse):
+        return _per_sample_fn(model, loss_fn, randomness)(params, buffers, batch)
+
+
+def _check_names(model: nn.Module, params: Grads, buffers: Grads) -> None:
+    """ValueError for a key of ``params`` or ``buffers`` that names no parameter or buffer
+    of ``model``, and for a parameter in neither (a tied one counts by any of its names):
+    the module's own tensor would stand in for it, silently."""
+    aliases: dict[int, list[str]] = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(t), []).append(name)
+    buffer_names = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    known = buffer_names.union(*aliases.values())
+    given = set(params) | set(buffers)
+    unknown = sorted(given - known)
+    if unknown:
+        raise ValueError(
+            f"{unknown} name no parameter or buffer of the model (its parameters: "
+            f"{sorted(n for names in aliases.values() for n in names)})"
+        )
+    missing = [names[0] for names in aliases.values() if given.isdisjoint(names)]
+    if missing:
+        raise ValueError(
+            f"the model's parameters {missing} are in neither params nor buffers; pass "
+            "every parameter (dict(model.named_parameters()), or state.params), and those "
+            "to leave out of the gradients in buffers"
+        )
 
 
 def _per_sample_fn(model: nn.Module, loss_fn: LossFn, randomness: str) -> Callable:
@@ -154,10 +194,17 @@ def dp_train_step(
     is reproducible from the state but differs from the eager step's."""
     if not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if not 0 <= noise_multiplier < math.inf:
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if noise_multiplier and max_grad_norm == math.inf:
+        raise ValueError(
+            "max_grad_norm=inf with noise_multiplier > 0 would add noise of infinite standard "
+            "deviation: give a finite clipping norm (or noise_multiplier=0 for no noise)"
+        )
     _check_no_batchnorm(model)
-    clip, sigma = float(max_grad_norm), float(noise_multiplier) * float(max_grad_norm)
+    # No noise is a standard deviation of 0 (not 0 * inf, a NaN, when nothing is clipped).
+    clip = float(max_grad_norm)
+    sigma = float(noise_multiplier) * clip if noise_multiplier else 0.0
     per_sample = _per_sample_fn(model, loss_fn, "different")
 
     def train(params, buffers, opt_state, step, batch):

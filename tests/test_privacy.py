@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -62,7 +62,9 @@ def naive_dp_sgd(model, batches, make_opt, *, max_grad_norm, noise_multiplier, s
             factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             for p, g in zip(params, per_example, strict=True):
                 total = (g * factor.view(-1, *([1] * (g.ndim - 1)))).sum(0)
-                noise = noise_multiplier * max_grad_norm * torch.randn_like(p)
+                # N(0, (sigma C)^2) with sigma = 0 is no noise, also for C = inf
+                std = noise_multiplier * max_grad_norm if noise_multiplier else 0.0
+                noise = std * torch.randn_like(p)
                 p.grad = (total + noise) / len(g)
             opt.step()
     return model
@@ -71,13 +73,16 @@ def naive_dp_sgd(model, batches, make_opt, *, max_grad_norm, noise_multiplier, s
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 @given(
     spec=mlp_specs(batchnorm=False, dropout=0.0),
-    max_grad_norm=st.sampled_from([0.01, 0.5, 100.0]),
+    max_grad_norm=st.sampled_from([0.01, 0.5, 100.0, float("inf")]),
     noise_multiplier=st.sampled_from([0.0, 0.5, 1.1]),
     seed=st.integers(0, 2**16),
 )
 def test_dp_sgd_matches_the_naive_form_with_the_same_noise(
     name, spec, max_grad_norm, noise_multiplier, seed
 ):
+    """max_grad_norm=inf (no clipping) goes with no noise only: it once made every param
+    NaN (0 * inf noise)."""
+    assume(noise_multiplier == 0 or max_grad_norm < float("inf"))
     model = build_mlp(spec, seed, torch.float64)
     batches = make_batches(spec, [6, 6, 6], seed, torch.float64)
     opt = optim.sgd(lr=0.1, momentum=0.9) if name == "sgd" else optim.adam(lr=1e-2)
@@ -122,8 +127,13 @@ def test_dp_step_rejects_batchnorm_and_bad_arguments():
         lk.dp_train_step(bn, loss_fn, opt, max_grad_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="max_grad_norm must be positive"):
         lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=0, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="noise_multiplier must be >= 0"):
-        lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=1, noise_multiplier=-1)
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
+            lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=1, noise_multiplier=bad)
+    with pytest.raises(ValueError, match="infinite standard deviation: give a finite clipping"):
+        lk.dp_train_step(
+            nn.Linear(3, 2), loss_fn, opt, max_grad_norm=float("inf"), noise_multiplier=0.5
+        )
 
 
 def test_dp_step_metrics_are_means_over_the_examples_of_any_shape_and_dtype():
@@ -278,3 +288,56 @@ def test_a_forward_that_writes_its_buffers_in_place_sees_them_as_given_per_examp
     state = lk.TrainState.create(running, opt)
     with pytest.raises(lk.StepError, match=r"into a buffer in place.*self\.m = 0\.9"):
         lk.per_sample_grads(running, loss_fn, state.params, state.buffers, batch)
+
+
+def test_per_sample_grads_names_keys_that_are_no_parameter_and_parameters_left_out():
+    """Like ``functional_call(strict=True)``: a misspelt or missing parameter would
+    otherwise be read from the module itself (its gradient silently absent, or zeros for
+    the misspelt key). A parameter passed in ``buffers`` is held fixed, as TrainState holds
+    ``requires_grad=False`` ones; a tied parameter counts by any of its names."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    state = lk.TrainState.create(model, optim.sgd(lr=0.1))
+    batch = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    typo = {("0.wieght" if k == "0.weight" else k): v for k, v in state.params.items()}
+    with pytest.raises(ValueError, match=r"\['0.wieght'\] name no parameter or buffer"):
+        lk.per_sample_grads(model, loss_fn, typo, state.buffers, batch)
+    missing = {k: v for k, v in state.params.items() if k != "2.bias"}
+    with pytest.raises(ValueError, match=r"parameters \['2.bias'\] are in neither params"):
+        lk.per_sample_grads(model, loss_fn, missing, state.buffers, batch)
+
+    frozen = {"2.bias": state.params["2.bias"]}
+    grads, losses, _ = lk.per_sample_grads(model, loss_fn, missing, frozen, batch)
+    want = loop_grads(model, batch)
+    assert set(grads) == set(missing) and losses.grad_fn is None
+    for k in grads:
+        torch.testing.assert_close(grads[k], want[k], **FP32)
+
+    tied = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 6, bias=False))
+    tied[1].weight = tied[0].weight
+    x = torch.randint(0, 6, (3, 2))
+    params = {"1.weight": tied[0].weight.detach()}  # the tied weight by its second name
+    grads, _, _ = lk.per_sample_grads(
+        tied, lambda net, b: net(b).logsumexp(-1).mean(), params, {}, x
+    )
+    assert grads["1.weight"].shape == (3, 6, 4)
+
+
+def test_per_sample_grads_of_a_sparse_embedding_are_its_dense_gradients():
+    """Per-sample gradients of ``Embedding(sparse=True)`` (vmap cannot batch sparse ones)
+    are the dense gradients, as train_step takes them; the module keeps ``sparse=True``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2))
+    ids, y = torch.randint(0, 7, (4, 2)), torch.randint(0, 2, (4,))
+
+    def ce(net, b):
+        return nn.functional.cross_entropy(net(b[0]), b[1])
+
+    state = lk.TrainState.create(model, optim.sgd(lr=0.1))
+    grads, _, _ = lk.per_sample_grads(model, ce, state.params, state.buffers, (ids, y))
+    assert model[0].sparse
+    for i in range(4):
+        model.zero_grad()
+        ce(model, (ids[i : i + 1], y[i : i + 1])).backward()
+        for k, p in model.named_parameters():
+            want = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            torch.testing.assert_close(grads[k][i], want, **FP32)
