@@ -222,6 +222,7 @@ def set_hyperparams(state: TrainState, **values: Sequence[Any] | torch.Tensor) -
                 f"{list(value.shape)}"
             )
         if name == "lr":
+            _check_member_shape(name, value, (k,))
             opt_state = set_learning_rate(opt_state, value)
             _SWEPT.update((id(lr), lr) for lr in learning_rates(opt_state))
         elif not optim_hyperparams(opt_state):
@@ -231,8 +232,22 @@ def set_hyperparams(state: TrainState, **values: Sequence[Any] | torch.Tensor) -
                 f"(lr=1e-3, weight_decay=0.01), so that {name} is a tensor in its state."
             )
         else:
+            for held in optim_hyperparams(opt_state):
+                if name in held:
+                    _check_member_shape(name, value, held[name].shape)
             opt_state = optim_set_hyperparams(opt_state, **{name: value})
     return state.replace(opt_state=opt_state)
+
+
+def _check_member_shape(name: str, value: torch.Tensor, shape: Sequence[int]) -> None:
+    """ValueError unless ``value`` has the ``shape`` of what it replaces: with 2 members, a
+    ``[0.9, 0.5]`` for ``betas`` (shape ``[2, 2]``) would otherwise broadcast as one pair
+    for both members."""
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} needs shape {list(shape)}: one value of shape {list(shape[1:])} per member, "
+            f"got {list(value.shape)}"
+        )
 
 
 # --- the vmapped steps ---------------------------------------------------------------------

@@ -415,6 +415,26 @@ def test_members_draw_dropout_on_a_transposed_activation_as_a_separate_run(share
         assert_member_equals(member, separate_run(model, opt, seed, batches)[0], FP32)
 
 
+def test_a_swept_value_must_have_the_shape_of_what_it_replaces():
+    """With 2 members, ``betas=[0.9, 0.5]`` once broadcast as one (beta1, beta2) pair for
+    both members (the held value is ``[2, 2]``); the same for Rprop's ``etas``. A value of
+    the wrong shape is an error naming the hyperparameter and the shape it needs."""
+    make = lambda: nn.Linear(3, 2)  # noqa: E731
+    state = ensemble.create(make, optim.inject_hyperparams(optim.adam)(lr=1e-2), seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"betas needs shape \[2, 2\]: one value of shape \[2\]"):
+        ensemble.set_hyperparams(state, betas=[0.9, 0.5])
+    with pytest.raises(ValueError, match=r"weight_decay needs shape \[2\]"):
+        ensemble.set_hyperparams(state, weight_decay=[[0.1, 0.2], [0.3, 0.4]])
+    with pytest.raises(ValueError, match=r"lr needs shape \[2\]"):
+        ensemble.set_hyperparams(state, lr=[[0.1, 0.2], [0.3, 0.4]])
+    rprop = ensemble.create(make, optim.inject_hyperparams(optim.rprop)(lr=1e-2), seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"etas needs shape \[2, 2\]"):
+        ensemble.set_hyperparams(rprop, etas=[0.4, 1.3])
+    swept = ensemble.set_hyperparams(state, betas=[(0.9, 0.99), (0.5, 0.9)])
+    betas = ensemble.hyperparams(swept)["betas"][0]
+    assert betas.tolist() == [[0.9, 0.99], [0.5, 0.9]]
+
+
 def test_an_lr_sweep_a_schedule_overrides_is_warned_of():
     opt = optim.adam(lr=optim.schedules.linear_warmup(1e-3, warmup_steps=5))
     state = ensemble.set_hyperparams(ensemble.create(lambda: nn.Linear(3, 2), opt, seeds=[0, 1]),
