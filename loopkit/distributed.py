@@ -164,7 +164,8 @@ def broadcast(state: TrainState, src: int = 0) -> TrainState:
 
 def _mean_across_ranks(group: Any) -> Callable:
     """The step's sync: each rank's gradients, metrics and new float buffers, weighted by
-    its batch size, summed across ranks and divided by the total. A buffer that no rank's
+    its batch size, summed across ranks and divided by the total (a rank with an empty
+    batch adds nothing). A buffer that no rank's
     forward changed (a causal mask of -inf, a constant) is kept exactly as it was; an
     integer or bool metric comes back as a mean in the sync's dtype.
 
@@ -182,9 +183,12 @@ def _mean_across_ranks(group: Any) -> Callable:
         wide = _sync_dtype([*grads.values(), *metrics.values(), *floats.values()])
         metrics = {k: v if v.is_floating_point() else v.to(wide) for k, v in metrics.items()}
         parts = [("grads", grads), ("metrics", metrics), ("buffers", floats)]
-        tensors = [v.to(wide) * n for _, tree in parts for v in tree.values()]
+        # An empty shard adds zeros, not its NaN means of nothing times 0.
+        tensors = [v.to(wide) * n if n else torch.zeros_like(v, dtype=wide)
+                   for _, tree in parts for v in tree.values()]  # fmt: skip
         tensors += [_unchanged(v, before[k]).to(wide) for k, v in floats.items()]
-        tensors.append(torch.tensor(float(n), dtype=wide, device=device))
+        # a fill: torch.tensor(n) would be a blocking host-to-device copy on accelerators
+        tensors.append(torch.full((), float(n), dtype=wide, device=device))
         reduced = iter(funcol.all_reduce_coalesced(tensors, "sum", group))
         summed = [{k: next(reduced) for k in tree} for _, tree in parts]
         unchanged = {k: next(reduced) for k in floats}

@@ -287,6 +287,26 @@ def other_dtypes_and_non_finite_buffers() -> None:
     passed("other dtypes and non-finite buffers")
 
 
+def an_empty_shard_adds_nothing() -> None:
+    """A rank with an empty batch contributes nothing: the step equals a single-process
+    step on rank 0's examples, its loss and metrics included (they were NaN: the empty
+    rank's mean of nothing, weighted by 0)."""
+    x, y = data()
+    opt = optim.sgd(lr=0.1, momentum=0.9)
+    model = mlp(0)
+    mine = (x[:4], y[:4]) if RANK == 0 else (x[:0], y[:0])
+    want, want_metrics = lk.train_step(model, loss_fn, opt)(
+        lk.TrainState.create(model, opt), (x[:4], y[:4])
+    )
+    state, metrics = lk.distributed.train_step(model, loss_fn, opt)(
+        lk.TrainState.create(model, opt), mine
+    )
+    assert_close(state.params, want.params, rtol=1e-6, atol=1e-7)
+    assert set(metrics) == set(want_metrics)
+    assert_close(metrics, want_metrics, rtol=1e-6, atol=1e-7)
+    passed("an empty shard adds nothing")
+
+
 def evaluate_agrees_across_ranks() -> None:
     """A rank without validation batches reports the very numbers the others do."""
     model = mlp(0)
@@ -309,6 +329,7 @@ if __name__ == "__main__":
     buffers_stay_replicated()
     other_dtypes_and_non_finite_buffers()
     evaluate_agrees_across_ranks()
+    an_empty_shard_adds_nothing()
     if "--compile" in sys.argv:
         equals_single_process(compile=True)
     dist.barrier()

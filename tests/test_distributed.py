@@ -22,6 +22,7 @@ CHECKS = [
     "buffers stay replicated",
     "other dtypes and non-finite buffers",
     "evaluate agrees across ranks",
+    "an empty shard adds nothing",
     "equals single process (compiled)",
 ]
 
@@ -34,7 +35,8 @@ def test_two_processes_under_torchrun(tmp_path):
     crashed and resumed is bitwise identical to an uninterrupted one, and writes its log
     once; so is one over a shuffling DataLoader with per-rank random augmentation;
     Dropout masks differ across ranks from one replicated generator; a world-size mismatch
-    on resume and ranks with different models give clear errors."""
+    on resume and ranks with different models give clear errors; a rank with an empty
+    batch adds nothing (its loss was NaN)."""
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
     opt = optim.sgd(lr=0.1)
