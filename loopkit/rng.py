@@ -80,7 +80,14 @@ def rng_scope(rng: RngState, fold: int | None = None) -> Iterator[RngState]:
     With ``fold`` (a rank), one 62-bit number ``s`` is drawn from ``rng``'s CPU generator
     and the body runs with every generator seeded from ``(s, fold)``: each fold draws
     different numbers, and ``rng`` advances by that one draw whatever the body draws, the
-    same for every fold (so data-parallel ranks keep one replicated state)."""
+    same for every fold (so data-parallel ranks keep one replicated state). A stacked
+    ``rng`` (an ensemble state's) is a ValueError saying how to run it."""
+    if any(getattr(v, "ndim", 1) != 1 for v in rng.values()):
+        raise ValueError(
+            "the state's rng holds stacked generator states: this is an ensemble state. Run "
+            "it with lk.ensemble_step(step), or take one member with "
+            "lk.ensemble.unstack(state)[k]"
+        )
     saved = {key: _get(key) for key in rng}
     advanced: RngState = {}
     try:

@@ -307,6 +307,11 @@ def test_member_count_mismatches_are_rejected():
         step(state, (torch.randn(5, 3), torch.randint(0, 2, (5,))))
     with pytest.raises(ValueError, match="single-model TrainState"):
         step(lk.TrainState.create(model, opt), (torch.randn(2, 5, 3), torch.zeros(2, 5)))
+    plain = lk.train_step(model, loss_fn, opt)  # the other way round
+    batch = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    for run in (plain, lk.eval_step(model, loss_fn)):
+        with pytest.raises(ValueError, match=r"an ensemble state\. Run it with lk.ensemble_step"):
+            run(state, batch)
 
 
 def test_other_random_ops_in_an_eager_ensemble_are_rejected():
