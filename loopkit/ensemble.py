@@ -195,8 +195,12 @@ def hyperparams(state: TrainState) -> dict[str, list[torch.Tensor]]:
     per place in the state that holds it (the lrs of ``optim.learning_rates``, then those
     of every ``optim.inject_hyperparams``)."""
     size(state)
-    out: dict[str, list[torch.Tensor]] = {"lr": learning_rates(state.opt_state)}
-    for site in optim_hyperparams(state.opt_state):
+    return _held(state.opt_state)
+
+
+def _held(opt_state: Any) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, list[torch.Tensor]] = {"lr": learning_rates(opt_state)}
+    for site in optim_hyperparams(opt_state):
         for name, value in site.items():
             if name != "lr":  # an injected lr is already among learning_rates
                 out.setdefault(name, []).append(value)
@@ -224,7 +228,6 @@ def set_hyperparams(state: TrainState, **values: Sequence[Any] | torch.Tensor) -
         if name == "lr":
             _check_member_shape(name, value, (k,))
             opt_state = set_learning_rate(opt_state, value)
-            _SWEPT.update((id(lr), lr) for lr in learning_rates(opt_state))
         elif not optim_hyperparams(opt_state):
             raise ValueError(
                 f"cannot sweep {name!r}: this optimizer holds it as a Python number. Build it "
@@ -236,6 +239,7 @@ def set_hyperparams(state: TrainState, **values: Sequence[Any] | torch.Tensor) -
                 if name in held:
                     _check_member_shape(name, value, held[name].shape)
             opt_state = optim_set_hyperparams(opt_state, **{name: value})
+        _SWEPT.update((id(t), t) for t in _held(opt_state).get(name, []))
     return state.replace(opt_state=opt_state)
 
 
@@ -383,7 +387,7 @@ class EnsembleTrainStep(_EnsembleStep):
                     recorded = (*args[:4], _Recorded(bdims, recorder), batch)
                     params, buffers, opt_state, step, metrics = self._call(state, recorded)
         if _SWEPT:
-            _check_swept_lrs(state.opt_state, opt_state)
+            _check_swept(state.opt_state, opt_state)
         return TrainState(params, buffers, opt_state, step, rng), metrics
 
 
@@ -391,23 +395,24 @@ class EnsembleTrainStep(_EnsembleStep):
 _SWEPT: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
-def _check_swept_lrs(before: Any, after: Any) -> None:
-    """At the first step from lrs :func:`set_hyperparams` set: warn where the members' lrs
-    differed and are all one after the step (the optimizer's lr is a schedule, which
-    recomputed it, so the sweep did nothing)."""
-    for old, new in zip(learning_rates(before), learning_rates(after), strict=True):
-        if _SWEPT.get(id(old)) is not old:
-            continue
-        del _SWEPT[id(old)]
-        if old.ndim and not bool((old == old[0]).all()) and bool((new == new[0]).all()):
-            warnings.warn(
-                "the members' learning rates differed before the first ensemble step and are "
-                "one value after it: the optimizer's lr is a schedule, which recomputes it, "
-                "so the sweep did nothing. Sweep an optimizer with a number lr or an "
-                "injected one (optim.inject_hyperparams).",
-                stacklevel=3,
-            )
-            return
+def _check_swept(before: Any, after: Any) -> None:
+    """At the first step from values :func:`set_hyperparams` set: warn where the members'
+    values of a hyperparameter differed and are all one after the step (it is a schedule,
+    which recomputed it, so the sweep did nothing)."""
+    now = _held(after)
+    for name, olds in _held(before).items():
+        for old, new in zip(olds, now[name], strict=True):
+            if _SWEPT.get(id(old)) is not old:
+                continue
+            del _SWEPT[id(old)]
+            if old.ndim and not bool((old == old[0]).all()) and bool((new == new[0]).all()):
+                warnings.warn(
+                    f"the members' {name} differed before the first ensemble step and are "
+                    f"one value after it: the optimizer's {name} is a schedule, which "
+                    "recomputes it, so the sweep did nothing. Sweep an optimizer with a "
+                    f"number {name} (injected with optim.inject_hyperparams).",
+                    stacklevel=3,
+                )
 
 
 class _Recorded:

@@ -456,6 +456,26 @@ def test_an_lr_sweep_a_schedule_overrides_is_warned_of():
         step(state, torch.randn(4, 3))
 
 
+def test_a_sweep_of_an_injected_schedule_is_warned_of():
+    """As for the lr: an injected weight decay that is a schedule recomputes the swept
+    values at the next update (as a torch scheduler overwrites ``param_group``), so the
+    sweep did nothing: warned, naming it. An injected number takes the sweep."""
+    decay = optim.schedules.step_lr(0.1, step_size=10)
+    loss = lambda n, b: n(b).pow(2).mean()  # noqa: E731
+    for wd, warns in ((decay, True), (0.1, False)):
+        opt = optim.inject_hyperparams(optim.adamw)(lr=0.1, weight_decay=wd)
+        state = ensemble.create(lambda: nn.Linear(3, 2), opt, seeds=[0, 1])
+        state = ensemble.set_hyperparams(state, weight_decay=[0.0, 0.5])
+        step = lk.ensemble_step(lk.train_step(nn.Linear(3, 2), loss, opt))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state, _ = step(state, torch.randn(4, 3))
+        said = [str(w.message) for w in caught if "sweep did nothing" in str(w.message)]
+        assert bool(said) == warns and all("weight_decay" in m for m in said)
+        held = ensemble.hyperparams(state)["weight_decay"][0]
+        assert held.tolist() == ([0.1, 0.1] if warns else [0.0, 0.5])
+
+
 def test_an_ensemble_trains_sparse_embeddings_and_refuses_gradient_hooks():
     """As a train step: ``sparse=True`` embeddings train as with ``sparse=False`` (the same
     gradient, dense), and a gradient hook on a Parameter, which would never run, is an
