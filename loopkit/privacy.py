@@ -37,7 +37,7 @@ from loopkit.step import (
     _maybe_compile,
     _split_loss,
 )
-from loopkit.tree import tree_flatten, tree_map, tree_unflatten
+from loopkit.tree import leading_dim, tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["clip_per_sample", "dp_train_step", "per_sample_grads"]
 
@@ -117,6 +117,8 @@ def _per_sample_fn(model: nn.Module, loss_fn: LossFn, randomness: str) -> Callab
         return loss, metrics
 
     def fn(params: Grads, buffers: Grads, batch: Any):
+        if leading_dim(batch) == 0:
+            raise ValueError("per-sample gradients need at least one example: the batch is empty")
         # The buffers are an input of the transformed function (torch.func refuses in-place
         # writes to a tensor it captures), unbatched, and copies: their writes are discarded.
         copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}

@@ -127,6 +127,13 @@ def test_dp_step_rejects_batchnorm_and_bad_arguments():
         lk.dp_train_step(bn, loss_fn, opt, max_grad_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="max_grad_norm must be positive"):
         lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=0, noise_multiplier=1.0)
+    empty = (torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="need at least one example: the batch is empty"):
+        lk.per_sample_grads(model, loss_fn, dict(model.named_parameters()), {}, empty)
+    step = lk.dp_train_step(model, loss_fn, opt, max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(lk.StepError, match="need at least one example"):
+        step(lk.TrainState.create(model, opt), empty)
     for bad in (-1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
             lk.dp_train_step(nn.Linear(3, 2), loss_fn, opt, max_grad_norm=1, noise_multiplier=bad)
