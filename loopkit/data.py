@@ -124,13 +124,14 @@ class EpochSampler(Sampler[int]):
 
 
 class Reiterable:
-    """Data made by a generator function: each pass calls ``make(epoch)`` (or ``make()``
-    if it takes no argument) for a fresh iterator. Resuming is exact when the batches
-    ``make`` yields depend only on ``epoch``."""
+    """Data made by a generator function: each pass calls ``make(epoch)`` if it takes a
+    positional argument, else ``make()`` (keyword-only parameters, as those a
+    ``functools.partial`` leaves, do not count), for a fresh iterator. Resuming is exact
+    when the batches ``make`` yields depend only on ``epoch``."""
 
     def __init__(self, make: Callable[..., Iterable], length: int | None = None):
         self.make, self.length, self.epoch = make, length, 0
-        self.takes_epoch = bool(inspect.signature(make).parameters)
+        self.takes_epoch = _takes_positional(make)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -142,6 +143,18 @@ class Reiterable:
 
     def __iter__(self) -> Iterator:
         return iter(self.make(self.epoch) if self.takes_epoch else self.make())
+
+
+def _takes_positional(fn: Callable) -> bool:
+    """Whether ``fn`` can take one positional argument (a callable with no signature that
+    Python can read is called with none)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)  # fmt: skip
+    return any(p.kind in positional for p in parameters)
 
 
 def _sampler(loader: DataLoader) -> Any:

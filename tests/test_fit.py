@@ -1,6 +1,7 @@
 """The thin driver, its hooks and checkpoints."""
 
 import copy
+import functools
 import os
 import warnings
 
@@ -1165,3 +1166,29 @@ def test_empty_validation_data_is_named_before_training():
         lk.fit(counting, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=8),
                hooks=[lk.hooks.Validate(lk.eval_step(model, loss_fn), [])])  # fmt: skip
     assert not ran
+
+
+def test_reiterable_passes_the_epoch_only_to_a_positional_parameter():
+    """``make(epoch)`` where ``make`` takes a positional argument, else ``make()``: a
+    ``functools.partial`` leaving keyword-only parameters (a seed) once got the epoch as a
+    second positional argument and failed."""
+
+    def gen(data, *, seed=0):
+        yield from data[seed:]
+
+    def by_epoch(epoch, scale=1):
+        yield epoch * scale
+
+    cases = {
+        "partial with keyword-only": (functools.partial(gen, [1, 2]), [[1, 2], [1, 2]]),
+        "positional": (by_epoch, [[0], [1]]),
+        "var-positional": (lambda *args: iter(args), [[0], [1]]),
+        "none": (lambda: iter([7]), [[7], [7]]),
+    }
+    for name, (make, want) in cases.items():
+        data = lk.data.Reiterable(make)
+        got = []
+        for epoch in range(2):
+            data.set_epoch(epoch)
+            got.append(list(data))
+        assert got == want, name
