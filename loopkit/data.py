@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import operator
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,14 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+
+def _count(name: str, value: Any) -> int:
+    """``value`` as an int (NumPy and 0-dim tensor integers too); TypeError otherwise."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -55,13 +64,24 @@ class Batches:
     ):
         if not tensors:
             raise ValueError("Batches needs at least one tensor")
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.ndim == 0:
+                what = "a 0-dim tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"Batches takes tensors with a leading example dimension, got {what}: "
+                    "pass them as separate arguments, Batches(x, y, batch_size=...)"
+                )
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
             shapes = [tuple(t.shape) for t in tensors]
             raise ValueError(f"all tensors must have the same first dimension, got {shapes}")
+        batch_size, rank, world_size = (
+            _count(name, v) for name, v in (("batch_size", batch_size), ("rank", rank),
+                                            ("world_size", world_size))
+        )  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        if not (world_size >= 1 and 0 <= rank < world_size):
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
             )

@@ -1192,3 +1192,29 @@ def test_reiterable_passes_the_epoch_only_to_a_positional_parameter():
             data.set_epoch(epoch)
             got.append(list(data))
         assert got == want, name
+
+
+def test_batches_takes_numpy_integers_and_names_bad_input():
+    """NumPy integers are integers (``world_size=np.int64(2)`` was refused with a message
+    contradicting itself); a dict, a 0-dim tensor, mismatched lengths and bad counts are
+    errors that say what Batches takes."""
+    import numpy as np
+
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    two, one = np.int64(2), np.int64(1)
+    sharded = lk.data.Batches(x, y, batch_size=two, rank=one, world_size=two)
+    plain = lk.data.Batches(x, y, batch_size=2, rank=1, world_size=2)
+    assert (
+        [b[1].tolist() for b in sharded] == [b[1].tolist() for b in plain] == [[2, 3], [6, 7], [9]]
+    )
+    for bad, error, message in [
+        (({"x": x},), ValueError, "leading example dimension, got dict: pass them as separate"),
+        ((torch.tensor(1.0),), ValueError, "got a 0-dim tensor"),
+        ((x, y[:5]), ValueError, "same first dimension"),
+    ]:
+        with pytest.raises(error, match=message):
+            lk.data.Batches(*bad, batch_size=2)
+    with pytest.raises(TypeError, match="batch_size must be an integer, got 2.5"):
+        lk.data.Batches(x, batch_size=2.5)
+    with pytest.raises(ValueError, match=r"need 0 <= rank < world_size, got rank=2"):
+        lk.data.Batches(x, batch_size=2, rank=2, world_size=2)
