@@ -690,6 +690,8 @@ def train_step(
             with _autocast(p, amp_dtype):
                 loss, metrics = _split_loss(loss_fn(net, batch))
             grad_of = loss * opt_state.scale if scaled else loss
+            if p and not grad_of.requires_grad:  # (a property fixed per trace)
+                raise LossError(_NO_GRAPH)
             return grad_of, (loss, metrics, net.buffers)
 
         grads, (_, (loss, aux, buffers)) = _grad_and_value(
@@ -709,6 +711,13 @@ def train_step(
     step.optimizer = optimizer
     return _maybe_compile(step, compile, compile_kwargs)
 
+
+_NO_GRAPH = (
+    "the loss depends on no parameter: it was computed under torch.no_grad(), detached, or "
+    "rebuilt from .item(). Its gradients would all be zero (only weight decay would move "
+    "the params), and torch's loss.backward() refuses it too. Compute the loss from net's "
+    "outputs with grad enabled."
+)
 
 _CLIP_SCALED = (
     "would clip the scaled gradients: clip the unscaled ones inside the scaler instead, "

@@ -935,3 +935,22 @@ def test_numpy_scalar_metrics_become_tensors():
         for k, v in values.items():
             assert metrics[k].item() == v.item(), (k, kwargs)
         assert metrics["f32"].dtype == torch.float32 and metrics["flag"].dtype == torch.bool
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_loss_that_depends_on_no_parameter_is_an_error(compile):
+    """torch's ``loss.backward()`` refuses a loss without a graph (computed under no_grad,
+    detached, rebuilt from ``.item()``); the step once trained on with zero gradients, its
+    params moved by weight decay alone. Compiled, the same error (the check is fixed per
+    trace). A loss that ignores some params still gives them zeros (README)."""
+    model = nn.Linear(3, 2)
+    opt = optim.sgd(lr=0.1, weight_decay=0.5)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+    def detached(net, b):
+        return F.cross_entropy(net(b[0]), b[1]).detach()
+
+    state = lk.TrainState.create(model, opt)
+    with pytest.raises(lk.LossError, match="the loss depends on no parameter"):
+        lk.train_step(model, detached, opt, compile=compile)(state, batch)
