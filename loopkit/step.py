@@ -137,7 +137,8 @@ _MODULE_TRAIN = nn.Module.train
 @contextlib.contextmanager
 def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterator[None]:
     """``model.train(mode)`` for the body (so an override of ``train()``, e.g. one that keeps
-    BatchNorm frozen, is honoured), then every module's flag as it was before.
+    BatchNorm frozen, is honoured), then every module's flag as it was before; with an
+    override, ``model.train(its mode before)`` first, so what the override set is undone.
 
     Where no module overrides ``train()`` and every flag already equals ``mode`` (the usual
     case for a train step), that call would change nothing and is skipped: it costs more
@@ -155,6 +156,8 @@ def _training(model: nn.Module, modules: list[nn.Module], mode: bool) -> Iterato
         model.train(mode)
         yield
     finally:
+        if any(type(m).train is not _MODULE_TRAIN for m in modules):
+            model.train(saved[0])  # an override's side effects, back to the model's mode
         for m, flag in zip(modules, saved, strict=True):
             m.training = flag
 

@@ -352,6 +352,35 @@ def test_train_overrides_are_honoured_when_every_flag_is_already_set():
     assert all(m.training for m in model.modules())  # restored
 
 
+class Scaled(nn.Linear):
+    """A train() override with a side effect beyond the flags (e.g. a train-time scale)."""
+
+    def train(self, mode: bool = True):
+        self.scale = 2.0 if mode else 1.0
+        return super().train(mode)
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_what_a_train_override_set_is_undone_after_the_step():
+    """The step runs ``model.train(True)``; afterwards the model is as it was: flags and what
+    its override set (a plain ``model(x)`` after the step once ran with the train-time
+    scale)."""
+    model = Scaled(3, 2)
+    model.eval()
+    opt = optim.sgd(lr=0.1)
+    seen = []
+
+    def loss(net, b):
+        seen.append(net.module.scale)
+        return loss_fn(net, b)
+
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    lk.train_step(model, loss, opt)(lk.TrainState.create(model, opt), batch)
+    assert seen == [2.0] and model.scale == 1.0 and not model.training
+
+
 class PartlyUsed(nn.Module):
     """A BatchNorm, a param the loss never reaches, and a buffer reassigned from params."""
 
