@@ -61,6 +61,11 @@ class Hook:
     def on_validation_end(self, loop: Loop) -> None: ...
     def on_fit_end(self, loop: Loop) -> None: ...
 
+    def close(self) -> None:
+        """Release what the hook holds open (a progress bar, a writer). ``fit`` calls it once
+        as it returns or raises: after ``on_fit_end``, or in place of it when an exception
+        (in a step, a hook, the data) ends the fit."""
+
     def state_dict(self) -> Any:
         return None
 
@@ -610,14 +615,35 @@ def fit(
     if data_parallel:  # every rank continues from rank 0's state
         loop.state = distributed.broadcast(loop.state)
     loop.step = int(loop.state.step)
-    loop.emit("on_fit_start")
-    # an epoch the checkpoint left open is always closed, even if no step is left to take
-    while loop.batch > 0 or (
-        not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs)
-    ):
-        _run_epoch(step, loop, data, steps_per_epoch)
-    loop.emit("on_fit_end")
+    try:
+        loop.emit("on_fit_start")
+        # an epoch the checkpoint left open is always closed, even if no step is left to take
+        while loop.batch > 0 or (
+            not (loop.should_stop or loop.steps_done) and (epochs is None or loop.epoch < epochs)
+        ):
+            _run_epoch(step, loop, data, steps_per_epoch)
+        loop.emit("on_fit_end")
+    except BaseException:
+        _close(loop.hooks, failing=True)
+        raise
+    _close(loop.hooks, failing=False)
     return loop.state
+
+
+def _close(hooks: Sequence[Any], failing: bool) -> None:
+    """Every hook's ``close()``. While an exception ends the fit, one that ``close`` raises
+    is a warning, so that the fit's own error is what the caller sees."""
+    for hook in hooks:
+        close = getattr(hook, "close", None)
+        if not callable(close):
+            continue
+        if not failing:
+            close()
+            continue
+        try:
+            close()
+        except Exception as e:
+            warnings.warn(f"{type(hook).__name__}.close() failed: {e!r}", stacklevel=3)
 
 
 def _pass(loop: Loop, data: Iterable) -> Iterator:

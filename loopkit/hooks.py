@@ -402,6 +402,10 @@ class ProgressBar(Hook):
             shown["lr"] = _format(to_python(lrs[0]), ".3g")
         self.bar.set_postfix(shown, refresh=False)
 
+    def close(self) -> None:  # (an epoch that an exception ended leaves its bar open)
+        if self.bar is not None:
+            self.bar.close()
+
     def on_epoch_end(self, loop: Loop) -> None:
         self.bar.close()
         if not distributed.is_main():
@@ -445,6 +449,9 @@ class Every(Hook):
 
     def on_fit_end(self, loop: Loop) -> None:
         self._pass("on_fit_end", loop)
+
+    def close(self) -> None:
+        getattr(self.hook, "close", lambda: None)()
 
     def state_dict(self) -> Any:
         return getattr(self.hook, "state_dict", lambda: None)()
@@ -878,6 +885,7 @@ class TensorBoardLogger(Hook):
                 self.writer.add_scalar(k, v, global_step=loop.step)
         self.writer.flush()
 
-    def on_fit_end(self, loop: Loop) -> None:
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import io
 import os
 import warnings
 
@@ -1218,3 +1219,42 @@ def test_batches_takes_numpy_integers_and_names_bad_input():
         lk.data.Batches(x, batch_size=2.5)
     with pytest.raises(ValueError, match=r"need 0 <= rank < world_size, got rank=2"):
         lk.data.Batches(x, batch_size=2, rank=2, world_size=2)
+
+
+def test_hooks_are_closed_when_an_exception_ends_the_fit():
+    """A hook raising mid-epoch: the error reaches the caller unchanged, ``on_fit_end`` is
+    not called (a Checkpoint must not save then), and every hook's ``close()`` is (the
+    progress bar was left open, the TensorBoard writer too); a ``close()`` that fails then is
+    a warning, not the error the caller sees."""
+    events = []
+
+    class Boom(lk.Hook):
+        def on_step_end(self, loop):
+            if loop.step == 2:
+                raise KeyError("boom")
+
+    class Recorder(lk.Hook):
+        def on_fit_end(self, loop):
+            events.append("end")
+
+        def close(self):
+            events.append("close")
+
+    class BadClose(lk.Hook):
+        def close(self):
+            raise OSError("disk gone")
+
+    bar = lk.hooks.ProgressBar(file=io.StringIO())
+    model = nn.Linear(3, 2)
+    opt = optim.sgd(lr=0.1)
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))] * 4
+    hooks = [bar, lk.hooks.Every(Recorder(), steps=2), Boom(), BadClose()]
+    with pytest.warns(UserWarning, match=r"BadClose.close\(\) failed: OSError"):
+        with pytest.raises(KeyError, match="boom"):
+            lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+                   epochs=1, hooks=hooks)  # fmt: skip
+    assert events == ["close"] and bar.bar.disable  # closed
+    events.clear()
+    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data, epochs=1,
+           hooks=[lk.hooks.Every(Recorder(), steps=2)])  # fmt: skip
+    assert events == ["end", "close"]
