@@ -540,6 +540,15 @@ def _is_data_parallel(step: Any) -> bool:
     return False
 
 
+def _sharded(data: Iterable) -> bool:
+    """Whether ``data`` serves one rank's share: ``Batches(..., world_size>1)`` or a
+    ``DataLoader`` over a ``DistributedSampler`` of several replicas."""
+    if isinstance(data, data_lib.Batches):
+        return data.world_size > 1
+    sampler = data_lib._sampler(data) if isinstance(data, torch.utils.data.DataLoader) else None
+    return getattr(sampler, "num_replicas", 1) > 1
+
+
 def _check_ranks_agree(data: Iterable, steps_per_epoch, epochs, max_steps) -> None:
     """Every rank must take as many steps per epoch, or the collectives inside the step
     would pair up wrongly (or wait forever)."""
@@ -604,6 +613,14 @@ def fit(
     loop.resuming = resume is not None and resume is not False
     if data_parallel is None:
         data_parallel = _is_data_parallel(step)
+        if not data_parallel and distributed.world_size() > 1 and _sharded(data):
+            warnings.warn(
+                f"fit's data is sharded across {distributed.world_size()} ranks but the step "
+                "does not sync them (it was not built by loopkit.distributed.train_step): "
+                "each rank trains its own model on its shard. Build the step with "
+                "loopkit.distributed.train_step, or pass data_parallel=False if that is meant.",
+                stacklevel=2,
+            )
     data_parallel = data_parallel and distributed.world_size() > 1
     loop._data_parallel = data_parallel
     if data_parallel:

@@ -1258,3 +1258,27 @@ def test_hooks_are_closed_when_an_exception_ends_the_fit():
     lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data, epochs=1,
            hooks=[lk.hooks.Every(Recorder(), steps=2)])  # fmt: skip
     assert events == ["end", "close"]
+
+
+def test_sharded_data_with_a_step_that_does_not_sync_is_warned_of(monkeypatch):
+    """Under torchrun, a plain (or DP-SGD) step over data sharded across the ranks trains a
+    different model on each rank, silently; fit warns, unless data_parallel=False says it is
+    meant. Unsharded data, or one process, is not warned of."""
+    monkeypatch.setattr(lk.distributed, "world_size", lambda: 2)
+    model = nn.Linear(3, 2)
+    opt = optim.sgd(lr=0.1)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    step = lk.train_step(model, loss_fn, opt)
+    shard = lk.data.Batches(x, y, batch_size=2, rank=0, world_size=2)
+    sampler = torch.utils.data.DistributedSampler(
+        torch.utils.data.TensorDataset(x, y), num_replicas=2, rank=0
+    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), sampler=sampler)
+    for data in (shard, loader):
+        with pytest.warns(UserWarning, match="sharded across 2 ranks but the step does not sync"):
+            lk.fit(step, lk.TrainState.create(model, opt), data, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.fit(step, lk.TrainState.create(model, opt), shard, epochs=1, data_parallel=False)
+        lk.fit(step, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=2),
+               epochs=1)  # fmt: skip
