@@ -826,3 +826,21 @@ def test_an_update_makes_no_tensor_from_host_data(name, data):
         with OpCounter() as ops:
             params, state = optim.apply_gradients(tx, gs, state, params)
         assert ops.count["lift_fresh"] == 0, kwargs
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adagrad", "rmsprop"])
+def test_a_sparse_gradient_the_update_cannot_take_is_named(name):
+    """A sparse gradient given to the pure API, where the update fails on it, is a
+    TypeError naming the gradient and the fix; torch's own error names a backend kernel
+    (``aten::where.self ... 'SparseCPU'``). SGD without momentum or decay takes it, as
+    torch's SGD does, with torch's numbers."""
+    params = {"emb": torch.randn(5, 3)}
+    grads = {"emb": torch.randn(5, 3).to_sparse()}
+    kwargs = dict(lr=0.1, momentum=0.9) if name in ("sgd", "rmsprop") else dict(lr=0.1)
+    tx = getattr(optim, name)(**kwargs)
+    for call in (optim.apply_gradients, lambda tx, g, s, p: tx.update(g, s, p)):
+        with pytest.raises(TypeError, match=r"grads\['emb'\] is a sparse tensor .*to_dense\(\)"):
+            call(tx, grads, tx.init(params), params)
+    plain = optim.sgd(lr=0.1)
+    got, _ = optim.apply_gradients(plain, grads, plain.init(params), params)
+    torch.testing.assert_close(got["emb"], params["emb"] - 0.1 * grads["emb"].to_dense())

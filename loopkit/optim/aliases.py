@@ -88,7 +88,7 @@ def _checked(tx: Transform) -> Transform:
             check_same_keys(grads, params, "grads", "params")
         else:
             check_no_none(grads, "grads")
-        return tx.update(grads, state, params)
+        return _dense_only(tx.update, grads, state, params)
 
     inner_apply = _registered_apply(tx.update)
     if inner_apply is None:
@@ -96,9 +96,32 @@ def _checked(tx: Transform) -> Transform:
 
     def apply(grads, state, params):
         check_same_keys(grads, params, "grads", "params")
-        return inner_apply(grads, state, params)
+        return _dense_only(inner_apply, grads, state, params)
 
     return Transform(init, with_apply(update, apply))
+
+
+def _dense_only(fn: Callable, grads: Any, *args: Any) -> Any:
+    """``fn(grads, *args)``; where it fails on a sparse gradient (torch's error then names a
+    backend kernel), a TypeError saying so. The check runs only on failure."""
+    if torch.compiler.is_compiling():
+        return fn(grads, *args)
+    try:
+        return fn(grads, *args)
+    except (NotImplementedError, RuntimeError) as e:
+        sparse = [
+            (path, g.layout)
+            for path, g in flatten_with_names(grads)[0].items()
+            if isinstance(g, torch.Tensor) and g.layout != torch.strided
+        ]
+        if not sparse:
+            raise
+        path, layout = sparse[0]
+        raise TypeError(
+            f"grads{path} is a sparse tensor ({layout}): this optimizer takes dense "
+            "gradients. Pass grad.to_dense() (a train step does so for sparse embeddings), "
+            "or use torch.optim.SparseAdam for a lazy sparse Adam."
+        ) from e
 
 
 # Set while inject_hyperparams rebuilds an optimizer from its current tensors, which it
