@@ -71,6 +71,12 @@ class Hook:
 
     def load_state_dict(self, state: Any) -> None: ...
 
+    def state_key(self) -> str | None:
+        """What tells this hook's state apart from that of another hook of its class in a
+        checkpoint (a monitor, a prefix), or None to go by its place among them: a resumed
+        run with a hook added before another of its class then gives each its own state."""
+        return None
+
     def checkpoint_directory(self) -> Path | None:
         """Where this hook writes checkpoints (``fit(resume="latest")`` looks there)."""
         return None
@@ -153,11 +159,16 @@ class Loop:
         for fn in pending:
             fn()
 
-    def _hook_keys(self) -> list[str]:
+    def _hook_keys(self, labelled: bool = True) -> list[str]:
+        """Each hook's key in a checkpoint: its class name, with its ``state_key()`` in
+        brackets where it has one (``labelled``; checkpoints before keys had labels used
+        none), and ``#i`` for the i-th repeat of the same."""
         seen: dict[str, int] = {}
         keys = []
         for hook in self.hooks:
             name = type(hook).__name__
+            label = getattr(hook, "state_key", lambda: None)() if labelled else None
+            name = name if label is None else f"{name}[{label}]"
             keys.append(f"{name}#{seen.get(name, 0)}" if name in seen else name)
             seen[name] = seen.get(name, 0) + 1
         return keys
@@ -203,9 +214,11 @@ class Loop:
         # checkpoints before float64 sums kept them in the metric's dtype
         self.sum_dtypes = saved.get("sum_dtypes", {k: v.dtype for k, v in self.sums.items()})
         self.should_stop = saved["stopped"]
-        for key, hook in zip(self._hook_keys(), self.hooks, strict=True):
-            if key in saved["hooks"]:
-                hook.load_state_dict(saved["hooks"][key])
+        saved_hooks = saved["hooks"]
+        labelled = any("[" in key for key in saved_hooks) or not saved_hooks
+        for key, hook in zip(self._hook_keys(labelled), self.hooks, strict=True):
+            if key in saved_hooks:
+                hook.load_state_dict(saved_hooks[key])
         if randoms := saved.get("random"):  # checkpoints before it had none
             self._resumed_random = randoms[distributed.rank() if len(randoms) > 1 else 0]
             data_lib.set_random_state(self._data, self._resumed_random["now"])

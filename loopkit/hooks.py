@@ -143,6 +143,9 @@ class Validate(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = state["last_step"]
 
+    def state_key(self) -> str:
+        return self.prefix
+
     def on_fit_start(self, loop: Loop) -> None:
         if isinstance(self.data, Sized) and len(self.data) == 0:  # found now, not an epoch on
             raise ValueError(f"Validate(prefix={self.prefix!r}) got validation data with no batch")
@@ -462,6 +465,9 @@ class Every(Hook):
     def checkpoint_directory(self) -> Path | None:
         return getattr(self.hook, "checkpoint_directory", lambda: None)()
 
+    def state_key(self) -> str | None:
+        return getattr(self.hook, "state_key", lambda: None)()
+
 
 class LearningRateMonitor(Hook):
     """Put the learning rate of the last step in ``loop.logs`` at each epoch end: ``"lr"``,
@@ -562,6 +568,9 @@ class _Monitor(Hook):
 
     def check(self, loop: Loop) -> None:
         raise NotImplementedError
+
+    def state_key(self) -> str:
+        return self.monitor
 
     def on_fit_start(self, loop: Loop) -> None:
         self._warned_missing = False

@@ -1282,3 +1282,33 @@ def test_sharded_data_with_a_step_that_does_not_sync_is_warned_of(monkeypatch):
         lk.fit(step, lk.TrainState.create(model, opt), shard, epochs=1, data_parallel=False)
         lk.fit(step, lk.TrainState.create(model, opt), lk.data.Batches(x, y, batch_size=2),
                epochs=1)  # fmt: skip
+
+
+def test_hook_states_follow_what_the_hooks_monitor_across_a_resume(tmp_path):
+    """A resumed run with an EarlyStopping added before the one it had: each gets its own
+    state (by monitor), not the other's by position (the accuracy hook once got the loss
+    hook's best, 1.02, which no accuracy beats). A checkpoint written before states were
+    keyed by monitor still loads by position."""
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    step = lk.train_step(model, loss_fn, opt)
+    data = lk.data.Batches(x, y, batch_size=8)
+    validate = lk.hooks.Validate(lk.eval_step(model, loss_fn), [(x, y)])
+    first = lk.hooks.EarlyStopping("val/loss", patience=50)
+    ckpt = lk.hooks.Checkpoint(tmp_path)
+    lk.fit(step, lk.TrainState.create(model, opt), data, epochs=2,
+           hooks=[validate, first, ckpt])  # fmt: skip
+    acc = lk.hooks.EarlyStopping("val/acc", mode="max", patience=50)
+    loss = lk.hooks.EarlyStopping("val/loss", patience=50)
+    lk.fit(step, lk.TrainState.create(model, opt), data, epochs=2, resume="latest",
+           hooks=[validate, acc, loss, lk.hooks.Checkpoint(tmp_path)])  # fmt: skip
+    assert loss.best == first.best and acc.best is None
+
+    loop = lk.Loop(lk.TrainState.create(model, opt), [validate, first], None, 5, None)
+    saved = loop.state_dict()
+    assert set(saved["hooks"]) == {"Validate[val]", "EarlyStopping[val/loss]"}
+    saved["hooks"] = {"Validate": {"last_step": 3}, "EarlyStopping": {"best": 0.5, "wait": 2,
+                                                                      "checked": None}}  # fmt: skip
+    old = lk.hooks.EarlyStopping("val/loss")
+    lk.Loop(lk.TrainState.create(model, opt), [validate, old], None, 5, None).load_state_dict(saved)
+    assert (old.best, old.wait, validate.last_step) == (0.5, 2, 3)
