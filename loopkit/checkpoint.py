@@ -18,7 +18,9 @@ whose writer died part-way is never offered, and a file truncated or altered aft
 fails its checksum (:class:`CorruptCheckpointError`). Loading uses
 ``torch.load(weights_only=True)``: a checkpoint never runs code. Every leaf is checked
 against the state it is loaded into, so a checkpoint of another model or optimizer fails
-with the mismatched names and shapes (:class:`CheckpointError`) instead of loading wrongly.
+with the mismatched names and shapes (:class:`CheckpointError`) instead of loading wrongly;
+optimizers whose states have the same layout (Adam and RAdam) cannot be told apart, as with
+torch.optim's ``load_state_dict``.
 """
 
 from __future__ import annotations
