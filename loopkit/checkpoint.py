@@ -258,13 +258,19 @@ def restore(saved: dict[str, Any], like: TrainState, source: Any = "checkpoint")
     problems = [f"missing {k}" for k in want if k not in saved and not _is_rng(k)]
     problems += [f"unexpected {k}" for k in saved if k not in want and not _is_rng(k)]
     for k, ref in want.items():
-        got = saved.get(k)
+        if k not in saved:
+            continue
+        got = saved[k]
         if isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor):
             if got.shape != ref.shape or got.dtype != ref.dtype:
                 problems.append(
                     f"{k}: checkpoint has {got.dtype}{list(got.shape)}, "
                     f"state has {ref.dtype}{list(ref.shape)}"
                 )
+        elif isinstance(ref, torch.Tensor) or isinstance(got, torch.Tensor):
+            problems.append(  # a custom optimizer's number leaf where the other has a tensor
+                f"{k}: checkpoint has {_kind(got)}, state has {_kind(ref)}"
+            )
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -281,6 +287,12 @@ def restore(saved: dict[str, Any], like: TrainState, source: Any = "checkpoint")
         return value.to(ref.device) if isinstance(ref, torch.Tensor) else value
 
     return tree_unflatten([restored(k, ref) for k, ref in want.items()], spec)
+
+
+def _kind(leaf: Any) -> str:
+    if isinstance(leaf, torch.Tensor):
+        return f"a tensor {leaf.dtype}{list(leaf.shape)}"
+    return f"a Python {type(leaf).__name__}"
 
 
 def load(path: str | os.PathLike, like: TrainState) -> TrainState:

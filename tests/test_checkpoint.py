@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -53,6 +54,30 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
         checkpoint.load(tmp_path / "a", like=lk.TrainState.create(other, optim.adam()))
     with pytest.raises(checkpoint.CheckpointError, match=r"missing .*max_exp_avg_sq"):
         checkpoint.load(tmp_path / "a", like=lk.TrainState.create(model, optim.adam(amsgrad=True)))
+
+
+def test_a_number_leaf_where_the_checkpoint_has_a_tensor_is_named(tmp_path):
+    """A custom optimizer's state may hold Python numbers: a checkpoint with a tensor where
+    the state has a number (or the reverse) once loaded the tensor silently (or failed with
+    an AttributeError); it is a CheckpointError naming the leaf."""
+
+    class Counted(NamedTuple):
+        count: Any
+
+    def make(count):
+        return optim.Transform(lambda params: Counted(count), lambda g, s, p=None: (g, s))
+
+    model, _ = a_state()
+    with_tensor = lk.TrainState.create(model, make(torch.tensor(3)))
+    with_number = lk.TrainState.create(model, make(3))
+    checkpoint.save(tmp_path / "tensor", with_tensor)
+    checkpoint.save(tmp_path / "number", with_number)
+    with pytest.raises(checkpoint.CheckpointError, match=r"count: checkpoint has a tensor "
+                       r"torch.int64\[\], state has a Python int"):  # fmt: skip
+        checkpoint.load(tmp_path / "tensor", like=with_number)
+    with pytest.raises(checkpoint.CheckpointError, match=r"count: checkpoint has a Python int"):
+        checkpoint.load(tmp_path / "number", like=with_tensor)
+    assert checkpoint.load(tmp_path / "number", like=with_number).opt_state.count == 3
 
 
 def damage_truncate(path):
