@@ -204,7 +204,16 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise CorruptCheckpointError(
             f"{path} is not a loopkit checkpoint (expected format {FORMAT})"
         )
-    return {**payload, "metadata": json.loads(payload["metadata"])}
+    try:
+        metadata = json.loads(payload["metadata"])
+        if not isinstance(payload["state"], dict):
+            raise TypeError(f"its state is a {type(payload['state']).__name__}, not a dict")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} has format {FORMAT} but not its contents ({e!r}): another "
+            "program wrote it"
+        ) from e
+    return {**payload, "metadata": metadata}
 
 
 def _moved_aside_hint(path: Path) -> str:

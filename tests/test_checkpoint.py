@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, commit markers, verification, and crashes while saving."""
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -96,12 +97,22 @@ def damage_marker(path):
     (path / checkpoint.MARKER).unlink()
 
 
+def damage_contents(path):  # the format's tag and a valid checksum, but not its contents
+    buffer = io.BytesIO()
+    torch.save({"format": checkpoint.FORMAT, "state": [1, 2]}, buffer)
+    data = buffer.getvalue()
+    (path / checkpoint.STATE_FILE).write_bytes(data)
+    marker = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (path / checkpoint.MARKER).write_text(json.dumps(marker))
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
         (damage_truncate, "truncated or altered"),
         (damage_flip, "truncated or altered"),
         (damage_marker, "no COMMITTED marker"),
+        (damage_contents, "but not its contents .*another program wrote it"),
     ],
 )
 def test_damaged_checkpoints_are_refused_and_skipped(tmp_path, damage, message):
