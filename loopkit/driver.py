@@ -91,7 +91,9 @@ class Loop:
     are the last step's metrics (on device), ``logs`` the floats reduced so far this epoch
     (``train/...``, ``val/...``) and ``history`` one ``logs`` dict per finished epoch.
     ``resuming`` is True when ``fit`` was asked to resume, and ``resumed_from`` the
-    checkpoint it resumed from (None when there was none yet).
+    checkpoint it resumed from (None when there was none yet). ``donates`` is True when the
+    step writes its new state into the old one's tensors (``donate=True``, implied by
+    ``mode="reduce-overhead"``): such a step cannot be undone (:meth:`skip_step`).
     """
 
     state: TrainState
@@ -108,6 +110,7 @@ class Loop:
     should_stop: bool = False
     resuming: bool = False
     resumed_from: Path | None = None
+    donates: bool = False
     sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     sum_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
     taken: int = 0
@@ -146,6 +149,8 @@ class Loop:
         consumed."""
         if self._previous is None:
             raise RuntimeError("skip_step() can only be called from on_step_end")
+        if self.donates:
+            raise RuntimeError(_NO_UNDO)
         if not self._skipped:
             self.state, self.step, self._skipped = self._previous, self.step - 1, True
 
@@ -543,6 +548,23 @@ def _resume(loop: Loop, resume: str | os.PathLike, data_parallel: bool) -> None:
             _set_aside_newer(path, int(loop.state.step), loop.hooks)
 
 
+_NO_UNDO = (
+    "a donated step (donate=True, implied by mode='reduce-overhead') cannot be undone: it "
+    "wrote the new state into the old state's tensors. Build the step without donate to "
+    "undo steps (NaNGuard's 'skip' and 'stop')."
+)
+
+
+def _donates(step: Any) -> bool:
+    """Whether ``step`` (or a function it wraps) writes its new state into the old one's
+    tensors (:func:`loopkit.compile` with ``donate=True``)."""
+    while step is not None:
+        if getattr(step, "donate", False) is True:
+            return True
+        step = getattr(step, "__wrapped__", None)
+    return False
+
+
 def _is_data_parallel(step: Any) -> bool:
     """Whether ``step`` (or a function it wraps, ``functools.wraps``-style) was built by
     :func:`loopkit.distributed.train_step`."""
@@ -621,7 +643,7 @@ def fit(
     _check_data(data, epochs, steps_per_epoch)
     hooks = _check_hooks(hooks)
     loop = Loop(state, hooks, epochs, _epoch_length(data, steps_per_epoch), max_steps)
-    loop._data = data
+    loop._data, loop.donates = data, _donates(step)
     resume = "latest" if resume is True else resume
     loop.resuming = resume is not None and resume is not False
     if data_parallel is None:

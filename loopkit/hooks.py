@@ -529,6 +529,13 @@ class NaNGuard(Hook):
         self.skipped = list(state["skipped"])
 
     def on_fit_start(self, loop: Loop) -> None:
+        if loop.donates and self.action != "raise":
+            raise ValueError(
+                f"NaNGuard(action={self.action!r}) undoes the step with a non-finite "
+                f"{self.monitor}, which a donated step (donate=True, implied by "
+                "mode='reduce-overhead') cannot: it writes the new state into the old one's "
+                "tensors. Use action='raise', or build the step without donate."
+            )
         if loop.resumed_from is None:
             self.skipped = []
 

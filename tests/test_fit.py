@@ -1312,3 +1312,29 @@ def test_hook_states_follow_what_the_hooks_monitor_across_a_resume(tmp_path):
     old = lk.hooks.EarlyStopping("val/loss")
     lk.Loop(lk.TrainState.create(model, opt), [validate, old], None, 5, None).load_state_dict(saved)
     assert (old.best, old.wait, validate.last_step) == (0.5, 2, 3)
+
+
+@pytest.mark.compile
+def test_a_donated_step_is_not_undone_but_refused_with_the_fix():
+    """NaNGuard's 'skip' and 'stop' put back the state before the step; a donated step
+    wrote its new state into that state's tensors, so the guard 'undid' nothing and the
+    params went NaN. Refused at fit start (action='raise' still works), and skip_step()
+    from any hook is an error naming donate."""
+    model, x, y = problem()
+    opt = optim.sgd(lr=0.1)
+    donated = lk.train_step(model, loss_fn, opt, compile=True, donate=True, backend="aot_eager")
+    data = lk.data.Batches(x, y, batch_size=8)
+    for action in ("skip", "stop"):
+        with pytest.raises(ValueError, match=f"NaNGuard\\(action='{action}'\\).*donated step"):
+            lk.fit(donated, lk.TrainState.create(model, opt), data, epochs=1,
+                   hooks=[lk.hooks.NaNGuard(action=action)])  # fmt: skip
+
+    class Undo(lk.Hook):
+        def on_step_end(self, loop):
+            loop.skip_step()
+
+    with pytest.raises(RuntimeError, match="a donated step .* cannot be undone"):
+        lk.fit(donated, lk.TrainState.create(model, opt), data, epochs=1, hooks=[Undo()])
+    state = lk.fit(donated, lk.TrainState.create(model, opt), data, epochs=1,
+                   hooks=[lk.hooks.NaNGuard(action="raise")])  # fmt: skip
+    assert int(state.step) == len(data)
