@@ -480,7 +480,7 @@ class _Step:
         how = "as one graph (fullgraph=True)" if self.fullgraph else "(fullgraph=False)"
         return CompileError(
             f"torch.compile could not compile the {self.kind} {how}:\n"
-            f"{str(cause).strip()[:2000]}\n{fix}"
+            f"{_shortened(str(cause).strip())}\n{fix}"
         )
 
     def _note_writes(self, given: tuple, versions: list, guarded: bool) -> None:
@@ -936,7 +936,9 @@ def compile_step(
     cost more per call than the rest together (``torch.compile``'s ``guard_filter_fn``).
     The contract: the model's code and attributes, ``loss_fn`` and the optimizer do not
     change after the first call; to change them, build a new step. ``guards="all"`` keeps
-    every guard (a changed attribute then recompiles).
+    every guard (a changed attribute then recompiles), and so does ``fullgraph=False``:
+    the frames after a graph break are shared by every step built from the same code, and
+    only those guards tell apart two steps' compiled frames (another ``loss_fn``'s).
     """
     if guards not in ("inputs", "all"):
         raise ValueError(f"guards must be 'inputs' or 'all', got {guards!r}")
@@ -954,6 +956,10 @@ def compile_step(
         )
     pure = _donating(step.pure) if donate else step.pure
     options = dict(options or {})
+    # Only a whole-step graph is one frame of its own code (_fresh_code). After a graph
+    # break the frames that follow are shared by every step built from the same code, and
+    # only the guards on what each closes over tell their cached graphs apart.
+    filtered = guards == "inputs" and fullgraph
     if mode is not None and backend == "inductor":
         # torch.compile takes mode or options, not both: spell the mode as its options.
         from torch._inductor import list_mode_options
@@ -971,7 +977,7 @@ def compile_step(
     lifts = isinstance(step, (TrainStep, EvalStep))  # the steps whose float64 scalars
     if lifts:  # are lifted (an ensemble's are stacked, not 0-dim): see loopkit.scalars
         pure = scalars.lowering(pure, isinstance(step, TrainStep), donate)
-    if guards == "inputs":
+    if filtered:
         options.setdefault("guard_filter_fn", _input_guards(pure))
     fn = torch.compile(
         _fresh_code(pure),
@@ -984,6 +990,15 @@ def compile_step(
     out = step.compiled_with(scalars.lifting(fn, donate) if lifts else fn)
     out.donate, out.cudagraphs, out.fullgraph = donate, cudagraphs, fullgraph
     return out
+
+
+def _shortened(message: str, keep: int = 2000) -> str:
+    """torch's compile error cut to about ``keep`` characters: its start (what broke the
+    graph) and its end, where its "from user code" traceback ends in the innermost frame
+    (the user's file and line)."""
+    if len(message) <= keep:
+        return message
+    return f"{message[: keep // 2]}\n...\n{message[-keep // 2 :]}"
 
 
 def _donating(train: Callable) -> Callable:

@@ -99,15 +99,28 @@ def test_compiled_eval_step_matches_eager():
 
 
 def test_graph_break_is_reported_with_a_fix():
+    """The error names what broke the graph, the fix, and where: the user's line, which
+    torch puts at the end of a long message (a cut to its start once lost it)."""
     model = nn.Linear(3, 2)
     opt = optim.sgd(lr=0.1)
 
     def chatty_loss(net, batch):
         loss, aux = loss_fn(net, batch)
-        print("loss is", loss.item())  # a host sync: breaks the graph
+        if loss > 1.0:  # data-dependent control flow breaks the graph
+            loss = loss * 2
         return loss, aux
 
     step = lk.train_step(model, chatty_loss, opt, compile=True, backend="eager")
+    with pytest.raises(lk.CompileError, match=r"(?s)one graph.*fullgraph=False") as caught:
+        step(lk.TrainState.create(model, opt), (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+    assert "in chatty_loss" in str(caught.value) and "if loss > 1.0" in str(caught.value)
+
+    def printing_loss(net, batch):
+        loss, aux = loss_fn(net, batch)
+        print("loss is", loss.item())  # a host sync: breaks the graph
+        return loss, aux
+
+    step = lk.train_step(model, printing_loss, opt, compile=True, backend="eager")
     with pytest.raises(lk.CompileError, match=r"(?s)one graph.*item.*fullgraph=False"):
         step(lk.TrainState.create(model, opt), (torch.randn(4, 3), torch.randint(0, 2, (4,))))
 
@@ -744,6 +757,38 @@ def test_donated_step_with_graph_breaks_updates_float64_scalars_and_logs_old_val
     for a, b in zip(lk.tree.tree_leaves(got), lk.tree.tree_leaves(want), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert float(states[0].params["t"]) != 1.5
+
+
+def test_two_steps_with_graph_breaks_keep_their_own_compiled_frames():
+    """With fullgraph=False the frames after a graph break (the objective, the rest of the
+    step) are code that every step built by train_step shares: with only the input guards,
+    the second step reused the first's graph (its metrics lost 'extra', or a KeyError for a
+    metric it never had). Each step now runs its own loss_fn, as eager."""
+
+    def loss_a(net, batch):
+        torch._dynamo.graph_break()
+        return loss_fn(net, batch)
+
+    def loss_b(net, batch):
+        torch._dynamo.graph_break()
+        loss, metrics = loss_fn(net, batch)
+        return 3 * loss, {**metrics, "extra": loss.detach() * 0 + 7}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = optim.sgd(lr=0.1)
+    batch = (torch.randn(6, 4), torch.randint(0, 2, (6,)))
+    state = lk.TrainState.create(model, opt)
+    for make in (loss_a, loss_b):
+        compiled = lk.train_step(model, make, opt, compile=True, fullgraph=False,
+                                 backend="aot_eager")  # fmt: skip
+        got, metrics = compiled(state, batch)
+        want, want_metrics = lk.train_step(model, make, opt)(state, batch)
+        assert set(metrics) == set(want_metrics)
+        for k in want_metrics:
+            torch.testing.assert_close(metrics[k], want_metrics[k], **COMPILED)
+        for a, b in zip(lk.tree.tree_leaves(got), lk.tree.tree_leaves(want), strict=True):
+            torch.testing.assert_close(a, b, **COMPILED)
 
 
 @pytest.mark.parametrize("change", ["dtype", "shape"])
