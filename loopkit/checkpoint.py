@@ -206,8 +206,9 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         metadata = json.loads(payload["metadata"])
-        if not isinstance(payload["state"], dict):
-            raise TypeError(f"its state is a {type(payload['state']).__name__}, not a dict")
+        for part in ("state", "extra"):
+            if not isinstance(payload[part], dict):
+                raise TypeError(f"its {part} is a {type(payload[part]).__name__}, not a dict")
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpointError(
             f"checkpoint {path} has format {FORMAT} but not its contents ({e!r}): another "

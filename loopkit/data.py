@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 def _count(name: str, value: Any) -> int:
     """``value`` as an int (NumPy and 0-dim tensor integers too); TypeError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
@@ -64,13 +66,15 @@ class Batches:
     ):
         if not tensors:
             raise ValueError("Batches needs at least one tensor")
-        for t in tensors:
-            if not isinstance(t, torch.Tensor) or t.ndim == 0:
-                what = "a 0-dim tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(
-                    f"Batches takes tensors with a leading example dimension, got {what}: "
-                    "pass them as separate arguments, Batches(x, y, batch_size=...)"
+        for t in tensors:  # tensors, or arrays that index like them (NumPy)
+            if not hasattr(t, "shape") or isinstance(t, dict):
+                raise TypeError(
+                    f"Batches takes tensors (or arrays) with a leading example dimension, got "
+                    f"a {type(t).__name__}: pass each as an argument, Batches(x, y, "
+                    "batch_size=...)"
                 )
+            if len(t.shape) == 0:
+                raise ValueError("Batches got a 0-dim tensor: each needs a leading example dim")
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
             shapes = [tuple(t.shape) for t in tensors]

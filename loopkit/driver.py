@@ -29,6 +29,7 @@ resumed run is bitwise identical to one never interrupted.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 import os
 import warnings
@@ -561,7 +562,7 @@ def _donates(step: Any) -> bool:
     while step is not None:
         if getattr(step, "donate", False) is True:
             return True
-        step = getattr(step, "__wrapped__", None)
+        step = getattr(step, "__wrapped__", None) or getattr(step, "func", None)  # (partial)
     return False
 
 
@@ -683,19 +684,33 @@ def fit(
 
 
 def _close(hooks: Sequence[Any], failing: bool) -> None:
-    """Every hook's ``close()``. While an exception ends the fit, one that ``close`` raises
-    is a warning, so that the fit's own error is what the caller sees."""
+    """Every hook's ``close()`` (one that takes no argument: a hook's own ``close`` of
+    another signature is not this event). Each is called even if one before it raised; the
+    first error is raised after all, or, while an exception ends the fit, warned of, so
+    that the fit's own error is what the caller sees."""
+    first = None
     for hook in hooks:
         close = getattr(hook, "close", None)
-        if not callable(close):
-            continue
-        if not failing:
-            close()
+        if not (callable(close) and _takes_no_arguments(close)):
             continue
         try:
             close()
         except Exception as e:
-            warnings.warn(f"{type(hook).__name__}.close() failed: {e!r}", stacklevel=3)
+            if failing:
+                warnings.warn(f"{type(hook).__name__}.close() failed: {e!r}", stacklevel=3)
+            else:
+                first = first or e
+    if first is not None:
+        raise first
+
+
+def _takes_no_arguments(fn: Callable) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in parameters)  # fmt: skip
 
 
 def _pass(loop: Loop, data: Iterable) -> Iterator:

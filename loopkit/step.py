@@ -754,7 +754,7 @@ def _grad_and_value(
     with torch.enable_grad():
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         out, aux = objective(leaves, buffers)
-        if not out.requires_grad:  # a loss that does not depend on the params
+        if not out.requires_grad:  # no params (a train step refuses such a loss otherwise)
             keep, grads = False, [torch.zeros_like(v) for v in leaves.values()]
         else:
             keep = outer_graph and _reaches_other_leaves(out, leaves.values(), inputs_require_grad)

@@ -1208,15 +1208,19 @@ def test_batches_takes_numpy_integers_and_names_bad_input():
     assert (
         [b[1].tolist() for b in sharded] == [b[1].tolist() for b in plain] == [[2, 3], [6, 7], [9]]
     )
+    arrays = lk.data.Batches(x.numpy(), y.numpy(), batch_size=4)  # NumPy arrays index alike
+    assert [b[1].tolist() for b in arrays] == [b[1].tolist() for b in lk.data.Batches(
+        x, y, batch_size=4)]  # fmt: skip
     for bad, error, message in [
-        (({"x": x},), ValueError, "leading example dimension, got dict: pass them as separate"),
+        (({"x": x},), TypeError, "leading example dimension, got a dict: pass each as an"),
         ((torch.tensor(1.0),), ValueError, "got a 0-dim tensor"),
         ((x, y[:5]), ValueError, "same first dimension"),
     ]:
         with pytest.raises(error, match=message):
             lk.data.Batches(*bad, batch_size=2)
-    with pytest.raises(TypeError, match="batch_size must be an integer, got 2.5"):
-        lk.data.Batches(x, batch_size=2.5)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match=f"batch_size must be an integer, got {bad}"):
+            lk.data.Batches(x, batch_size=bad)
     with pytest.raises(ValueError, match=r"need 0 <= rank < world_size, got rank=2"):
         lk.data.Batches(x, batch_size=2, rank=2, world_size=2)
 
@@ -1244,19 +1248,25 @@ def test_hooks_are_closed_when_an_exception_ends_the_fit():
         def close(self):
             raise OSError("disk gone")
 
+    class OwnClose(lk.Hook):  # a close() of another signature is not the event
+        def close(self, loop):
+            raise AssertionError("called")
+
     bar = lk.hooks.ProgressBar(file=io.StringIO())
     model = nn.Linear(3, 2)
     opt = optim.sgd(lr=0.1)
     data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))] * 4
-    hooks = [bar, lk.hooks.Every(Recorder(), steps=2), Boom(), BadClose()]
+    hooks = [bar, lk.hooks.Every(Recorder(), steps=2), Boom(), BadClose(), OwnClose()]
     with pytest.warns(UserWarning, match=r"BadClose.close\(\) failed: OSError"):
         with pytest.raises(KeyError, match="boom"):
             lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
                    epochs=1, hooks=hooks)  # fmt: skip
     assert events == ["close"] and bar.bar.disable  # closed
     events.clear()
-    lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data, epochs=1,
-           hooks=[lk.hooks.Every(Recorder(), steps=2)])  # fmt: skip
+    with pytest.raises(OSError, match="disk gone"):  # after a normal end: raised, all closed
+        lk.fit(lk.train_step(model, loss_fn, opt), lk.TrainState.create(model, opt), data,
+               epochs=1, hooks=[BadClose(), lk.hooks.Every(Recorder(), steps=2),
+                                OwnClose()])  # fmt: skip
     assert events == ["end", "close"]
 
 
@@ -1324,9 +1334,9 @@ def test_a_donated_step_is_not_undone_but_refused_with_the_fix():
     opt = optim.sgd(lr=0.1)
     donated = lk.train_step(model, loss_fn, opt, compile=True, donate=True, backend="aot_eager")
     data = lk.data.Batches(x, y, batch_size=8)
-    for action in ("skip", "stop"):
+    for action, step in (("skip", donated), ("stop", functools.partial(donated))):
         with pytest.raises(ValueError, match=f"NaNGuard\\(action='{action}'\\).*donated step"):
-            lk.fit(donated, lk.TrainState.create(model, opt), data, epochs=1,
+            lk.fit(step, lk.TrainState.create(model, opt), data, epochs=1,
                    hooks=[lk.hooks.NaNGuard(action=action)])  # fmt: skip
 
     class Undo(lk.Hook):

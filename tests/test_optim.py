@@ -844,3 +844,19 @@ def test_a_sparse_gradient_the_update_cannot_take_is_named(name):
     plain = optim.sgd(lr=0.1)
     got, _ = optim.apply_gradients(plain, grads, plain.init(params), params)
     torch.testing.assert_close(got["emb"], params["emb"] - 0.1 * grads["emb"].to_dense())
+
+
+def test_errors_that_are_not_about_sparsity_pass_through_unchanged():
+    """Running out of memory (which callers catch by type) and other errors are not
+    relabelled as a sparse-gradient problem, even where a gradient is sparse."""
+    from loopkit.optim.aliases import _dense_only
+
+    grads = {"emb": torch.randn(5, 3).to_sparse()}
+    for error in (torch.OutOfMemoryError("out of memory (simulated)"), RuntimeError("other")):
+
+        def failing(*args, error=error):
+            raise error
+
+        with pytest.raises(type(error)) as caught:
+            _dense_only(failing, grads, None, None)
+        assert caught.value is error

@@ -109,6 +109,8 @@ def _dense_only(fn: Callable, grads: Any, *args: Any) -> Any:
     try:
         return fn(grads, *args)
     except (NotImplementedError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "sparse" not in str(e).lower():
+            raise
         sparse = [
             (path, g.layout)
             for path, g in flatten_with_names(grads)[0].items()
