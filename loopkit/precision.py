@@ -29,7 +29,7 @@ import torch
 
 from loopkit.optim.base import Transform
 from loopkit.optim.leafwise import leafwise
-from loopkit.optim.wrappers import accumulation_window
+from loopkit.optim.wrappers import AccumulateState, accumulation_window
 from loopkit.tree import PyTree, tree_leaves, tree_map
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,10 +100,18 @@ def dynamic_loss_scale(
                 "train_step(..., precision='fp16')"
             )
         device = leaves[0].device if leaves else None
+        inner_state = inner.init(params)
+        if window is None and _holds_accumulation(inner_state):
+            raise ValueError(
+                "accumulate(...) inside dynamic_loss_scale must be its direct inner "
+                "transform, as in dynamic_loss_scale(accumulate(chain(clip_by_global_norm(c), "
+                "opt), k)): deeper, the scale would move and an overflow skip on every "
+                "micro-batch instead of once per window (torch's AMP accumulation recipe)"
+            )
         return LossScaleState(
             torch.full((), init_scale, dtype=torch.float32, device=device),
             torch.zeros((), dtype=torch.int32, device=device),
-            inner.init(params),
+            inner_state,
         )
 
     def next_scale(state: LossScaleState, found_inf: torch.Tensor):
@@ -146,6 +154,17 @@ def dynamic_loss_scale(
         return updates, LossScaleState(scale, tracker, inner_state)
 
     return Transform(init, update)
+
+
+def _holds_accumulation(state: Any) -> bool:
+    """Whether an :func:`~loopkit.optim.accumulate` state is anywhere in ``state``."""
+    if isinstance(state, AccumulateState):
+        return True
+    if isinstance(state, dict):
+        return any(_holds_accumulation(v) for v in state.values())
+    if isinstance(state, tuple | list):
+        return any(_holds_accumulation(v) for v in state)
+    return False
 
 
 def _non_finite(tree: PyTree, like: torch.Tensor) -> torch.Tensor:

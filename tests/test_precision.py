@@ -252,3 +252,20 @@ def test_a_loss_scaler_inside_another_transform_is_named_with_the_fix():
             step = lk.train_step(model, loss_fn, opt, precision=precision)
             with pytest.raises(lk.StepError, match="inside another transform.*outermost"):
                 step(lk.TrainState.create(model, opt), batch)
+
+
+def test_accumulate_deeper_than_the_scalers_direct_inner_is_named_with_the_fix():
+    """``dynamic_loss_scale(chain(clip, accumulate(opt, k)))`` decided per micro-batch (the
+    scale moved and an overflow skipped one micro-batch of a window), against torch's AMP
+    recipe, silently; it is an error naming the composition that follows the recipe, which
+    still builds."""
+    params = {"w": torch.zeros(3)}
+    for nested in (
+        optim.chain(optim.accumulate(optim.sgd(lr=0.1), 2)),
+        optim.chain(optim.clip_by_global_norm(1.0), optim.accumulate(optim.sgd(lr=0.1), 2)),
+    ):
+        with pytest.raises(ValueError, match=r"direct inner transform.*dynamic_loss_scale\(acc"):
+            dynamic_loss_scale(nested).init(params)
+    fine = dynamic_loss_scale(optim.accumulate(optim.chain(optim.clip_by_global_norm(1.0),
+                                                           optim.sgd(lr=0.1)), 2))  # fmt: skip
+    fine.init(params)
