@@ -114,6 +114,7 @@ class Loop:
     donates: bool = False
     sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     sum_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)  # steps per metric
     taken: int = 0
     _data: Any = None
     _data_parallel: bool = False
@@ -206,6 +207,7 @@ class Loop:
             "taken": self.taken,
             "sums": dict(self.sums),
             "sum_dtypes": dict(self.sum_dtypes),
+            "counts": dict(self.counts),
             "logs": plain_data(self.logs, "loop.logs"),
             "history": plain_data(self.history, "loop.history"),
             "stopped": self.should_stop,
@@ -219,6 +221,8 @@ class Loop:
         self.sums, self.logs, self.history = saved["sums"], saved["logs"], saved["history"]
         # checkpoints before float64 sums kept them in the metric's dtype
         self.sum_dtypes = saved.get("sum_dtypes", {k: v.dtype for k, v in self.sums.items()})
+        # checkpoints before per-metric counts divided every sum by the steps taken
+        self.counts = saved.get("counts", {k: self.taken for k in self.sums})
         self.should_stop = saved["stopped"]
         saved_hooks = saved["hooks"]
         labelled = any("[" in key for key in saved_hooks) or not saved_hooks
@@ -278,12 +282,17 @@ def add_metrics(
     dtypes: dict[str, torch.dtype],
     metrics: Metrics,
     weight: int = 1,
+    counts: dict[str, int] | None = None,
 ) -> None:
     """Add ``weight * value`` of each metric to ``sums``, on the metric's device in float64
     (float32 on MPS, which has no float64), so a long sum of bf16/fp16 values neither
-    rounds away nor overflows; ``dtypes`` notes each metric's own dtype. A sum in another
-    dtype or on another device (one loaded from a checkpoint) is moved up to that."""
+    rounds away nor overflows; ``dtypes`` notes each metric's own dtype, ``counts`` the
+    weight each metric has had (a metric some steps do not return is averaged over those
+    that do). A sum in another dtype or on another device (one loaded from a checkpoint)
+    is moved up to that."""
     for k, v in metrics.items():
+        if counts is not None:
+            counts[k] = counts.get(k, 0) + weight
         v = torch.as_tensor(v)
         dtypes.setdefault(k, v.dtype)
         wide = torch.float32 if v.device.type == "mps" else torch.float64
@@ -296,13 +305,13 @@ def add_metrics(
 
 
 def means(
-    sums: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype], count: int
+    sums: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype], counts: dict[str, int]
 ) -> dict[str, Any]:
-    """Each of ``sums`` over ``count`` as Python numbers, rounded to its metric's dtype
+    """Each of ``sums`` over its count as Python numbers, rounded to its metric's dtype
     (a float metric's; an integer or bool metric's mean stays in the sum's dtype)."""
     out = {}
     for k, v in sums.items():
-        mean = v / count
+        mean = v / counts[k]
         dtype = dtypes.get(k, mean.dtype)
         out[k] = to_python(mean.to(dtype) if dtype.is_floating_point else mean)
     return out
@@ -324,24 +333,35 @@ def evaluate(
     are over the examples of all ranks, the same number on every rank."""
     sums: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
+    counts: dict[str, int] = {}
     count = 0
     for batch in data:
         n = leading_dim(batch)
-        add_metrics(sums, dtypes, evaluate_step(state, batch), weight=n)
+        add_metrics(sums, dtypes, _checked_metrics(evaluate_step(state, batch)), n, counts)
         count += n
     if across_ranks and distributed.world_size() > 1:
-        local = ({k: v.detach().cpu() for k, v in sums.items()}, dtypes, count)
-        sums, count = {}, 0
+        local = ({k: v.detach().cpu() for k, v in sums.items()}, dtypes, counts, count)
+        sums, counts, count = {}, {}, 0
         # in rank order, and with every rank's dtypes (a rank without batches has none):
         # the same sums and roundings, so the same numbers, on every rank
-        for rank_sums, rank_dtypes, rank_count in distributed.all_gather_object(local):
+        for rank_sums, rank_dtypes, rank_counts, rank_count in distributed.all_gather_object(local):
             for k, v in rank_sums.items():
                 sums[k] = sums[k] + v if k in sums else v
+                counts[k] = counts.get(k, 0) + rank_counts[k]
             dtypes = {**rank_dtypes, **dtypes}
             count += rank_count
     if count == 0:
         raise ValueError("evaluate got no batches: the validation data is empty")
-    return means(sums, dtypes, count)
+    return means(sums, dtypes, counts)
+
+
+def _checked_metrics(metrics: Any) -> Metrics:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"evaluate's step must return a dict of metrics, got a {type(metrics).__name__} "
+            "(an eval step, lk.eval_step(model, loss_fn), returns one)"
+        )
+    return metrics
 
 
 def _check_reiterable(data: Iterable, epochs: int | None) -> None:
@@ -750,7 +770,7 @@ def _checked_output(out: Any) -> tuple[TrainState, Any]:
 def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int | None) -> None:
     data_lib.set_epoch(data, loop.epoch)
     if loop.batch == 0:
-        loop.logs, loop.sums, loop.sum_dtypes, loop.taken = {}, {}, {}, 0
+        loop.logs, loop.sums, loop.sum_dtypes, loop.counts, loop.taken = {}, {}, {}, {}, 0
     loop.emit("on_epoch_start")
     more = steps_per_epoch is None or loop.batch < steps_per_epoch
     more = more and not (loop.should_stop or loop.steps_done)
@@ -763,7 +783,7 @@ def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int 
         loop.emit("on_step_end")
         if not loop._skipped:
             loop.taken += 1
-            add_metrics(loop.sums, loop.sum_dtypes, loop.metrics)
+            add_metrics(loop.sums, loop.sum_dtypes, loop.metrics, counts=loop.counts)
         loop._previous = None
         loop._run_after()
         if loop.should_stop or loop.steps_done or loop.batch == steps_per_epoch:
@@ -771,9 +791,10 @@ def _run_epoch(step: Callable, loop: Loop, data: Iterable, steps_per_epoch: int 
     if more and start == 0 and loop.batch == 0:
         raise ValueError(_no_batches(f"its pass for epoch {loop.epoch} yielded none"))
     if loop.taken:
-        train = means(loop.sums, loop.sum_dtypes, loop.taken)
+        train = means(loop.sums, loop.sum_dtypes, loop.counts)
         loop.logs.update({f"train/{k}": v for k, v in train.items()})
     loop.emit("on_epoch_end")
     loop.history.append(dict(loop.logs, epoch=loop.epoch, step=loop.step))
-    loop.epoch, loop.batch, loop.taken, loop.sums, loop.sum_dtypes = loop.epoch + 1, 0, 0, {}, {}
+    loop.epoch, loop.batch, loop.taken = loop.epoch + 1, 0, 0
+    loop.sums, loop.sum_dtypes, loop.counts = {}, {}, {}
     loop._run_after()

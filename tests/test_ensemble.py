@@ -226,10 +226,12 @@ def test_fit_and_checkpoint_work_on_an_ensemble_state(tmp_path):
 def test_compiled_member_equals_a_separate_run(dtype, opt_name_kwargs, seed):
     """Per-member lrs and one compilation for all steps; BatchNorm in float64 only.
 
-    In fp32, BatchNorm's cancelling gradient sums make some configurations ill-conditioned
-    (hypothesis found centered RMSprop with momentum 0.9 and maximize). There, even the
-    plain step and torch's own loop differ by 2e-5 relative, and the compiled member by
-    1.1e-4. In float64 all three agree to 1e-13.
+    In fp32, cancelling gradient sums make some configurations ill-conditioned (hypothesis
+    found centered RMSprop with momentum 0.9 and maximize, with BatchNorm; and RMSprop with
+    alpha=0.999, whose first steps are sign-like, without). There the plain fp32 step is
+    itself 6e-4 relative off its float64 twin while the compiled member is closer, so, as
+    in the eager ensemble test, fp32 members are compared with the float64 twin where the
+    plain step is accurate (:func:`exact_twin`). In float64 all agree to 1e-13.
     """
     name, kwargs = opt_name_kwargs
     spec = MLPSpec(5, (12,), 3, "tanh", batchnorm=dtype == torch.float64, dropout=0.0)
@@ -253,6 +255,8 @@ def test_compiled_member_equals_a_separate_run(dtype, opt_name_kwargs, seed):
     assert counter.frame_count == 1, "the ensemble step recompiled"
     for i, member in enumerate(ensemble.unstack(state)):
         ref, ref_losses = separate_run(models[i], opts[i], seeds[i], batches)
+        if dtype == torch.float32:
+            ref = exact_twin(models[i], opts[i], seeds[i], batches, ref)
         torch.testing.assert_close(torch.stack(losses)[:, i], ref_losses, **tol)
         assert_member_equals(member, ref, tol)
 

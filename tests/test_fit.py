@@ -672,12 +672,14 @@ def test_vector_and_integer_metric_sums_are_float64_from_the_first_step():
     dimensioned ones in type promotion): each sum has its metric's shape from the start."""
     from loopkit.driver import add_metrics, means
 
-    sums, dtypes = {}, {}
+    sums, dtypes, counts = {}, {}, {}
     values = torch.rand(50, 3, generator=torch.Generator().manual_seed(0)).bfloat16() + 100
     for v in values:
-        add_metrics(sums, dtypes, {"v": v, "n": torch.tensor(7), "ok": torch.tensor(True)}, 2)
+        metrics = {"v": v, "n": torch.tensor(7), "ok": torch.tensor(True)}
+        add_metrics(sums, dtypes, metrics, 2, counts)
     assert all(t.dtype == torch.float64 for t in sums.values())
-    got = means(sums, dtypes, 100)
+    assert counts == {"v": 100, "n": 100, "ok": 100}
+    got = means(sums, dtypes, counts)
     assert got["v"] == values.double().mean(0).bfloat16().tolist()
     assert got["n"] == 7.0 and got["ok"] == 1.0
 
@@ -703,10 +705,45 @@ def test_metric_sums_of_an_older_checkpoint_load_and_cast_up():
     loop.load_state_dict({"epoch": 0, "batch": 1, "taken": 1, "logs": {}, "history": [],
                           "sums": {"loss": torch.tensor(0.1, dtype=torch.float32)},
                           "stopped": False, "hooks": {}})  # fmt: skip
-    lk.driver.add_metrics(loop.sums, loop.sum_dtypes, {"loss": torch.tensor(0.2)})
+    lk.driver.add_metrics(loop.sums, loop.sum_dtypes, {"loss": torch.tensor(0.2)},
+                          counts=loop.counts)  # fmt: skip
     assert loop.sums["loss"].dtype == torch.float64
     expected = ((torch.tensor(0.1).double() + torch.tensor(0.2).double()) / 2).float()
-    assert lk.driver.means(loop.sums, loop.sum_dtypes, 2) == {"loss": expected.item()}
+    assert loop.counts == {"loss": 2}  # the older checkpoint's step counted, from "taken"
+    assert lk.driver.means(loop.sums, loop.sum_dtypes, loop.counts) == {"loss": expected.item()}
+
+
+def test_a_metric_some_steps_do_not_return_is_averaged_over_those_that_do():
+    """``evaluate`` and the train means: a metric only some batches report is their mean
+    (weighted by examples for evaluate), not a mean with zeros for the others (10 came out
+    as 5); a step returning no dict is named."""
+    model, x, y = problem()
+    state = lk.TrainState.create(model, optim.sgd(lr=0.0))
+    seen = []
+
+    def sometimes(net, batch):
+        loss, metrics = loss_fn(net, batch)
+        seen.append(len(seen))
+        return loss, ({**metrics, "extra": torch.tensor(10.0 * len(seen))} if len(seen) == 1
+                      else metrics)  # fmt: skip
+
+    batches = [(x[:8], y[:8]), (x[8:12], y[8:12])]
+    got = lk.evaluate(lk.eval_step(model, sometimes), state, batches)
+    assert got["extra"] == 10.0
+    want = lk.evaluate(lk.eval_step(model, loss_fn), state, batches)
+    assert got["loss"] == want["loss"]
+    seen.clear()
+    logs = []
+
+    class Record(lk.Hook):
+        def on_epoch_end(self, loop):
+            logs.append(dict(loop.logs))
+
+    lk.fit(lk.train_step(model, sometimes, optim.sgd(lr=0.0)), state, batches, epochs=1,
+           hooks=[Record()])  # fmt: skip
+    assert logs[0]["train/extra"] == 10.0
+    with pytest.raises(TypeError, match="must return a dict of metrics, got a tuple"):
+        lk.evaluate(lambda s, b: (1.0, {}), state, batches)
 
 
 # --- a fresh fit starts its hooks afresh ----------------------------------------------------
