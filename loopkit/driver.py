@@ -271,9 +271,12 @@ def _checkpointable(value: Any, where: str) -> Any:
 
 
 def to_python(value: Any) -> Any:
-    """A metric tensor as a float (scalar) or nested list; other values unchanged."""
+    """A metric tensor as a float (scalar) or nested list, a NumPy scalar or array as a
+    Python number or list; other values unchanged."""
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
     return value
 
 

@@ -869,6 +869,16 @@ class CSVLogger(_FileLogger):
             self.rewrite([*rows, record])
 
 
+def _scalars(key: str, value: Any) -> list[tuple[str, float]]:
+    """TensorBoard's scalars of one log: a number (a bool as 0/1) under ``key``, a list
+    (an ensemble's per-member values) as ``key/0``, ``key/1``, ...; anything else none."""
+    if isinstance(value, bool | int | float):
+        return [(key, float(value))]
+    if isinstance(value, list):
+        return [pair for i, v in enumerate(value) for pair in _scalars(f"{key}/{i}", v)]
+    return []
+
+
 class TensorBoardLogger(Hook):
     """Write ``loop.logs`` as TensorBoard scalars at each epoch end (x axis: the step), with
     ``torch.utils.tensorboard`` (install the ``tensorboard`` extra). A resumed run purges
@@ -897,8 +907,8 @@ class TensorBoardLogger(Hook):
         if self.writer is None:
             return
         for k, v in loop.logs.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                self.writer.add_scalar(k, v, global_step=loop.step)
+            for tag, x in _scalars(k, to_python(v)):
+                self.writer.add_scalar(tag, x, global_step=loop.step)
         self.writer.flush()
 
     def close(self) -> None:

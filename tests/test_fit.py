@@ -506,6 +506,31 @@ def test_tensorboard_logger(tmp_path):
     assert len(events.Scalars("train/loss")) == 2
 
 
+def test_loggers_take_per_member_lists_numpy_values_and_flags(tmp_path):
+    """An ensemble's per-member lists become ``key/0``, ``key/1`` scalars in TensorBoard
+    (they were dropped, with every other list metric); NumPy numbers and bools in the logs
+    are written by every logger (JSONL failed on a np.float32: not JSON serializable)."""
+    pytest.importorskip("tensorboard")
+    import json
+
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hooks = [FeedMetric([[3.0, 4.0], [2.0, 1.0]]), FeedMetric([np.float32(0.5)] * 2, "np/x"),
+             FeedMetric([True, False], "flag"), lk.hooks.TensorBoardLogger(tmp_path / "tb"),
+             lk.hooks.JSONLLogger(tmp_path), lk.hooks.CSVLogger(tmp_path)]  # fmt: skip
+    tiny_fit(hooks, epochs=2)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("val/loss/0")] == [3.0, 2.0]
+    assert [e.value for e in events.Scalars("val/loss/1")] == [4.0, 1.0]
+    assert [e.value for e in events.Scalars("np/x")] == [0.5, 0.5]
+    assert [e.value for e in events.Scalars("flag")] == [1.0, 0.0]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["np/x"] for r in records] == [0.5, 0.5]
+    assert [r["val/loss"] for r in records] == [[3.0, 4.0], [2.0, 1.0]]
+
+
 def test_loopkit_plot_draws_the_curves_of_a_run(tmp_path):
     import subprocess
     import sys
