@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,15 @@ def read_logs(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-epoch records a :class:`~loopkit.hooks.JSONLLogger` (``metrics.jsonl``) or
     :class:`~loopkit.hooks.CSVLogger` (``metrics.csv``) wrote in ``run_dir``."""
     run_dir = Path(run_dir)
+    found = []
     if (run_dir / "metrics.jsonl").exists():
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines if line.endswith("}")]
+        found.append([json.loads(line) for line in lines if line.endswith("}")])
     if (run_dir / "metrics.csv").exists():
         with open(run_dir / "metrics.csv", newline="") as f:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            found.append([{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)])
+    if found:  # where both are there, the one with more records (JSONL on a tie)
+        return max(found, key=len)
     raise FileNotFoundError(
         f"{run_dir} has no metrics.jsonl or metrics.csv: log the run with "
         "hooks.JSONLLogger(run_dir) or hooks.CSVLogger(run_dir)"
@@ -38,8 +42,8 @@ def _number(text: str) -> float | list | None:
         return float(text)
     except (TypeError, ValueError):
         pass
-    try:
-        value = json.loads(text)
+    try:  # CSVLogger writes a list as Python writes it: nan and inf are not JSON's
+        value = json.loads(re.sub(r"\binf\b", "Infinity", re.sub(r"\bnan\b", "NaN", text)))
     except (TypeError, ValueError):
         return None
     return value if isinstance(value, list) else None
@@ -140,6 +144,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         ax.axis("off")
     fig.tight_layout()
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    out = out if out.suffix else out.with_suffix(".png")  # what matplotlib writes then
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -2,6 +2,7 @@
 Speed is never asserted (timings on a shared CI machine mean nothing)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -184,3 +185,21 @@ def test_plot_without_steps_and_of_an_ensemble(tmp_path):
     (tmp_path / "metrics.csv").write_text('epoch,train/loss\n0,"[1.0, 2.0]"\n1,"[0.5, 1.5]"\n')
     png = plot_run(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_reads_csv_lists_with_nan_the_fuller_log_and_names_its_png(tmp_path):
+    """A CSV list holds Python's nan/inf (a member gone NaN made the whole metric unreadable
+    and its panel vanish); where metrics.jsonl is empty or shorter, metrics.csv is read (an
+    empty JSONL beside a full CSV once failed); ``out`` without an extension is the .png
+    matplotlib writes, and that is the path returned."""
+    from loopkit.plot import plot_run, read_logs
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "metrics.csv").write_text(
+        'epoch,step,train/loss\n0,1,"[0.5, nan]"\n1,2,"[0.25, inf]"\n2,3,"[0.1, -inf]"\n'
+    )
+    records = read_logs(tmp_path)
+    assert [r["train/loss"][0] for r in records] == [0.5, 0.25, 0.1]
+    assert math.isnan(records[0]["train/loss"][1]) and records[2]["train/loss"][1] == -math.inf
+    png = plot_run(tmp_path, tmp_path / "curves_no_ext")
+    assert png == tmp_path / "curves_no_ext.png" and png.exists()
