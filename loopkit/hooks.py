@@ -742,6 +742,13 @@ def _records_before(records: list[dict], epoch: int) -> list[dict]:
     return [r for r in records if int(r["epoch"]) < epoch]
 
 
+def _unwrapped(hook: Any) -> Any:
+    """The hook an :class:`Every` wraps (through any number of them), or ``hook``."""
+    while isinstance(hook, Every):
+        hook = hook.hook
+    return hook
+
+
 class _FileLogger(Hook):
     """Writes one record per epoch (``epoch``, ``step`` and ``loop.logs``) to a file in
     ``directory``, flushed at once so a crash loses nothing already written. A new run
@@ -774,6 +781,13 @@ class _FileLogger(Hook):
         self.kept = state["kept"]
 
     def on_fit_start(self, loop: Loop) -> None:
+        others = [h for h in map(_unwrapped, loop.hooks) if h is not self]
+        if any(isinstance(h, _FileLogger) and h.path.resolve() == self.path.resolve()
+               for h in others):  # fmt: skip
+            raise ValueError(
+                f"two loggers write {self.path}: each record would be written twice. Give "
+                "each its own directory or filename"
+            )
         if not distributed.is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1410,3 +1410,14 @@ def test_a_donated_step_is_not_undone_but_refused_with_the_fix():
     state = lk.fit(donated, lk.TrainState.create(model, opt), data, epochs=1,
                    hooks=[lk.hooks.NaNGuard(action="raise")])  # fmt: skip
     assert int(state.step) == len(data)
+
+
+def test_two_loggers_on_one_file_are_refused(tmp_path):
+    """Each record was written twice; an Every-wrapped logger counts too, and a JSONL and
+    a CSV logger in one directory are two files, not a clash."""
+    for hooks in ([lk.hooks.JSONLLogger(tmp_path), lk.hooks.JSONLLogger(tmp_path)],
+                  [lk.hooks.CSVLogger(tmp_path), lk.hooks.Every(lk.hooks.CSVLogger(tmp_path),
+                                                                epochs=2)]):  # fmt: skip
+        with pytest.raises(ValueError, match="two loggers write .*metrics"):
+            tiny_fit(hooks, epochs=1)
+    tiny_fit([lk.hooks.JSONLLogger(tmp_path), lk.hooks.CSVLogger(tmp_path)], epochs=1)
