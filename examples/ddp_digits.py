@@ -64,7 +64,7 @@ def main(epochs: int, batch_size: int, out: str, compile: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=positive_int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32, help="per process")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     parser.add_argument("--out", default="runs/ddp_digits")
     parser.add_argument("--compile", action="store_true", help="compile the step")
     parser.add_argument("--fast", action="store_true", help="2 epochs (for CI)")

@@ -141,7 +141,7 @@ def main(epochs: int = 15, batch_size: int = 64, out: str = "runs/digits", fast:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=positive_int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--out", default="runs/digits")
     parser.add_argument("--fast", action="store_true", help="few epochs, short timing (for CI)")
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from torch import nn
 
 import loopkit as lk
 from loopkit import optim
-from loopkit.cli import positive_int
+from loopkit.cli import non_negative_float, positive_float, positive_int
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_mlp import digits  # noqa: E402  (the same split of scikit-learn's digits)
@@ -64,8 +64,8 @@ def main(epochs: int = 20, noise_multiplier: float = 1.0, max_grad_norm: float =
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=positive_int, default=None)
-    parser.add_argument("--noise-multiplier", type=float, default=1.0)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--noise-multiplier", type=non_negative_float, default=1.0)
+    parser.add_argument("--max-grad-norm", type=positive_float, default=1.0)
     parser.add_argument("--fast", action="store_true", help="2 epochs (for CI)")
     args = parser.parse_args()
     main(args.epochs or (2 if args.fast else 20), args.noise_multiplier, args.max_grad_norm)

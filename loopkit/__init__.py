@@ -1,7 +1,8 @@
 """loopkit: a functional, compiled training loop for PyTorch.
 
-state = TrainState.create(model, optim.adamw(lr=3e-4), seed=0)
-step = train_step(model, loss_fn, optimizer, compile=True)   # pure
+opt = optim.adamw(lr=3e-4)
+state = TrainState.create(model, opt, seed=0)
+step = train_step(model, loss_fn, opt, compile=True)   # pure
 state, metrics = step(state, batch)
 state = fit(step, state, loader, epochs=10, hooks=[...])
 """

@@ -594,7 +594,7 @@ def markdown(result: dict) -> str:
         f"large-matmul rate {m['matmul_gflops']:.0f} GFLOP/s.",
         "",
         "steps/s: the median over rounds; spread: ± half the interquartile range of the "
-        "rounds, in % of the median (the JSON's spread_pct is the whole range).",
+        "rounds, in % of the median (the JSON's spread_pct is the whole interquartile range).",
         "",
         "| case | variant | steps/s | spread (±IQR/2) | vs imperative eager | first call s "
         "| peak MB | GFLOP/s | % of matmul |",

@@ -6,6 +6,28 @@ import argparse
 import sys
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a finite number of at least 0 (else a usage error saying so)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a number above 0 (``inf`` included; else a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer of at least 1 (else a usage error saying so)."""
     try:

@@ -84,3 +84,18 @@ def test_a_count_of_zero_is_refused_not_replaced_by_the_default(name, monkeypatc
     flag = COUNTS.get(name, "--epochs")
     assert run_script(name, [flag, "0"], monkeypatch) == 2
     assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("digits_mlp", ["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+        ("ddp_digits", ["--batch-size", "-3"], "--batch-size: must be a positive integer"),
+        ("dp_digits", ["--noise-multiplier", "-1"], "must be a finite number >= 0, got -1.0"),
+        ("dp_digits", ["--max-grad-norm", "0"], "--max-grad-norm: must be a number > 0, got 0"),
+    ],
+)
+def test_bad_sizes_and_privacy_numbers_are_usage_errors(name, args, message, monkeypatch, capsys):
+    """Refused by argparse before any training (they ended in a traceback from inside)."""
+    assert run_script(name, args, monkeypatch) == 2
+    assert message in capsys.readouterr().err
