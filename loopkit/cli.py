@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
+
+
+def _number(text: str, ok: Callable[[float], bool], rule: str) -> float:
+    """``text`` as a float if ``ok`` holds for it, else a usage error saying ``rule``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+    return value
 
 
 def non_negative_float(text: str) -> float:
     """An argparse ``type``: a finite number of at least 0 (else a usage error saying so)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return value
+    return _number(text, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
 
 def positive_float(text: str) -> float:
     """An argparse ``type``: a number above 0 (``inf`` included; else a usage error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
-    return value
+    return _number(text, lambda v: v > 0, "a number > 0")
 
 
 def positive_int(text: str) -> int:
